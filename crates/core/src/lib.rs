@@ -1,0 +1,18 @@
+//! The heart of taskpod, shared by the API and the worker.
+//!
+//! The domain ([`domain`]) is pure: the task state model as `decide`/`evolve`
+//! functions, validation and the restart policy, with no I/O. The adapters depend on
+//! it, never the other way round: [`store`] is the Postgres event store with task heads
+//! and listing rows.
+//!
+//! Layout:
+//! - [`domain`]: ids, status and phase, events, commands, the state table, validation,
+//!   partition hashing, the restart policy;
+//! - [`error`]: the one error enum every layer above maps from;
+//! - [`store`]: Postgres (sqlx): create, execute, append, read, list, count.
+
+pub mod domain;
+pub mod error;
+pub mod store;
+
+pub use error::Error;

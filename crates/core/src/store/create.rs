@@ -1,0 +1,224 @@
+//! Creating tasks: stream, head and listing row in one transaction, one statement.
+//!
+//! CreateTask is a batch of one, so single creates and CreateTasks share the same
+//! multi-row statement (column arrays through `UNNEST`): one round trip for the rows of
+//! up to [`BATCH_MAX`] tasks.
+
+use serde::{Deserialize, Serialize};
+use tracing::instrument;
+
+use super::errors::from_sqlx;
+use super::idempotency::{self, Claim, Key};
+use super::writes::{EventColumns, metadata_json};
+use super::Store;
+use crate::domain::partition::partition_of;
+use crate::domain::validation::{BATCH_MAX, validate_context, validate_new_task};
+use crate::domain::{Event, EventMetadata, NewTask, RequestContext, Status, TaskId, TaskState, evolve};
+use crate::error::Error;
+
+/// What a create answered, and whether it is the stored answer to an earlier request
+/// with the same request_id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Created {
+    /// In the order the tasks were given.
+    pub task_ids: Vec<TaskId>,
+    #[serde(skip)]
+    pub replayed: bool,
+}
+
+impl Created {
+    /// The first (for CreateTask, the only) task id.
+    pub fn task_id(&self) -> Option<TaskId> {
+        self.task_ids.first().copied()
+    }
+}
+
+#[derive(Serialize)]
+struct Fingerprint<'a> {
+    actor_id: &'a str,
+    tasks: &'a [NewTask],
+}
+
+impl Store {
+    /// Creates one task (and requests its pod when `auto_start` is set).
+    ///
+    /// # Errors
+    /// Validation errors; [`Error::IdempotencyKeyReused`]; [`Error::StoreUnavailable`].
+    #[instrument(skip_all, fields(task.kind = %task.kind))]
+    pub async fn create_task(&self, task: &NewTask, ctx: &RequestContext) -> Result<Created, Error> {
+        validate_new_task(task)?;
+        self.create(std::slice::from_ref(task), ctx, "create_task").await
+    }
+
+    /// Creates up to [`BATCH_MAX`] tasks, all or nothing.
+    ///
+    /// # Errors
+    /// [`Error::InvalidBatchItem`] naming the first invalid item; the others as for
+    /// [`Store::create_task`].
+    #[instrument(skip_all, fields(batch.size = tasks.len()))]
+    pub async fn create_tasks(&self, tasks: &[NewTask], ctx: &RequestContext) -> Result<Created, Error> {
+        if tasks.is_empty() {
+            return Err(Error::invalid("tasks", "at least one task is required"));
+        }
+        if tasks.len() > BATCH_MAX {
+            return Err(Error::invalid(
+                "tasks",
+                format!("{} tasks, at most {BATCH_MAX} per call", tasks.len()),
+            ));
+        }
+        for (index, task) in tasks.iter().enumerate() {
+            validate_new_task(task).map_err(|e| Error::InvalidBatchItem {
+                index,
+                source: Box::new(e),
+            })?;
+        }
+        self.create(tasks, ctx, "create_tasks").await
+    }
+
+    async fn create(&self, tasks: &[NewTask], ctx: &RequestContext, method: &'static str) -> Result<Created, Error> {
+        validate_context(ctx)?;
+        let mut tx = self.pool.begin().await.map_err(from_sqlx)?;
+        let key = match &ctx.request_id {
+            Some(id) => {
+                let key = Key::new(&ctx.principal, id, method, &Fingerprint { actor_id: &ctx.actor_id, tasks })?;
+                if let Claim::Replay(stored) = idempotency::claim(&mut tx, &key).await? {
+                    let mut created: Created = idempotency::decode(stored)?;
+                    created.replayed = true;
+                    return Ok(created);
+                }
+                Some(key)
+            }
+            None => None,
+        };
+
+        let metadata = metadata_json(&EventMetadata {
+            actor_id: ctx.actor_id.clone(),
+            correlation_id: correlation_id(ctx),
+            causation_id: ctx.causation_id.clone(),
+            traceparent: ctx.traceparent.clone(),
+            epoch: None,
+        })?;
+        let rows = TaskColumns::build(tasks, self.partition_count, &metadata)?;
+        sqlx::query(
+            r#"
+            WITH new_tasks AS (
+                INSERT INTO tasks (task_id, title, description, kind, payload, metadata,
+                                   priority, partition, status, phase, created_by)
+                SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[],
+                                     $5::jsonb[], $6::jsonb[], $7::int4[], $8::int4[],
+                                     $9::text[], $10::text[], $11::text[])
+            ), new_heads AS (
+                INSERT INTO task_heads (task_id, version)
+                SELECT * FROM UNNEST($1::uuid[], $12::int8[])
+            )
+            INSERT INTO events (stream_id, version, type, data, metadata)
+            SELECT * FROM UNNEST($13::uuid[], $14::int8[], $15::text[], $16::jsonb[], $17::jsonb[])
+            "#,
+        )
+        .bind(&rows.ids)
+        .bind(&rows.titles)
+        .bind(&rows.descriptions)
+        .bind(&rows.kinds)
+        .bind(&rows.payloads)
+        .bind(&rows.metadata)
+        .bind(&rows.priorities)
+        .bind(&rows.partitions)
+        .bind(&rows.statuses)
+        .bind(&rows.phases)
+        .bind(vec![ctx.actor_id.as_str(); tasks.len()])
+        .bind(&rows.versions)
+        .bind(&rows.events.stream_ids)
+        .bind(&rows.events.versions)
+        .bind(&rows.events.types)
+        .bind(&rows.events.data)
+        .bind(&rows.events.metadata)
+        .execute(&mut *tx)
+        .await
+        .map_err(from_sqlx)?;
+
+        let created = Created {
+            task_ids: rows.ids.iter().copied().map(TaskId).collect(),
+            replayed: false,
+        };
+        if let Some(key) = &key {
+            idempotency::record(&mut tx, key, &created).await?;
+        }
+        tx.commit().await.map_err(from_sqlx)?;
+        Ok(created)
+    }
+}
+
+/// The correlation id events record: the caller's, or a fresh one so every event of one
+/// request can still be found together.
+pub(crate) fn correlation_id(ctx: &RequestContext) -> String {
+    ctx.correlation_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// New tasks as column arrays, with their genesis events already checked by the domain.
+struct TaskColumns<'a> {
+    ids: Vec<uuid::Uuid>,
+    titles: Vec<&'a str>,
+    descriptions: Vec<&'a str>,
+    kinds: Vec<&'a str>,
+    payloads: Vec<&'a serde_json::Value>,
+    metadata: Vec<&'a serde_json::Value>,
+    priorities: Vec<i32>,
+    partitions: Vec<i32>,
+    statuses: Vec<&'static str>,
+    phases: Vec<&'static str>,
+    versions: Vec<i64>,
+    events: EventColumns,
+}
+
+impl<'a> TaskColumns<'a> {
+    fn build(tasks: &'a [NewTask], partition_count: u32, metadata: &serde_json::Value) -> Result<Self, Error> {
+        let n = tasks.len();
+        let mut cols = TaskColumns {
+            ids: Vec::with_capacity(n),
+            titles: Vec::with_capacity(n),
+            descriptions: Vec::with_capacity(n),
+            kinds: Vec::with_capacity(n),
+            payloads: Vec::with_capacity(n),
+            metadata: Vec::with_capacity(n),
+            priorities: Vec::with_capacity(n),
+            partitions: Vec::with_capacity(n),
+            statuses: Vec::with_capacity(n),
+            phases: Vec::with_capacity(n),
+            versions: Vec::with_capacity(n),
+            events: EventColumns::with_capacity(n * 2),
+        };
+        for task in tasks {
+            let id = TaskId::new();
+            let mut events = vec![Event::TaskCreated {
+                title: task.title.clone(),
+                description: task.description.clone(),
+                kind: task.kind.clone(),
+                payload: task.payload.clone(),
+                priority: task.priority,
+                metadata: task.metadata.clone(),
+            }];
+            let mut state = TaskState::genesis(id, &events[0])?;
+            if task.auto_start {
+                let start = Event::PodRequested {};
+                state = evolve(&state, &start)?;
+                events.push(start);
+            }
+            debug_assert!(matches!(state.status, Status::Inactive | Status::Active));
+            cols.ids.push(id.as_uuid());
+            cols.titles.push(&task.title);
+            cols.descriptions.push(&task.description);
+            cols.kinds.push(&task.kind);
+            cols.payloads.push(&task.payload);
+            cols.metadata.push(&task.metadata);
+            cols.priorities.push(task.priority);
+            cols.partitions.push(partition_of(id, partition_count) as i32);
+            cols.statuses.push(state.status.as_str());
+            cols.phases.push(state.phase.as_str());
+            cols.versions.push(state.version);
+            cols.events.push(id.as_uuid(), 1, &events, metadata)?;
+        }
+        Ok(cols)
+    }
+}

@@ -1,0 +1,162 @@
+//! The Postgres event store: task streams, heads and listing rows.
+//!
+//! Every change is one transaction that locks the task's head row, decides with the
+//! shared domain functions, appends events and updates the head (and the listing row on
+//! lifecycle changes). See docs/architecture.md ("Storage") for the tables.
+//!
+//! Layout:
+//! - [`settings`]: connection and pool settings;
+//! - `errors`: the one place SQLSTATEs and driver errors become domain errors;
+//! - `rows`: row <-> domain conversions;
+//! - `writes`: the statement every change shares (events + head + listing row);
+//! - [`create`], [`execute`], [`append`]: the three ways a stream grows;
+//! - `idempotency`: AIP-155 request ids;
+//! - [`query`]: get, list (keyset pages), count, read a stream.
+
+pub mod append;
+pub mod create;
+mod errors;
+pub mod execute;
+mod idempotency;
+pub mod query;
+mod rows;
+pub mod settings;
+mod writes;
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tracing::instrument;
+
+pub use append::{AppendFence, Appended};
+pub use create::Created;
+pub use execute::Executed;
+pub use query::{Cursor, ListQuery, Page, RecordedEvent, SortDirection, SortField, SortKey, TaskFilter, TaskOrder};
+pub use settings::{Secret, StoreSettings};
+
+use crate::error::Error;
+
+/// The migrations under `migrations/` at the repository root, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// A handle on the Postgres store. Cheap to clone: it is a pool plus constants.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+    /// Fixed at the first migration; every task's partition is a hash over it.
+    partition_count: u32,
+}
+
+impl Store {
+    /// Connects a pool with the settings' timeouts and reads the cluster constants.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`] when Postgres cannot be reached within the acquire
+    /// timeout, or the schema is not migrated.
+    #[instrument(skip_all)]
+    pub async fn connect(settings: &StoreSettings) -> Result<Self, Error> {
+        let pool = pool_options(settings)
+            .connect_with(connect_options(settings)?)
+            .await
+            .map_err(errors::from_sqlx)?;
+        Self::from_pool(pool).await
+    }
+
+    /// Wraps an existing pool (tests get one per database from `#[sqlx::test]`).
+    ///
+    /// # Errors
+    /// When the cluster constants cannot be read (not migrated, or unreachable).
+    pub async fn from_pool(pool: PgPool) -> Result<Self, Error> {
+        let count: i32 = sqlx::query_scalar("SELECT partition_count FROM cluster_config")
+            .fetch_one(&pool)
+            .await
+            .map_err(errors::from_sqlx)?;
+        let partition_count = u32::try_from(count)
+            .map_err(|_| Error::Internal(format!("bad partition_count {count}")))?;
+        Ok(Self {
+            pool,
+            partition_count,
+        })
+    }
+
+    /// A store whose pool connects on first use, so an unreachable Postgres shows as
+    /// [`Error::StoreUnavailable`] on each call rather than at start-up. The partition
+    /// count is taken on trust.
+    ///
+    /// # Errors
+    /// When the settings do not form a valid connection.
+    pub fn connect_lazy(settings: &StoreSettings, partition_count: u32) -> Result<Self, Error> {
+        let pool = pool_options(settings).connect_lazy_with(connect_options(settings)?);
+        Ok(Self {
+            pool,
+            partition_count,
+        })
+    }
+
+    /// Applies every pending migration.
+    ///
+    /// # Errors
+    /// When a migration fails or Postgres is unreachable.
+    #[instrument(skip_all)]
+    pub async fn migrate(pool: &PgPool) -> Result<(), Error> {
+        MIGRATOR
+            .run(pool)
+            .await
+            .map_err(|e| Error::StoreUnavailable(format!("migration failed: {e}")))
+    }
+
+    /// Creates the monthly events partitions around now that do not exist yet. Binaries
+    /// run it at start-up; it is cheap when there is nothing to do.
+    ///
+    /// # Errors
+    /// When Postgres refuses (for example a month already present in the default).
+    pub async fn ensure_event_partitions(&self) -> Result<i32, Error> {
+        sqlx::query_scalar("SELECT taskpod_ensure_event_partitions(1, 12)")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(errors::from_sqlx)
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn partition_count(&self) -> u32 {
+        self.partition_count
+    }
+
+    /// Deletes idempotency records older than `ttl`. Returns how many went.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`] when Postgres cannot be reached.
+    pub async fn prune_idempotency_keys(&self, ttl: Duration) -> Result<u64, Error> {
+        idempotency::prune(&self.pool, ttl).await
+    }
+}
+
+fn pool_options(settings: &StoreSettings) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .min_connections(0)
+        .acquire_timeout(settings.acquire_timeout())
+        // A ping per acquire costs a round trip on every call; a dead connection shows
+        // as StoreUnavailable once instead, and the pool replaces it.
+        .test_before_acquire(false)
+}
+
+fn connect_options(settings: &StoreSettings) -> Result<PgConnectOptions, Error> {
+    let opts: PgConnectOptions = settings
+        .url
+        .expose()
+        .parse()
+        .map_err(|e| Error::invalid("store.url", format!("{e}")))?;
+    let statement_timeout = format!("{}ms", settings.statement_timeout_ms);
+    let lock_timeout = format!("{}ms", settings.lock_timeout_ms);
+    Ok(opts.application_name(&settings.application_name).options([
+        ("statement_timeout", statement_timeout.as_str()),
+        ("lock_timeout", lock_timeout.as_str()),
+        // A client that vanished mid-transaction must not hold a head row lock.
+        ("idle_in_transaction_session_timeout", "60s"),
+    ]))
+}

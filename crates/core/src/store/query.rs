@@ -1,0 +1,284 @@
+//! Reads: one task, keyset pages of tasks, counts, and a task's stream.
+//!
+//! Pages are keyset pages over `(sort_key, task_id)`: a row present and unchanged
+//! during a whole scan is returned exactly once; a row whose sort key changes during the
+//! scan (only `updated_at` can) may be returned twice or not at all.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{Postgres, QueryBuilder};
+use tracing::instrument;
+
+use super::errors::{corrupt, from_sqlx};
+use super::rows::{TaskRow, state_columns, task_columns};
+use super::Store;
+use crate::domain::{Event, EventMetadata, Phase, Status, Task, TaskId, TaskState};
+use crate::error::Error;
+
+/// Page size when the caller asks for 0.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// Larger requests are clamped to this.
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// Normalises a requested page size the AIP-158 way: 0 means the default, above the
+/// maximum is clamped, negative is invalid.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] on `page_size` when negative.
+pub fn page_size(requested: i64) -> Result<usize, Error> {
+    match requested {
+        n if n < 0 => Err(Error::invalid("page_size", "must not be negative")),
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n => Ok((n as u64).min(MAX_PAGE_SIZE as u64) as usize),
+    }
+}
+
+/// Filters for ListTasks and CountTasks; every set field must match (AND), a list field
+/// matches any of its values (OR).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskFilter {
+    pub statuses: Vec<Status>,
+    pub phases: Vec<Phase>,
+    pub kinds: Vec<String>,
+    pub created_by: Option<String>,
+    /// Strictly after.
+    pub created_after: Option<DateTime<Utc>>,
+    pub priority_min: Option<i32>,
+    pub priority_max: Option<i32>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SortField {
+    CreatedAt,
+    /// The last lifecycle change.
+    #[default]
+    UpdatedAt,
+    Priority,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SortDirection {
+    Asc,
+    #[default]
+    Desc,
+}
+
+/// The order of a listing; ties are broken by task id in the same direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TaskOrder {
+    pub field: SortField,
+    pub direction: SortDirection,
+}
+
+/// A sort key value, typed by the field it belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SortKey {
+    Time(DateTime<Utc>),
+    Priority(i32),
+}
+
+/// Where a page ends: the last row's sort key and id. The next page starts after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub key: SortKey,
+    pub task_id: TaskId,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListQuery {
+    pub filter: TaskFilter,
+    pub order: TaskOrder,
+    /// As the caller sent it; see [`page_size`].
+    pub page_size: i64,
+    pub after: Option<Cursor>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Page {
+    pub tasks: Vec<Task>,
+    /// `None` only when this is the last page.
+    pub next: Option<Cursor>,
+}
+
+/// One stored event with its position and metadata.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecordedEvent {
+    pub task_id: TaskId,
+    pub version: i64,
+    pub event: Event,
+    pub metadata: EventMetadata,
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl Store {
+    /// Reads one task: the listing row and the head, as committed.
+    ///
+    /// # Errors
+    /// [`Error::TaskNotFound`]; [`Error::StoreUnavailable`].
+    #[instrument(skip_all, fields(task.id = %task_id))]
+    pub async fn get_task(&self, task_id: TaskId) -> Result<Task, Error> {
+        let row: Option<TaskRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks t JOIN task_heads h ON h.task_id = t.task_id WHERE t.task_id = $1"
+        ))
+        .bind(task_id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
+        row.ok_or(Error::TaskNotFound(task_id))?.try_into()
+    }
+
+    /// Reads the state the state table decides on, without locking.
+    ///
+    /// # Errors
+    /// [`Error::TaskNotFound`]; [`Error::StoreUnavailable`].
+    pub async fn state(&self, task_id: TaskId) -> Result<TaskState, Error> {
+        let row: Option<super::rows::StateRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            state_columns!(),
+            " FROM task_heads h JOIN tasks t ON t.task_id = h.task_id WHERE h.task_id = $1"
+        ))
+        .bind(task_id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
+        row.ok_or(Error::TaskNotFound(task_id))?.try_into()
+    }
+
+    /// Lists one keyset page.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a negative page size or a cursor of another
+    /// ordering; [`Error::StoreUnavailable`].
+    #[instrument(skip_all, fields(order = ?query.order, page_size = query.page_size))]
+    pub async fn list_tasks(&self, query: &ListQuery) -> Result<Page, Error> {
+        let limit = page_size(query.page_size)?;
+        let (column, dir, cmp) = order_sql(query.order);
+        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks t JOIN task_heads h ON h.task_id = t.task_id WHERE TRUE"
+        ));
+        push_filter(&mut qb, &query.filter);
+        if let Some(cursor) = &query.after {
+            qb.push(format_args!(" AND ({column}, t.task_id) {cmp} ("));
+            match (query.order.field, cursor.key) {
+                (SortField::CreatedAt | SortField::UpdatedAt, SortKey::Time(t)) => qb.push_bind(t),
+                (SortField::Priority, SortKey::Priority(p)) => qb.push_bind(p),
+                _ => return Err(Error::invalid("page_token", "it belongs to another ordering")),
+            };
+            qb.push(", ").push_bind(cursor.task_id.as_uuid()).push(")");
+        }
+        qb.push(format_args!(" ORDER BY {column} {dir}, t.task_id {dir} LIMIT "))
+            .push_bind((limit + 1) as i64);
+
+        let rows: Vec<TaskRow> = qb.build_query_as().fetch_all(&self.pool).await.map_err(from_sqlx)?;
+        let mut tasks = rows.into_iter().map(Task::try_from).collect::<Result<Vec<_>, _>>()?;
+        let next = if tasks.len() > limit {
+            tasks.truncate(limit);
+            tasks.last().map(|t| Cursor {
+                key: sort_key(query.order.field, t),
+                task_id: t.task_id,
+            })
+        } else {
+            None
+        };
+        Ok(Page { tasks, next })
+    }
+
+    /// Counts the tasks a filter matches.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    #[instrument(skip_all)]
+    pub async fn count_tasks(&self, filter: &TaskFilter) -> Result<i64, Error> {
+        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT count(*) FROM tasks t WHERE TRUE");
+        push_filter(&mut qb, filter);
+        qb.build_query_scalar().fetch_one(&self.pool).await.map_err(from_sqlx)
+    }
+
+    /// Reads up to `limit` events of a task's stream from `from_version` (inclusive).
+    /// A version below 1 reads from the start.
+    ///
+    /// # Errors
+    /// [`Error::TaskNotFound`] when the task does not exist; [`Error::StoreUnavailable`].
+    #[instrument(skip_all, fields(task.id = %task_id, from_version, limit))]
+    pub async fn read_stream(&self, task_id: TaskId, from_version: i64, limit: usize) -> Result<Vec<RecordedEvent>, Error> {
+        type Row = (i64, String, serde_json::Value, serde_json::Value, DateTime<Utc>);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT version, type, data, metadata, recorded_at FROM events \
+             WHERE stream_id = $1 AND version >= $2 ORDER BY version LIMIT $3",
+        )
+        .bind(task_id.as_uuid())
+        .bind(from_version.max(1))
+        .bind(limit.min(i64::MAX as usize) as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
+        if rows.is_empty() {
+            // Distinguish "nothing newer" from "no such task".
+            self.state(task_id).await?;
+        }
+        rows.into_iter()
+            .map(|(version, ty, data, metadata, recorded_at)| {
+                Ok(RecordedEvent {
+                    task_id,
+                    version,
+                    event: Event::from_parts(&ty, data).map_err(corrupt)?,
+                    metadata: serde_json::from_value(metadata).map_err(corrupt)?,
+                    recorded_at,
+                })
+            })
+            .collect()
+    }
+}
+
+fn order_sql(order: TaskOrder) -> (&'static str, &'static str, &'static str) {
+    let column = match order.field {
+        SortField::CreatedAt => "t.created_at",
+        SortField::UpdatedAt => "t.updated_at",
+        SortField::Priority => "t.priority",
+    };
+    match order.direction {
+        SortDirection::Asc => (column, "ASC", ">"),
+        SortDirection::Desc => (column, "DESC", "<"),
+    }
+}
+
+fn sort_key(field: SortField, task: &Task) -> SortKey {
+    match field {
+        SortField::CreatedAt => SortKey::Time(task.created_at),
+        SortField::UpdatedAt => SortKey::Time(task.updated_at),
+        SortField::Priority => SortKey::Priority(task.priority),
+    }
+}
+
+fn push_filter(qb: &mut QueryBuilder<Postgres>, f: &TaskFilter) {
+    if !f.statuses.is_empty() {
+        let v: Vec<&str> = f.statuses.iter().map(Status::as_str).collect();
+        qb.push(" AND t.status = ANY(").push_bind(v).push(")");
+    }
+    if !f.phases.is_empty() {
+        let v: Vec<&str> = f.phases.iter().map(Phase::as_str).collect();
+        qb.push(" AND t.phase = ANY(").push_bind(v).push(")");
+    }
+    if !f.kinds.is_empty() {
+        qb.push(" AND t.kind = ANY(").push_bind(f.kinds.clone()).push(")");
+    }
+    if let Some(by) = &f.created_by {
+        qb.push(" AND t.created_by = ").push_bind(by.clone());
+    }
+    if let Some(after) = f.created_after {
+        qb.push(" AND t.created_at > ").push_bind(after);
+    }
+    if let Some(min) = f.priority_min {
+        qb.push(" AND t.priority >= ").push_bind(min);
+    }
+    if let Some(max) = f.priority_max {
+        qb.push(" AND t.priority <= ").push_bind(max);
+    }
+}

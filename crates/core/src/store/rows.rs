@@ -1,0 +1,118 @@
+//! Rows as Postgres returns them, and their conversion into domain types.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::errors::corrupt;
+use crate::domain::{NodeId, PodInfo, PodState, Task, TaskId, TaskState};
+use crate::error::Error;
+
+/// The columns [`StateRow`] reads, from `task_heads h JOIN tasks t`. A macro so that
+/// statements are `concat!`ed at compile time.
+macro_rules! state_columns {
+    () => {
+        "t.task_id, t.kind, t.priority, t.status, t.phase, t.last_error, h.version, \
+         h.pod_epoch, h.pod_state, h.owner_node, h.pod_started_at"
+    };
+}
+pub(crate) use state_columns;
+
+/// The columns [`TaskRow`] reads, from `tasks t JOIN task_heads h`.
+macro_rules! task_columns {
+    () => {
+        "t.task_id, t.title, t.description, t.kind, t.payload, t.metadata, t.priority, \
+         t.partition, t.status, t.phase, t.last_error, t.created_at, t.updated_at, \
+         t.created_by, h.version, h.pod_epoch, h.pod_state, h.owner_node, h.pod_started_at"
+    };
+}
+pub(crate) use task_columns;
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct StateRow {
+    task_id: Uuid,
+    kind: String,
+    priority: i32,
+    status: String,
+    phase: String,
+    last_error: Option<String>,
+    version: i64,
+    pod_epoch: i64,
+    pod_state: String,
+    owner_node: Option<Uuid>,
+    pod_started_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<StateRow> for TaskState {
+    type Error = Error;
+
+    fn try_from(r: StateRow) -> Result<Self, Error> {
+        Ok(TaskState {
+            task_id: TaskId(r.task_id),
+            kind: r.kind,
+            priority: r.priority,
+            status: r.status.parse().map_err(corrupt)?,
+            phase: r.phase.parse().map_err(corrupt)?,
+            version: r.version,
+            last_error: r.last_error,
+            pod_epoch: r.pod_epoch,
+            pod_state: r.pod_state.parse().map_err(corrupt)?,
+            owner_node: r.owner_node.map(NodeId),
+            pod_started_at: r.pod_started_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct TaskRow {
+    task_id: Uuid,
+    title: String,
+    description: String,
+    kind: String,
+    payload: serde_json::Value,
+    metadata: serde_json::Value,
+    priority: i32,
+    partition: i32,
+    status: String,
+    phase: String,
+    last_error: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    created_by: String,
+    version: i64,
+    pod_epoch: i64,
+    pod_state: String,
+    owner_node: Option<Uuid>,
+    pod_started_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<TaskRow> for Task {
+    type Error = Error;
+
+    fn try_from(r: TaskRow) -> Result<Self, Error> {
+        let pod_state: PodState = r.pod_state.parse().map_err(corrupt)?;
+        let pod = (pod_state != PodState::None).then(|| PodInfo {
+            state: pod_state,
+            epoch: r.pod_epoch,
+            node: r.owner_node.map(NodeId),
+            started_at: r.pod_started_at,
+        });
+        Ok(Task {
+            task_id: TaskId(r.task_id),
+            title: r.title,
+            description: r.description,
+            kind: r.kind,
+            payload: r.payload,
+            metadata: r.metadata,
+            priority: r.priority,
+            partition: r.partition,
+            status: r.status.parse().map_err(corrupt)?,
+            phase: r.phase.parse().map_err(corrupt)?,
+            last_error: r.last_error,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            created_by: r.created_by,
+            version: r.version,
+            pod,
+        })
+    }
+}
