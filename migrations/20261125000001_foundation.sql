@@ -57,9 +57,17 @@ CREATE INDEX tasks_active_partition_idx  ON tasks (partition) WHERE status = 'ac
 
 -- The narrow, hot row every append updates. Primary key only and a fillfactor below
 -- 100 so that the update is HOT (no index touched, the new tuple on the same page).
+-- It holds every mutable field the state table decides on (status, phase, last_error
+-- are copied to `tasks` for listing): commands lock this row and read it in the same
+-- statement, and under READ COMMITTED a row lock re-reads only the locked row, so a
+-- mutable field read from a joined table could be stale. kind and priority never
+-- change, so they are safely joined from `tasks`.
 CREATE TABLE task_heads (
     task_id        uuid        PRIMARY KEY REFERENCES tasks (task_id) ON DELETE CASCADE,
     version        bigint      NOT NULL,
+    status         text        NOT NULL,
+    phase          text        NOT NULL,
+    last_error     text,
     pod_epoch      bigint      NOT NULL DEFAULT 0,
     owner_node     uuid,
     pod_state      text        NOT NULL DEFAULT 'none' CHECK (pod_state IN ('none', 'starting', 'running', 'stopping')),

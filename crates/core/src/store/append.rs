@@ -115,12 +115,18 @@ impl Store {
     ) -> Result<i64, Error> {
         let minted: Option<i64> = sqlx::query_scalar(
             r#"
+            WITH owned AS (
+                -- FOR SHARE: a re-claim of the partition (generation bump) that commits
+                -- while this runs makes the row re-checked, and the mint refused.
+                SELECT p.partition
+                  FROM tasks t JOIN partitions p ON p.partition = t.partition
+                 WHERE t.task_id = $1 AND p.owner_node = $3 AND p.generation = $4
+                   FOR SHARE OF p
+            )
             UPDATE task_heads h
                SET pod_epoch = h.pod_epoch + 1, pod_state = 'starting', owner_node = $3
-              FROM tasks t, partitions p
              WHERE h.task_id = $1 AND h.pod_epoch = $2 AND h.pod_state = 'none'
-               AND t.task_id = h.task_id AND t.status = 'active'
-               AND p.partition = t.partition AND p.owner_node = $3 AND p.generation = $4
+               AND h.status = 'active' AND EXISTS (SELECT 1 FROM owned)
             RETURNING h.pod_epoch
             "#,
         )

@@ -108,8 +108,8 @@ impl Store {
                                      $5::jsonb[], $6::jsonb[], $7::int4[], $8::int4[],
                                      $9::text[], $10::text[], $11::text[])
             ), new_heads AS (
-                INSERT INTO task_heads (task_id, version)
-                SELECT * FROM UNNEST($1::uuid[], $12::int8[])
+                INSERT INTO task_heads (task_id, version, status, phase)
+                SELECT * FROM UNNEST($1::uuid[], $12::int8[], $9::text[], $10::text[])
             )
             INSERT INTO events (stream_id, version, type, data, metadata)
             SELECT * FROM UNNEST($13::uuid[], $14::int8[], $15::text[], $16::jsonb[], $17::jsonb[])

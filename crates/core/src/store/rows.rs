@@ -11,7 +11,7 @@ use crate::error::Error;
 /// statements are `concat!`ed at compile time.
 macro_rules! state_columns {
     () => {
-        "t.task_id, t.kind, t.priority, t.status, t.phase, t.last_error, h.version, \
+        "t.task_id, t.kind, t.priority, h.status, h.phase, h.last_error, h.version, \
          h.pod_epoch, h.pod_state, h.owner_node, h.pod_started_at"
     };
 }

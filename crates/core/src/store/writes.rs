@@ -80,7 +80,7 @@ pub(crate) async fn write_changes(
         ), head AS (
             UPDATE task_heads
                SET version = $7, pod_epoch = $8, pod_state = $9, owner_node = $10,
-                   pod_started_at = $11
+                   pod_started_at = $11, status = $12, phase = $13, last_error = $14
              WHERE task_id = $6
         )
         UPDATE tasks
@@ -109,7 +109,8 @@ pub(crate) async fn write_changes(
     Ok(())
 }
 
-/// Reads the task's state and locks its head row until the transaction ends.
+/// Reads the task's state and locks its head row until the transaction ends. Every
+/// mutable field comes from the locked row itself (see the `task_heads` migration).
 pub(crate) async fn lock_state(
     tx: &mut Transaction<'_, Postgres>,
     task_id: crate::domain::TaskId,

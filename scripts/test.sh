@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs every test: installs what is missing, starts a throwaway PostgreSQL and Redis on
+# free loopback ports, runs the whole workspace's tests against them, and stops the
+# servers however the tests end. Extra arguments go to the test runner.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/services.sh
+source scripts/services.sh
+
+ensure_packages
+
+work=$(mktemp -d /tmp/taskpod-test.XXXXXX)
+chmod 0755 "$work"
+cleanup() {
+  stop_postgres "$work/postgres"
+  stop_redis "$work/redis"
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+pg_port=$(free_port)
+# Durability off: these databases live for one run. Never use these for benchmarks.
+start_postgres "$work/postgres" "$pg_port" \
+  fsync=off synchronous_commit=off full_page_writes=off max_connections=400
+redis_port=$(free_port)
+start_redis "$work/redis" "$redis_port"
+
+# sqlx::test makes a fresh database per test from this server.
+export DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
+export TASKPOD_TEST_REDIS_URL="redis://127.0.0.1:$redis_port"
+echo "postgres on 127.0.0.1:$pg_port, redis on 127.0.0.1:$redis_port" >&2
+
+# The end-to-end tests run the real binaries; build them with the same profile first.
+cargo build --workspace --bins --quiet
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast "$@"
+else
+  cargo test --workspace --no-fail-fast "$@"
+fi
