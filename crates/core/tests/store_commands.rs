@@ -1,12 +1,15 @@
 //! Lifecycle commands through `Store::execute` against a real Postgres: the state
 //! table's answers, decided under the row lock, and concurrency.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns panic to fail the test
 
 mod common;
 
 use common::{create, ctx, running_pod, store};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use taskpod_core::Error;
-use taskpod_core::domain::{Command, Event, NewTask, Phase, PodState, RequestContext, Status, TaskId};
+use taskpod_core::domain::{
+    Command, Event, NewTask, Phase, PodState, RequestContext, Status, TaskId,
+};
 use taskpod_core::store::AppendFence;
 
 fn cancel() -> Command {
@@ -16,13 +19,20 @@ fn cancel() -> Command {
 }
 
 #[sqlx::test(migrations = "../../migrations")]
-async fn ten_concurrent_cancels_give_one_ok_and_nine_already_cancelled(_: PgPoolOptions, opts: PgConnectOptions) {
+async fn ten_concurrent_cancels_give_one_ok_and_nine_already_cancelled(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
     let store = store(opts).await;
     let task = create(&store, "manual").await;
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..10 {
         let store = store.clone();
-        calls.spawn(async move { store.execute(task, &cancel(), &ctx(&format!("user-{i}"))).await });
+        calls.spawn(async move {
+            store
+                .execute(task, &cancel(), &ctx(&format!("user-{i}")))
+                .await
+        });
     }
     let (mut ok, mut already) = (0, 0);
     while let Some(res) = calls.join_next().await {
@@ -37,14 +47,23 @@ async fn ten_concurrent_cancels_give_one_ok_and_nine_already_cancelled(_: PgPool
     }
     assert_eq!((ok, already), (1, 9));
 
-    let err = store.execute(task, &Command::Complete, &ctx("bob")).await.unwrap_err();
+    let err = store
+        .execute(task, &Command::Complete, &ctx("bob"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::AlreadyCancelled(_)), "{err:?}");
     let got = store.get_task(task).await.unwrap();
-    assert_eq!((got.status, got.phase, got.version), (Status::Cancelled, Phase::Cancelled, 2));
+    assert_eq!(
+        (got.status, got.phase, got.version),
+        (Status::Cancelled, Phase::Cancelled, 2)
+    );
 }
 
 #[sqlx::test(migrations = "../../migrations")]
-async fn cancels_racing_pod_appends_always_get_a_definite_answer(_: PgPoolOptions, opts: PgConnectOptions) {
+async fn cancels_racing_pod_appends_always_get_a_definite_answer(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
     let store = store(opts).await;
     let (task, epoch, _) = running_pod(&store, "sleep").await;
 
@@ -61,9 +80,18 @@ async fn cancels_racing_pod_appends_always_get_a_definite_answer(_: PgPoolOption
                     Phase::Development => Phase::Review,
                     _ => Phase::Development,
                 };
-                let event = Event::PhaseChanged { from: state.phase, to };
+                let event = Event::PhaseChanged {
+                    from: state.phase,
+                    to,
+                };
                 match store
-                    .append(task, state.version, AppendFence::Pod { epoch }, &[event], &common::pod_meta())
+                    .append(
+                        task,
+                        state.version,
+                        AppendFence::Pod { epoch },
+                        &[event],
+                        &common::pod_meta(),
+                    )
                     .await
                 {
                     Ok(_) => appended += 1,
@@ -91,37 +119,83 @@ async fn cancels_racing_pod_appends_always_get_a_definite_answer(_: PgPoolOption
     }
     assert_eq!(ok, 1);
     let appended = pod.await.expect("pod task");
-    assert!(appended > 0, "the pod never appended: the race was not exercised");
+    assert!(
+        appended > 0,
+        "the pod never appended: the race was not exercised"
+    );
     let state = store.state(task).await.unwrap();
     assert_eq!(state.status, Status::Cancelled);
-    assert_eq!(state.pod_state, PodState::Stopping, "the pod is asked to stop");
+    assert_eq!(
+        state.pod_state,
+        PodState::Stopping,
+        "the pod is asked to stop"
+    );
 }
 
 #[sqlx::test(migrations = "../../migrations")]
-async fn state_table_refusals_reach_callers_with_their_variant(_: PgPoolOptions, opts: PgConnectOptions) {
+async fn state_table_refusals_reach_callers_with_their_variant(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
     let store = store(opts).await;
     let task = create(&store, "sleep").await;
     let c = ctx("alice");
 
-    let err = store.execute(task, &Command::RequestStop { reason: None }, &c).await.unwrap_err();
+    let err = store
+        .execute(task, &Command::RequestStop { reason: None }, &c)
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::NotRunning(_)), "{err:?}");
     let err = store
         .execute(task, &Command::TransitionPhase { to: Phase::Review }, &c)
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::InvalidTransition { from: Phase::SpecClarification, to: Phase::Review }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::InvalidTransition {
+                from: Phase::SpecClarification,
+                to: Phase::Review
+            }
+        ),
+        "{err:?}"
+    );
     // Inactive tasks move by TransitionPhase, whatever their kind.
-    store.execute(task, &Command::TransitionPhase { to: Phase::Planning }, &c).await.unwrap();
+    store
+        .execute(
+            task,
+            &Command::TransitionPhase {
+                to: Phase::Planning,
+            },
+            &c,
+        )
+        .await
+        .unwrap();
 
-    store.execute(task, &Command::RequestStart, &c).await.unwrap();
-    let err = store.execute(task, &Command::RequestStart, &c).await.unwrap_err();
+    store
+        .execute(task, &Command::RequestStart, &c)
+        .await
+        .unwrap();
+    let err = store
+        .execute(task, &Command::RequestStart, &c)
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::AlreadyStarted(_)), "{err:?}");
     // Active `sleep` task: its handler owns the phases.
     let err = store
-        .execute(task, &Command::TransitionPhase { to: Phase::Development }, &c)
+        .execute(
+            task,
+            &Command::TransitionPhase {
+                to: Phase::Development,
+            },
+            &c,
+        )
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::PhaseOwnedByHandler { ref kind } if kind == "sleep"), "{err:?}");
+    assert!(
+        matches!(err, Error::PhaseOwnedByHandler { ref kind } if kind == "sleep"),
+        "{err:?}"
+    );
 
     store.execute(task, &Command::Complete, &c).await.unwrap();
     for (cmd, what) in [
@@ -142,14 +216,25 @@ async fn state_table_refusals_reach_callers_with_their_variant(_: PgPoolOptions,
             failed.0,
             version,
             AppendFence::Pod { epoch: failed.1 },
-            &[Event::TaskFailed { error: "boom".into(), from_phase: phase }],
+            &[Event::TaskFailed {
+                error: "boom".into(),
+                from_phase: phase,
+            }],
             &common::pod_meta(),
         )
         .await
         .unwrap();
     let err = store.execute(failed.0, &cancel(), &c).await.unwrap_err();
     assert!(matches!(err, Error::AlreadyFailed(_)), "{err:?}");
-    assert_eq!(store.get_task(failed.0).await.unwrap().last_error.as_deref(), Some("boom"));
+    assert_eq!(
+        store
+            .get_task(failed.0)
+            .await
+            .unwrap()
+            .last_error
+            .as_deref(),
+        Some("boom")
+    );
 }
 
 #[sqlx::test(migrations = "../../migrations")]
@@ -157,36 +242,79 @@ async fn active_manual_tasks_move_by_transition_phase(_: PgPoolOptions, opts: Pg
     let store = store(opts).await;
     let task = create(&store, "manual").await;
     let c = ctx("alice");
-    store.execute(task, &Command::RequestStart, &c).await.unwrap();
-    for to in [Phase::Planning, Phase::Development, Phase::Review, Phase::Development, Phase::Review] {
-        store.execute(task, &Command::TransitionPhase { to }, &c).await.unwrap();
-    }
-    let done = store
-        .execute(task, &Command::TransitionPhase { to: Phase::Completed }, &c)
+    store
+        .execute(task, &Command::RequestStart, &c)
         .await
         .unwrap();
-    assert_eq!((done.state.status, done.state.phase), (Status::Completed, Phase::Completed));
+    for to in [
+        Phase::Planning,
+        Phase::Development,
+        Phase::Review,
+        Phase::Development,
+        Phase::Review,
+    ] {
+        store
+            .execute(task, &Command::TransitionPhase { to }, &c)
+            .await
+            .unwrap();
+    }
+    let done = store
+        .execute(
+            task,
+            &Command::TransitionPhase {
+                to: Phase::Completed,
+            },
+            &c,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (done.state.status, done.state.phase),
+        (Status::Completed, Phase::Completed)
+    );
 }
 
 #[sqlx::test(migrations = "../../migrations")]
-async fn invalid_commands_are_refused_before_anything_is_written(_: PgPoolOptions, opts: PgConnectOptions) {
+async fn invalid_commands_are_refused_before_anything_is_written(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
     let store = store(opts).await;
     let task = create(&store, "manual").await;
 
     let err = store
-        .execute(task, &Command::Cancel { reason: "  ".into() }, &ctx("alice"))
+        .execute(
+            task,
+            &Command::Cancel {
+                reason: "  ".into(),
+            },
+            &ctx("alice"),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, Error::MissingReason), "{err:?}");
-    let err = store.execute(task, &cancel(), &RequestContext::new("")).await.unwrap_err();
+    let err = store
+        .execute(task, &cancel(), &RequestContext::new(""))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::MissingActorId), "{err:?}");
     let missing = TaskId::new();
-    let err = store.execute(missing, &cancel(), &ctx("alice")).await.unwrap_err();
-    assert!(matches!(err, Error::TaskNotFound(id) if id == missing), "{err:?}");
+    let err = store
+        .execute(missing, &cancel(), &ctx("alice"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::TaskNotFound(id) if id == missing),
+        "{err:?}"
+    );
     let err = store.get_task(missing).await.unwrap_err();
     assert!(matches!(err, Error::TaskNotFound(_)), "{err:?}");
 
-    assert_eq!(store.get_task(task).await.unwrap().version, 1, "nothing was appended");
+    assert_eq!(
+        store.get_task(task).await.unwrap().version,
+        1,
+        "nothing was appended"
+    );
 }
 
 #[sqlx::test(migrations = "../../migrations")]
@@ -204,7 +332,10 @@ async fn every_event_records_actor_and_correlation(_: PgPoolOptions, opts: PgCon
         .unwrap();
     let task = created.task_id().unwrap();
     // No correlation id given: the store mints one rather than leaving it empty.
-    store.execute(task, &cancel(), &RequestContext::new("bob")).await.unwrap();
+    store
+        .execute(task, &cancel(), &RequestContext::new("bob"))
+        .await
+        .unwrap();
 
     let events = store.read_stream(task, 0, 100).await.unwrap();
     let summary: Vec<_> = events
@@ -213,12 +344,18 @@ async fn every_event_records_actor_and_correlation(_: PgPoolOptions, opts: PgCon
         .collect();
     assert_eq!(
         summary,
-        [(1, "task_created", "alice"), (2, "pod_requested", "alice"), (3, "task_cancelled", "bob")]
+        [
+            (1, "task_created", "alice"),
+            (2, "pod_requested", "alice"),
+            (3, "task_cancelled", "bob")
+        ]
     );
     assert_eq!(events[0].metadata.correlation_id, "req-1");
     assert_eq!(events[1].metadata.correlation_id, "req-1");
     assert!(!events[2].metadata.correlation_id.is_empty());
-    assert!(matches!(&events[2].event, Event::TaskCancelled { reason, .. } if reason == "no longer needed"));
+    assert!(
+        matches!(&events[2].event, Event::TaskCancelled { reason, .. } if reason == "no longer needed")
+    );
 
     let tail = store.read_stream(task, 3, 100).await.unwrap();
     assert_eq!(tail.len(), 1);
@@ -228,16 +365,31 @@ async fn every_event_records_actor_and_correlation(_: PgPoolOptions, opts: PgCon
 }
 
 #[sqlx::test(migrations = "../../migrations")]
-async fn stop_and_restart_requests_reach_the_pod_through_the_head(_: PgPoolOptions, opts: PgConnectOptions) {
+async fn stop_and_restart_requests_reach_the_pod_through_the_head(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
     let store = store(opts).await;
     let (task, epoch, _) = running_pod(&store, "sleep").await;
     let c = ctx("alice");
 
-    let restarted = store.execute(task, &Command::RequestRestart, &c).await.unwrap();
+    let restarted = store
+        .execute(task, &Command::RequestRestart, &c)
+        .await
+        .unwrap();
     assert_eq!(restarted.state.status, Status::Active);
     assert_eq!(restarted.state.pod_state, PodState::Stopping);
 
-    let stopped = store.execute(task, &Command::RequestStop { reason: Some("maintenance".into()) }, &c).await.unwrap();
+    let stopped = store
+        .execute(
+            task,
+            &Command::RequestStop {
+                reason: Some("maintenance".into()),
+            },
+            &c,
+        )
+        .await
+        .unwrap();
     assert_eq!(stopped.state.status, Status::Inactive);
     // The pod may still acknowledge its stop, but nothing else.
     let err = store
@@ -245,7 +397,10 @@ async fn stop_and_restart_requests_reach_the_pod_through_the_head(_: PgPoolOptio
             task,
             stopped.state.version,
             AppendFence::Pod { epoch },
-            &[Event::PhaseChanged { from: Phase::SpecClarification, to: Phase::Planning }],
+            &[Event::PhaseChanged {
+                from: Phase::SpecClarification,
+                to: Phase::Planning,
+            }],
             &common::pod_meta(),
         )
         .await
@@ -256,7 +411,10 @@ async fn stop_and_restart_requests_reach_the_pod_through_the_head(_: PgPoolOptio
             task,
             stopped.state.version,
             AppendFence::Pod { epoch },
-            &[Event::PodStopped { epoch, reason: "requested".into() }],
+            &[Event::PodStopped {
+                epoch,
+                reason: "requested".into(),
+            }],
             &common::pod_meta(),
         )
         .await

@@ -28,7 +28,9 @@ pub enum Event {
     PodRequested {},
     /// A caller wants the pod gone: the task becomes inactive and the pod, if any, is
     /// asked to stop.
-    PodStopRequested { reason: Option<String> },
+    PodStopRequested {
+        reason: Option<String>,
+    },
     /// A caller wants a fresh pod: the owner stops the current one (if any) and starts
     /// another with a new epoch.
     PodRestartRequested {},
@@ -39,18 +41,32 @@ pub enum Event {
         started_at: DateTime<Utc>,
     },
     /// The pod of `epoch` stopped cleanly.
-    PodStopped { epoch: i64, reason: String },
+    PodStopped {
+        epoch: i64,
+        reason: String,
+    },
     /// The pod of `epoch` failed: a handler's Retry, panic or timeout, or its node died.
     PodCrashed {
         epoch: i64,
         reason: String,
         kind: CrashKind,
     },
-    PhaseChanged { from: Phase, to: Phase },
-    TaskCompleted { from_phase: Phase },
-    TaskCancelled { reason: String, from_phase: Phase },
+    PhaseChanged {
+        from: Phase,
+        to: Phase,
+    },
+    TaskCompleted {
+        from_phase: Phase,
+    },
+    TaskCancelled {
+        reason: String,
+        from_phase: Phase,
+    },
     /// Terminal: a handler's Fail, or a spent restart budget.
-    TaskFailed { error: String, from_phase: Phase },
+    TaskFailed {
+        error: String,
+        from_phase: Phase,
+    },
 }
 
 /// Who is appending, for the write-rules table in docs/architecture.md.

@@ -11,11 +11,9 @@ const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 /// The partition of `task` among `count` partitions. `count` must be positive.
 pub fn partition_of(task: TaskId, count: u32) -> u32 {
-    let hash = task
-        .as_uuid()
-        .as_bytes()
-        .iter()
-        .fold(FNV_OFFSET, |h, b| (h ^ u64::from(*b)).wrapping_mul(FNV_PRIME));
+    let hash = task.as_uuid().as_bytes().iter().fold(FNV_OFFSET, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(FNV_PRIME)
+    });
     (hash % u64::from(count.max(1))) as u32
 }
 

@@ -109,15 +109,24 @@ mod tests {
     #[test]
     fn third_crash_in_window_fails_with_default_budget() {
         let p = RestartPolicy::default();
-        assert!(matches!(p.decide(1, 0, 0.0), RestartDecision::Restart { .. }));
-        assert!(matches!(p.decide(2, 0, 0.0), RestartDecision::Restart { .. }));
+        assert!(matches!(
+            p.decide(1, 0, 0.0),
+            RestartDecision::Restart { .. }
+        ));
+        assert!(matches!(
+            p.decide(2, 0, 0.0),
+            RestartDecision::Restart { .. }
+        ));
         assert!(matches!(p.decide(3, 0, 0.0), RestartDecision::Fail { .. }));
     }
 
     #[test]
     fn node_losses_have_their_own_budget() {
         let p = RestartPolicy::default();
-        assert!(matches!(p.decide(0, 5, 0.5), RestartDecision::Restart { .. }));
+        assert!(matches!(
+            p.decide(0, 5, 0.5),
+            RestartDecision::Restart { .. }
+        ));
         assert!(matches!(p.decide(0, 6, 0.5), RestartDecision::Fail { .. }));
     }
 

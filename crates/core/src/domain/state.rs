@@ -66,7 +66,10 @@ impl TaskState {
     ///
     /// # Errors
     /// When the stream is empty or breaks the state table.
-    pub fn replay<'a>(task_id: TaskId, events: impl IntoIterator<Item = &'a Event>) -> Result<Self, Error> {
+    pub fn replay<'a>(
+        task_id: TaskId,
+        events: impl IntoIterator<Item = &'a Event>,
+    ) -> Result<Self, Error> {
         let mut events = events.into_iter();
         let first = events
             .next()
@@ -204,7 +207,10 @@ pub fn evolve(state: &TaskState, event: &Event) -> Result<TaskState, Error> {
             // Live, the epoch was minted by `mint_pod` (pod_state `starting`); in a replay
             // the mint left no event, so the epoch only has to move forward.
             if *epoch < state.pod_epoch.max(1) {
-                return Err(illegal(event, &format!("epoch {epoch} is older than {}", state.pod_epoch)));
+                return Err(illegal(
+                    event,
+                    &format!("epoch {epoch} is older than {}", state.pod_epoch),
+                ));
             }
             if state.status != Status::Active {
                 return Err(illegal(event, "the task is not active"));
@@ -248,7 +254,10 @@ pub fn evolve(state: &TaskState, event: &Event) -> Result<TaskState, Error> {
                 return Err(illegal(event, "the task has ended"));
             }
             if *from_phase != state.phase {
-                return Err(illegal(event, &format!("from_phase {from_phase} is not {}", state.phase)));
+                return Err(illegal(
+                    event,
+                    &format!("from_phase {from_phase} is not {}", state.phase),
+                ));
             }
             let (status, phase) = match event {
                 Event::TaskCompleted { .. } => (Status::Completed, Phase::Completed),

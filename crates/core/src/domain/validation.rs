@@ -42,14 +42,20 @@ pub fn validate_new_task(task: &NewTask) -> Result<(), Error> {
     if task.description.len() > DESCRIPTION_MAX_BYTES {
         return Err(Error::invalid(
             "description",
-            format!("{} bytes, at most {DESCRIPTION_MAX_BYTES} allowed", task.description.len()),
+            format!(
+                "{} bytes, at most {DESCRIPTION_MAX_BYTES} allowed",
+                task.description.len()
+            ),
         ));
     }
     validate_kind(&task.kind)?;
     if !(PRIORITY_MIN..=PRIORITY_MAX).contains(&task.priority) {
         return Err(Error::invalid(
             "priority",
-            format!("{} is outside {PRIORITY_MIN}..={PRIORITY_MAX}", task.priority),
+            format!(
+                "{} is outside {PRIORITY_MIN}..={PRIORITY_MAX}",
+                task.priority
+            ),
         ));
     }
     check_json_size("payload", &task.payload, PAYLOAD_MAX_BYTES)?;
@@ -70,13 +76,19 @@ pub fn validate_kind(kind: &str) -> Result<(), Error> {
         return Err(Error::invalid("kind", "must not be empty"));
     }
     if kind.chars().count() > KIND_MAX_CHARS {
-        return Err(Error::invalid("kind", format!("at most {KIND_MAX_CHARS} characters")));
+        return Err(Error::invalid(
+            "kind",
+            format!("at most {KIND_MAX_CHARS} characters"),
+        ));
     }
     if !kind
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.'))
     {
-        return Err(Error::invalid("kind", "only a-z, 0-9, '_', '-' and '.' are allowed"));
+        return Err(Error::invalid(
+            "kind",
+            "only a-z, 0-9, '_', '-' and '.' are allowed",
+        ));
     }
     Ok(())
 }
@@ -102,7 +114,10 @@ pub fn validate_context(ctx: &RequestContext) -> Result<(), Error> {
         }
         check_len("request_id", id, REQUEST_ID_MAX_CHARS)?;
         if id.chars().any(char::is_control) {
-            return Err(Error::invalid("request_id", "must not contain control characters"));
+            return Err(Error::invalid(
+                "request_id",
+                "must not contain control characters",
+            ));
         }
     }
     Ok(())
@@ -120,7 +135,9 @@ pub fn validate_command(command: &Command) -> Result<(), Error> {
             }
             check_len("reason", reason, REASON_MAX_CHARS)
         }
-        Command::RequestStop { reason: Some(reason) } => check_len("reason", reason, REASON_MAX_CHARS),
+        Command::RequestStop {
+            reason: Some(reason),
+        } => check_len("reason", reason, REASON_MAX_CHARS),
         Command::Complete
         | Command::TransitionPhase { .. }
         | Command::RequestStart
@@ -132,7 +149,10 @@ pub fn validate_command(command: &Command) -> Result<(), Error> {
 fn check_len(field: &str, value: &str, max: usize) -> Result<(), Error> {
     let n = value.chars().count();
     if n > max {
-        return Err(Error::invalid(field, format!("{n} characters, at most {max} allowed")));
+        return Err(Error::invalid(
+            field,
+            format!("{n} characters, at most {max} allowed"),
+        ));
     }
     Ok(())
 }
@@ -140,9 +160,14 @@ fn check_len(field: &str, value: &str, max: usize) -> Result<(), Error> {
 fn check_json_size(field: &str, value: &serde_json::Value, max: usize) -> Result<(), Error> {
     // Serialising to count is fine at these sizes; a counting writer would save the
     // allocation if this ever shows in a profile.
-    let n = serde_json::to_vec(value).map_err(|e| Error::invalid(field, e.to_string()))?.len();
+    let n = serde_json::to_vec(value)
+        .map_err(|e| Error::invalid(field, e.to_string()))?
+        .len();
     if n > max {
-        return Err(Error::invalid(field, format!("{n} bytes, at most {max} allowed")));
+        return Err(Error::invalid(
+            field,
+            format!("{n} bytes, at most {max} allowed"),
+        ));
     }
     Ok(())
 }

@@ -3,9 +3,9 @@
 
 use tracing::instrument;
 
+use super::Store;
 use super::errors::from_sqlx;
 use super::writes::{lock_state, write_changes};
-use super::Store;
 use crate::domain::{Event, EventMetadata, NodeId, Status, TaskId, TaskState, Writer, evolve};
 use crate::error::Error;
 
@@ -69,14 +69,16 @@ impl Store {
                     });
                 }
                 // After a stop, cancel or completion the pod may still say it stopped.
-                let acknowledging_stop = events.iter().all(|e| matches!(e, Event::PodStopped { .. }));
+                let acknowledging_stop =
+                    events.iter().all(|e| matches!(e, Event::PodStopped { .. }));
                 if before.status != Status::Active && !acknowledging_stop {
                     return Err(Error::NotRunning(task_id));
                 }
                 epoch
             }
             AppendFence::Worker { node, generation } => {
-                self.check_partition_owner(&mut tx, task_id, node, generation).await?;
+                self.check_partition_owner(&mut tx, task_id, node, generation)
+                    .await?;
                 before.pod_epoch
             }
         };
@@ -86,7 +88,9 @@ impl Store {
                 actual: before.version,
             });
         }
-        let after = events.iter().try_fold(before.clone(), |s, e| evolve(&s, e))?;
+        let after = events
+            .iter()
+            .try_fold(before.clone(), |s, e| evolve(&s, e))?;
         let metadata = EventMetadata {
             epoch: Some(epoch),
             ..metadata.clone()

@@ -7,13 +7,15 @@
 use serde::{Deserialize, Serialize};
 use tracing::instrument;
 
+use super::Store;
 use super::errors::from_sqlx;
 use super::idempotency::{self, Claim, Key};
 use super::writes::{EventColumns, metadata_json};
-use super::Store;
 use crate::domain::partition::partition_of;
 use crate::domain::validation::{BATCH_MAX, validate_context, validate_new_task};
-use crate::domain::{Event, EventMetadata, NewTask, RequestContext, Status, TaskId, TaskState, evolve};
+use crate::domain::{
+    Event, EventMetadata, NewTask, RequestContext, Status, TaskId, TaskState, evolve,
+};
 use crate::error::Error;
 
 /// What a create answered, and whether it is the stored answer to an earlier request
@@ -45,9 +47,14 @@ impl Store {
     /// # Errors
     /// Validation errors; [`Error::IdempotencyKeyReused`]; [`Error::StoreUnavailable`].
     #[instrument(skip_all, fields(task.kind = %task.kind))]
-    pub async fn create_task(&self, task: &NewTask, ctx: &RequestContext) -> Result<Created, Error> {
+    pub async fn create_task(
+        &self,
+        task: &NewTask,
+        ctx: &RequestContext,
+    ) -> Result<Created, Error> {
         validate_new_task(task)?;
-        self.create(std::slice::from_ref(task), ctx, "create_task").await
+        self.create(std::slice::from_ref(task), ctx, "create_task")
+            .await
     }
 
     /// Creates up to [`BATCH_MAX`] tasks, all or nothing.
@@ -56,7 +63,11 @@ impl Store {
     /// [`Error::InvalidBatchItem`] naming the first invalid item; the others as for
     /// [`Store::create_task`].
     #[instrument(skip_all, fields(batch.size = tasks.len()))]
-    pub async fn create_tasks(&self, tasks: &[NewTask], ctx: &RequestContext) -> Result<Created, Error> {
+    pub async fn create_tasks(
+        &self,
+        tasks: &[NewTask],
+        ctx: &RequestContext,
+    ) -> Result<Created, Error> {
         if tasks.is_empty() {
             return Err(Error::invalid("tasks", "at least one task is required"));
         }
@@ -75,12 +86,25 @@ impl Store {
         self.create(tasks, ctx, "create_tasks").await
     }
 
-    async fn create(&self, tasks: &[NewTask], ctx: &RequestContext, method: &'static str) -> Result<Created, Error> {
+    async fn create(
+        &self,
+        tasks: &[NewTask],
+        ctx: &RequestContext,
+        method: &'static str,
+    ) -> Result<Created, Error> {
         validate_context(ctx)?;
         let mut tx = self.pool.begin().await.map_err(from_sqlx)?;
         let key = match &ctx.request_id {
             Some(id) => {
-                let key = Key::new(&ctx.principal, id, method, &Fingerprint { actor_id: &ctx.actor_id, tasks })?;
+                let key = Key::new(
+                    &ctx.principal,
+                    id,
+                    method,
+                    &Fingerprint {
+                        actor_id: &ctx.actor_id,
+                        tasks,
+                    },
+                )?;
                 if let Claim::Replay(stored) = idempotency::claim(&mut tx, &key).await? {
                     let mut created: Created = idempotency::decode(stored)?;
                     created.replayed = true;
@@ -173,7 +197,11 @@ struct TaskColumns<'a> {
 }
 
 impl<'a> TaskColumns<'a> {
-    fn build(tasks: &'a [NewTask], partition_count: u32, metadata: &serde_json::Value) -> Result<Self, Error> {
+    fn build(
+        tasks: &'a [NewTask],
+        partition_count: u32,
+        metadata: &serde_json::Value,
+    ) -> Result<Self, Error> {
         let n = tasks.len();
         let mut cols = TaskColumns {
             ids: Vec::with_capacity(n),
@@ -213,7 +241,8 @@ impl<'a> TaskColumns<'a> {
             cols.payloads.push(&task.payload);
             cols.metadata.push(&task.metadata);
             cols.priorities.push(task.priority);
-            cols.partitions.push(partition_of(id, partition_count) as i32);
+            cols.partitions
+                .push(partition_of(id, partition_count) as i32);
             cols.statuses.push(state.status.as_str());
             cols.phases.push(state.phase.as_str());
             cols.versions.push(state.version);

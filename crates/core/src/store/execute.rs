@@ -4,11 +4,11 @@
 use serde::{Deserialize, Serialize};
 use tracing::instrument;
 
+use super::Store;
 use super::create::correlation_id;
 use super::errors::from_sqlx;
 use super::idempotency::{self, Claim, Key};
 use super::writes::{lock_state, write_changes};
-use super::Store;
 use crate::domain::validation::{validate_command, validate_context};
 use crate::domain::{Command, EventMetadata, RequestContext, TaskId, TaskState, decide, evolve};
 use crate::error::Error;
@@ -40,7 +40,12 @@ impl Store {
     /// ([`Error::AlreadyCancelled`], ...); [`Error::IdempotencyKeyReused`];
     /// [`Error::StoreUnavailable`].
     #[instrument(skip_all, fields(task.id = %task_id, command = command.name()))]
-    pub async fn execute(&self, task_id: TaskId, command: &Command, ctx: &RequestContext) -> Result<Executed, Error> {
+    pub async fn execute(
+        &self,
+        task_id: TaskId,
+        command: &Command,
+        ctx: &RequestContext,
+    ) -> Result<Executed, Error> {
         validate_context(ctx)?;
         validate_command(command)?;
         let mut tx = self.pool.begin().await.map_err(from_sqlx)?;
@@ -64,7 +69,9 @@ impl Store {
 
         let before = lock_state(&mut tx, task_id).await?;
         let events = decide(&before, command)?;
-        let after = events.iter().try_fold(before.clone(), |s, e| evolve(&s, e))?;
+        let after = events
+            .iter()
+            .try_fold(before.clone(), |s, e| evolve(&s, e))?;
         let metadata = EventMetadata {
             actor_id: ctx.actor_id.clone(),
             correlation_id: correlation_id(ctx),

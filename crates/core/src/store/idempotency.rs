@@ -55,7 +55,10 @@ pub(crate) enum Claim {
     Replay(serde_json::Value),
 }
 
-pub(crate) async fn claim(tx: &mut Transaction<'_, Postgres>, key: &Key<'_>) -> Result<Claim, Error> {
+pub(crate) async fn claim(
+    tx: &mut Transaction<'_, Postgres>,
+    key: &Key<'_>,
+) -> Result<Claim, Error> {
     let inserted = sqlx::query(
         "INSERT INTO idempotency_keys (principal, request_id, method, request_hash) \
          VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
@@ -88,7 +91,9 @@ pub(crate) async fn claim(tx: &mut Transaction<'_, Postgres>, key: &Key<'_>) -> 
             request_id: key.request_id.to_owned(),
         }),
         // Pruned between the two statements: vanishingly rare, and retryable.
-        None => Err(Error::StoreUnavailable("idempotency key pruned concurrently".into())),
+        None => Err(Error::StoreUnavailable(
+            "idempotency key pruned concurrently".into(),
+        )),
     }
 }
 
@@ -99,24 +104,28 @@ pub(crate) async fn record(
 ) -> Result<(), Error> {
     let response = serde_json::to_value(response)
         .map_err(|e| Error::Internal(format!("serialising response: {e}")))?;
-    sqlx::query("UPDATE idempotency_keys SET response = $3 WHERE principal = $1 AND request_id = $2")
-        .bind(key.principal)
-        .bind(key.request_id)
-        .bind(response)
-        .execute(&mut **tx)
-        .await
-        .map_err(from_sqlx)?;
+    sqlx::query(
+        "UPDATE idempotency_keys SET response = $3 WHERE principal = $1 AND request_id = $2",
+    )
+    .bind(key.principal)
+    .bind(key.request_id)
+    .bind(response)
+    .execute(&mut **tx)
+    .await
+    .map_err(from_sqlx)?;
     Ok(())
 }
 
 pub(crate) async fn prune(pool: &PgPool, ttl: Duration) -> Result<u64, Error> {
     let secs = ttl.as_secs_f64();
-    Ok(sqlx::query("DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)")
-        .bind(secs)
-        .execute(pool)
-        .await
-        .map_err(from_sqlx)?
-        .rows_affected())
+    Ok(sqlx::query(
+        "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)",
+    )
+    .bind(secs)
+    .execute(pool)
+    .await
+    .map_err(from_sqlx)?
+    .rows_affected())
 }
 
 /// Decodes a stored response.

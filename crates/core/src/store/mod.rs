@@ -32,7 +32,10 @@ use tracing::instrument;
 pub use append::{AppendFence, Appended};
 pub use create::Created;
 pub use execute::Executed;
-pub use query::{Cursor, ListQuery, Page, RecordedEvent, SortDirection, SortField, SortKey, TaskFilter, TaskOrder};
+pub use query::{
+    Cursor, ListQuery, Page, RecordedEvent, SortDirection, SortField, SortKey, TaskFilter,
+    TaskOrder,
+};
 pub use settings::{Secret, StoreSettings};
 
 use crate::error::Error;

@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::{Postgres, QueryBuilder};
 use tracing::instrument;
 
+use super::Store;
 use super::errors::{corrupt, from_sqlx};
 use super::rows::{TaskRow, state_columns, task_columns};
-use super::Store;
 use crate::domain::{Event, EventMetadata, Phase, Status, Task, TaskId, TaskState};
 use crate::error::Error;
 
@@ -169,15 +169,29 @@ impl Store {
             match (query.order.field, cursor.key) {
                 (SortField::CreatedAt | SortField::UpdatedAt, SortKey::Time(t)) => qb.push_bind(t),
                 (SortField::Priority, SortKey::Priority(p)) => qb.push_bind(p),
-                _ => return Err(Error::invalid("page_token", "it belongs to another ordering")),
+                _ => {
+                    return Err(Error::invalid(
+                        "page_token",
+                        "it belongs to another ordering",
+                    ));
+                }
             };
             qb.push(", ").push_bind(cursor.task_id.as_uuid()).push(")");
         }
-        qb.push(format_args!(" ORDER BY {column} {dir}, t.task_id {dir} LIMIT "))
-            .push_bind((limit + 1) as i64);
+        qb.push(format_args!(
+            " ORDER BY {column} {dir}, t.task_id {dir} LIMIT "
+        ))
+        .push_bind((limit + 1) as i64);
 
-        let rows: Vec<TaskRow> = qb.build_query_as().fetch_all(&self.pool).await.map_err(from_sqlx)?;
-        let mut tasks = rows.into_iter().map(Task::try_from).collect::<Result<Vec<_>, _>>()?;
+        let rows: Vec<TaskRow> = qb
+            .build_query_as()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(from_sqlx)?;
+        let mut tasks = rows
+            .into_iter()
+            .map(Task::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
         let next = if tasks.len() > limit {
             tasks.truncate(limit);
             tasks.last().map(|t| Cursor {
@@ -196,9 +210,13 @@ impl Store {
     /// [`Error::StoreUnavailable`].
     #[instrument(skip_all)]
     pub async fn count_tasks(&self, filter: &TaskFilter) -> Result<i64, Error> {
-        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT count(*) FROM tasks t WHERE TRUE");
+        let mut qb: QueryBuilder<Postgres> =
+            QueryBuilder::new("SELECT count(*) FROM tasks t WHERE TRUE");
         push_filter(&mut qb, filter);
-        qb.build_query_scalar().fetch_one(&self.pool).await.map_err(from_sqlx)
+        qb.build_query_scalar()
+            .fetch_one(&self.pool)
+            .await
+            .map_err(from_sqlx)
     }
 
     /// Reads up to `limit` events of a task's stream from `from_version` (inclusive).
@@ -207,8 +225,19 @@ impl Store {
     /// # Errors
     /// [`Error::TaskNotFound`] when the task does not exist; [`Error::StoreUnavailable`].
     #[instrument(skip_all, fields(task.id = %task_id, from_version, limit))]
-    pub async fn read_stream(&self, task_id: TaskId, from_version: i64, limit: usize) -> Result<Vec<RecordedEvent>, Error> {
-        type Row = (i64, String, serde_json::Value, serde_json::Value, DateTime<Utc>);
+    pub async fn read_stream(
+        &self,
+        task_id: TaskId,
+        from_version: i64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, Error> {
+        type Row = (
+            i64,
+            String,
+            serde_json::Value,
+            serde_json::Value,
+            DateTime<Utc>,
+        );
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT version, type, data, metadata, recorded_at FROM events \
              WHERE stream_id = $1 AND version >= $2 ORDER BY version LIMIT $3",
@@ -267,7 +296,9 @@ fn push_filter(qb: &mut QueryBuilder<Postgres>, f: &TaskFilter) {
         qb.push(" AND t.phase = ANY(").push_bind(v).push(")");
     }
     if !f.kinds.is_empty() {
-        qb.push(" AND t.kind = ANY(").push_bind(f.kinds.clone()).push(")");
+        qb.push(" AND t.kind = ANY(")
+            .push_bind(f.kinds.clone())
+            .push(")");
     }
     if let Some(by) = &f.created_by {
         qb.push(" AND t.created_by = ").push_bind(by.clone());

@@ -68,7 +68,12 @@ pub(crate) async fn write_changes(
     metadata: &EventMetadata,
 ) -> Result<(), Error> {
     let mut cols = EventColumns::with_capacity(events.len());
-    cols.push(before.task_id.as_uuid(), before.version + 1, events, &metadata_json(metadata)?)?;
+    cols.push(
+        before.task_id.as_uuid(),
+        before.version + 1,
+        events,
+        &metadata_json(metadata)?,
+    )?;
     let lifecycle_changed = before.status != after.status
         || before.phase != after.phase
         || before.last_error != after.last_error;

@@ -12,7 +12,9 @@ pub async fn store(opts: PgConnectOptions) -> Store {
         .connect_with(opts)
         .await
         .expect("connect to the test database");
-    Store::from_pool(pool).await.expect("store on a migrated database")
+    Store::from_pool(pool)
+        .await
+        .expect("store on a migrated database")
 }
 
 pub fn ctx(actor: &str) -> RequestContext {
@@ -54,7 +56,10 @@ pub async fn running_pod(store: &Store, kind: &str) -> (TaskId, i64, NodeId) {
     let node = NodeId::new();
     let partition = store.get_task(task).await.expect("get").partition;
     let generation = store.claim_partition(partition, node).await.expect("claim");
-    let epoch = store.mint_pod(task, 0, node, generation).await.expect("mint");
+    let epoch = store
+        .mint_pod(task, 0, node, generation)
+        .await
+        .expect("mint");
     let state = store.state(task).await.expect("state");
     store
         .append(

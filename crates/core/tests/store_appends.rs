@@ -1,0 +1,357 @@
+//! Pod and worker appends: fenced by epoch and partition generation, refused on a stale
+//! version, and cheap (HOT updates of the head).
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns panic to fail the test
+
+mod common;
+
+use std::time::Duration;
+
+use common::{create, ctx, pod_meta, running_pod, store};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use taskpod_core::Error;
+use taskpod_core::domain::restart::CrashKind;
+use taskpod_core::domain::{Command, Event, NodeId, Phase, PodState, Status};
+use taskpod_core::store::AppendFence;
+
+fn next_phase(from: Phase) -> Event {
+    let to = match from {
+        Phase::SpecClarification => Phase::Planning,
+        Phase::Planning => Phase::Development,
+        Phase::Development => Phase::Review,
+        _ => Phase::Development,
+    };
+    Event::PhaseChanged { from, to }
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn two_appends_at_the_same_version_have_exactly_one_winner(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let store = store(opts).await;
+    let (task, epoch, _) = running_pod(&store, "sleep").await;
+    let state = store.state(task).await.unwrap();
+
+    let (events, meta) = ([next_phase(state.phase)], pod_meta());
+    let (a, b) = tokio::join!(
+        store.append(
+            task,
+            state.version,
+            AppendFence::Pod { epoch },
+            &events,
+            &meta
+        ),
+        store.append(
+            task,
+            state.version,
+            AppendFence::Pod { epoch },
+            &events,
+            &meta
+        ),
+    );
+    let (won, lost) = match (a, b) {
+        (Ok(w), Err(l)) | (Err(l), Ok(w)) => (w, l),
+        other => panic!("expected one winner: {other:?}"),
+    };
+    assert_eq!(won.state.version, state.version + 1);
+    assert!(
+        matches!(lost, Error::VersionConflict { expected, actual } if expected == state.version && actual == state.version + 1),
+        "{lost:?}"
+    );
+    assert_eq!(
+        store.read_stream(task, 1, 100).await.unwrap().len() as i64,
+        state.version + 1
+    );
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn stale_epochs_and_inactive_tasks_are_refused(_: PgPoolOptions, opts: PgConnectOptions) {
+    let store = store(opts).await;
+    let (task, epoch, _) = running_pod(&store, "sleep").await;
+    let state = store.state(task).await.unwrap();
+
+    let err = store
+        .append(
+            task,
+            state.version,
+            AppendFence::Pod { epoch: epoch - 1 },
+            &[next_phase(state.phase)],
+            &pod_meta(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::StaleEpoch { held, current } if held == epoch - 1 && current == epoch),
+        "{err:?}"
+    );
+    let err = store
+        .append(
+            task,
+            state.version,
+            AppendFence::Pod { epoch: epoch + 1 },
+            &[next_phase(state.phase)],
+            &pod_meta(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::StaleEpoch { .. }), "{err:?}");
+
+    // A pod may not append what only the API writes.
+    let err = store
+        .append(
+            task,
+            state.version,
+            AppendFence::Pod { epoch },
+            &[Event::TaskCancelled {
+                reason: "x".into(),
+                from_phase: state.phase,
+            }],
+            &pod_meta(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::IllegalEvent { ref event_type, .. } if event_type == "task_cancelled"),
+        "{err:?}"
+    );
+
+    store
+        .execute(
+            task,
+            &Command::Cancel {
+                reason: "stop it".into(),
+            },
+            &ctx("alice"),
+        )
+        .await
+        .unwrap();
+    let state = store.state(task).await.unwrap();
+    let err = store
+        .append(
+            task,
+            state.version,
+            AppendFence::Pod { epoch },
+            &[next_phase(Phase::SpecClarification)],
+            &pod_meta(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotRunning(_)), "{err:?}");
+
+    // A task that was never started has no pod to append for.
+    let idle = create(&store, "sleep").await;
+    let err = store
+        .append(
+            idle,
+            1,
+            AppendFence::Pod { epoch: 0 },
+            &[next_phase(Phase::SpecClarification)],
+            &pod_meta(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotRunning(_)), "{err:?}");
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn epochs_are_minted_only_by_the_partition_owner_at_its_generation(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let store = store(opts).await;
+    let task = create(&store, "sleep").await;
+    store
+        .execute(task, &Command::RequestStart, &ctx("alice"))
+        .await
+        .unwrap();
+    let partition = store.get_task(task).await.unwrap().partition;
+    let (old, new) = (NodeId::new(), NodeId::new());
+    let old_gen = store.claim_partition(partition, old).await.unwrap();
+    let new_gen = store.claim_partition(partition, new).await.unwrap();
+    assert_eq!(new_gen, old_gen + 1, "every claim bumps the generation");
+
+    let err = store.mint_pod(task, 0, old, old_gen).await.unwrap_err();
+    assert!(
+        matches!(err, Error::StaleGeneration { held, current } if held == old_gen && current == new_gen),
+        "{err:?}"
+    );
+    let epoch = store.mint_pod(task, 0, new, new_gen).await.unwrap();
+    assert_eq!(epoch, 1);
+    // The bus wake-up and the periodic pass both try: only one mints.
+    let err = store.mint_pod(task, 0, new, new_gen).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::StaleEpoch {
+                held: 0,
+                current: 1
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        store.state(task).await.unwrap().pod_state,
+        PodState::Starting
+    );
+
+    // Worker appends are fenced by the generation too.
+    let state = store.state(task).await.unwrap();
+    let crash = [Event::PodCrashed {
+        epoch,
+        reason: "node lost".into(),
+        kind: CrashKind::NodeLost,
+    }];
+    let err = store
+        .append(
+            task,
+            state.version,
+            AppendFence::Worker {
+                node: old,
+                generation: old_gen,
+            },
+            &crash,
+            &pod_meta(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::StaleGeneration { .. }), "{err:?}");
+    let after = store
+        .append(
+            task,
+            state.version,
+            AppendFence::Worker {
+                node: new,
+                generation: new_gen,
+            },
+            &crash,
+            &pod_meta(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(after.state.pod_state, PodState::None);
+    assert_eq!(after.state.last_error.as_deref(), Some("node lost"));
+    let recorded = store
+        .read_stream(task, after.state.version, 1)
+        .await
+        .unwrap();
+    assert_eq!(recorded[0].metadata.epoch, Some(epoch));
+
+    // Minting on a task nobody wants running is refused by the state table.
+    let idle = create(&store, "sleep").await;
+    let p = store.get_task(idle).await.unwrap().partition;
+    let g = store.claim_partition(p, new).await.unwrap();
+    let err = store.mint_pod(idle, 0, new, g).await.unwrap_err();
+    assert!(matches!(err, Error::NotRunning(_)), "{err:?}");
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_pod_can_finish_its_task(_: PgPoolOptions, opts: PgConnectOptions) {
+    let store = store(opts).await;
+    let (task, epoch, node) = running_pod(&store, "sleep").await;
+    let got = store.get_task(task).await.unwrap();
+    let pod = got.pod.expect("pod fields while running");
+    assert_eq!(
+        (pod.state, pod.epoch, pod.node),
+        (PodState::Running, epoch, Some(node))
+    );
+    assert!(pod.started_at.is_some());
+
+    let walk = [
+        Event::PhaseChanged {
+            from: Phase::SpecClarification,
+            to: Phase::Planning,
+        },
+        Event::PhaseChanged {
+            from: Phase::Planning,
+            to: Phase::Development,
+        },
+        Event::PhaseChanged {
+            from: Phase::Development,
+            to: Phase::Review,
+        },
+        Event::TaskCompleted {
+            from_phase: Phase::Review,
+        },
+    ];
+    let done = store
+        .append(
+            task,
+            got.version,
+            AppendFence::Pod { epoch },
+            &walk,
+            &pod_meta(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.state.status, Status::Completed);
+    let stopped = store
+        .append(
+            task,
+            done.state.version,
+            AppendFence::Pod { epoch },
+            &[Event::PodStopped {
+                epoch,
+                reason: "completed".into(),
+            }],
+            &pod_meta(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(stopped.state.pod_state, PodState::None);
+    let row = store.get_task(task).await.unwrap();
+    assert_eq!(
+        (row.status, row.phase, row.version),
+        (Status::Completed, Phase::Completed, stopped.state.version)
+    );
+    assert!(row.updated_at >= row.created_at);
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn appends_update_the_head_row_in_place(_: PgPoolOptions, opts: PgConnectOptions) {
+    let store = store(opts).await;
+    let (task, epoch, _) = running_pod(&store, "sleep").await;
+    let before = hot_counts(&store).await;
+    let appends = 200;
+    for _ in 0..appends {
+        let s = store.state(task).await.unwrap();
+        store
+            .append(
+                task,
+                s.version,
+                AppendFence::Pod { epoch },
+                &[next_phase(s.phase)],
+                &pod_meta(),
+            )
+            .await
+            .unwrap();
+    }
+    // Statistics reach the collector asynchronously: poll until they include the burst.
+    let mut after = hot_counts(&store).await;
+    for _ in 0..100 {
+        if after.0 - before.0 >= appends {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = hot_counts(&store).await;
+    }
+    let (updates, hot) = (after.0 - before.0, after.1 - before.1);
+    assert!(updates >= appends, "only {updates} head updates counted");
+    assert!(
+        hot * 100 >= updates * 95,
+        "{hot} of {updates} head updates were HOT"
+    );
+}
+
+async fn hot_counts(store: &taskpod_core::store::Store) -> (i64, i64) {
+    let mut conn = store.pool().acquire().await.unwrap();
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query_as(
+        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'task_heads'",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap()
+}
