@@ -98,6 +98,16 @@ impl Event {
         }
     }
 
+    /// The pod epoch the event is about, for the events that carry one.
+    pub fn pod_epoch(&self) -> Option<i64> {
+        match self {
+            Event::PodStarted { epoch, .. }
+            | Event::PodStopped { epoch, .. }
+            | Event::PodCrashed { epoch, .. } => Some(*epoch),
+            _ => None,
+        }
+    }
+
     /// Whether `writer` may append this event (the brief's "Who may write what").
     pub fn may_be_written_by(&self, writer: Writer) -> bool {
         use Writer::*;

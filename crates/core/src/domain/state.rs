@@ -74,7 +74,19 @@ impl TaskState {
         let first = events
             .next()
             .ok_or_else(|| Error::Internal(format!("stream {task_id} is empty")))?;
-        events.try_fold(Self::genesis(task_id, first)?, |state, e| evolve(&state, e))
+        events.try_fold(Self::genesis(task_id, first)?, |state, e| {
+            // Minting an epoch writes no event: the first event that carries a newer
+            // epoch shows that a mint happened just before it.
+            let state = match e.pod_epoch() {
+                Some(epoch) if epoch > state.pod_epoch && !state.has_pod() => TaskState {
+                    pod_epoch: epoch,
+                    pod_state: PodState::Starting,
+                    ..state
+                },
+                _ => state,
+            };
+            evolve(&state, e)
+        })
     }
 
     /// Whether a pod is minted and has not yet reported stopping or crashing.
@@ -98,7 +110,7 @@ impl TaskState {
 /// # Errors
 /// [`Error::NotRunning`] when no pod is wanted; [`Error::AlreadyStarted`] when one is
 /// already minted.
-pub fn mint_pod(state: &TaskState) -> Result<TaskState, Error> {
+pub fn mint_pod(state: &TaskState, node: NodeId) -> Result<TaskState, Error> {
     if state.status != Status::Active {
         return Err(Error::NotRunning(state.task_id));
     }
@@ -108,6 +120,7 @@ pub fn mint_pod(state: &TaskState) -> Result<TaskState, Error> {
     let mut next = state.clone();
     next.pod_epoch += 1;
     next.pod_state = PodState::Starting;
+    next.owner_node = Some(node);
     Ok(next)
 }
 
@@ -204,19 +217,20 @@ pub fn evolve(state: &TaskState, event: &Event) -> Result<TaskState, Error> {
             node,
             started_at,
         } => {
-            // Live, the epoch was minted by `mint_pod` (pod_state `starting`); in a replay
-            // the mint left no event, so the epoch only has to move forward.
-            if *epoch < state.pod_epoch.max(1) {
+            // The epoch must be the one `mint_pod` just minted (replay reconstructs the
+            // mint, which writes no event): an epoch whose pod already stopped or crashed
+            // never starts again.
+            if state.pod_state != PodState::Starting || *epoch != state.pod_epoch {
                 return Err(illegal(
                     event,
-                    &format!("epoch {epoch} is older than {}", state.pod_epoch),
+                    &format!(
+                        "epoch {epoch} is spent or was not minted (current {}, pod {})",
+                        state.pod_epoch, state.pod_state
+                    ),
                 ));
             }
             if state.status != Status::Active {
                 return Err(illegal(event, "the task is not active"));
-            }
-            if !matches!(state.pod_state, PodState::None | PodState::Starting) {
-                return Err(illegal(event, "another pod is running"));
             }
             next.pod_epoch = *epoch;
             next.pod_state = PodState::Running;
@@ -231,7 +245,11 @@ pub fn evolve(state: &TaskState, event: &Event) -> Result<TaskState, Error> {
             next.pod_state = PodState::None;
             next.owner_node = None;
             next.pod_started_at = None;
-            if let Event::PodCrashed { reason, .. } = event {
+            // A pod still stopping after the task ended may crash (its node dies): that
+            // releases the pod but must not replace the outcome's error.
+            if let Event::PodCrashed { reason, .. } = event
+                && !terminal
+            {
                 next.last_error = Some(reason.clone());
             }
         }

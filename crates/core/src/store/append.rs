@@ -152,7 +152,7 @@ impl Store {
                 current: state.pod_epoch,
             });
         }
-        crate::domain::mint_pod(&state)?;
+        crate::domain::mint_pod(&state, node)?;
         let current: i64 = sqlx::query_scalar(
             "SELECT p.generation FROM partitions p JOIN tasks t ON t.partition = p.partition \
              WHERE t.task_id = $1",
