@@ -7,11 +7,13 @@
 //! - [`command`]: what callers ask for;
 //! - [`state`]: the status x phase x command table as `decide`/`evolve`;
 //! - [`validation`]: input limits, shared by the API and the store;
+//! - [`filter`]: AIP-160 filter strings for listing, counting and watching tasks;
 //! - [`partition`]: the stable task -> partition hash;
 //! - [`restart`]: the crash budget and backoff.
 
 pub mod command;
 pub mod event;
+pub mod filter;
 pub mod ids;
 pub mod partition;
 pub mod restart;

@@ -12,6 +12,7 @@ use tracing::instrument;
 use super::Store;
 use super::errors::{corrupt, from_sqlx};
 use super::rows::{TaskRow, state_columns, task_columns};
+use crate::domain::filter::{FilterExpr, FilterField, FilterValue};
 use crate::domain::{Event, EventMetadata, Phase, Status, Task, TaskId, TaskState};
 use crate::error::Error;
 
@@ -45,6 +46,28 @@ pub struct TaskFilter {
     pub created_after: Option<DateTime<Utc>>,
     pub priority_min: Option<i32>,
     pub priority_max: Option<i32>,
+    /// An AIP-160 filter ([`crate::domain::filter::parse`]), ANDed with the fields above.
+    pub expr: Option<FilterExpr>,
+}
+
+impl TaskFilter {
+    /// Whether `task` matches, with the same meaning as the SQL [`Store::list_tasks`]
+    /// and [`Store::count_tasks`] run (for watch streams and tests).
+    pub fn matches(&self, task: &Task) -> bool {
+        (self.statuses.is_empty() || self.statuses.contains(&task.status))
+            && (self.phases.is_empty() || self.phases.contains(&task.phase))
+            && (self.kinds.is_empty() || self.kinds.contains(&task.kind))
+            && self
+                .created_by
+                .as_ref()
+                .is_none_or(|by| *by == task.created_by)
+            && self
+                .created_after
+                .is_none_or(|after| task.created_at > after)
+            && self.priority_min.is_none_or(|min| task.priority >= min)
+            && self.priority_max.is_none_or(|max| task.priority <= max)
+            && self.expr.as_ref().is_none_or(|e| e.matches(task))
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -312,4 +335,68 @@ fn push_filter(qb: &mut QueryBuilder<Postgres>, f: &TaskFilter) {
     if let Some(max) = f.priority_max {
         qb.push(" AND t.priority <= ").push_bind(max);
     }
+    if let Some(expr) = &f.expr {
+        qb.push(" AND ");
+        push_expr(qb, expr);
+    }
+}
+
+/// Compiles a filter expression to SQL over `tasks t`. Values are always bound; column
+/// names and operators come from fixed tables. Every column is NOT NULL, so SQL's
+/// three-valued logic never differs from [`FilterExpr::matches`]; an ill-typed
+/// comparison (which `parse` never builds) is `FALSE`, as it is in memory.
+fn push_expr(qb: &mut QueryBuilder<Postgres>, expr: &FilterExpr) {
+    match expr {
+        FilterExpr::And(items) => push_junction(qb, items, " AND ", "TRUE"),
+        FilterExpr::Or(items) => push_junction(qb, items, " OR ", "FALSE"),
+        FilterExpr::Not(inner) => {
+            qb.push("(NOT ");
+            push_expr(qb, inner);
+            qb.push(")");
+        }
+        FilterExpr::Compare { field, op, value } => {
+            if !field.allows(*op) || !field.accepts(value) {
+                qb.push("FALSE");
+                return;
+            }
+            let column = match field {
+                FilterField::Status => "t.status",
+                FilterField::Phase => "t.phase",
+                FilterField::Kind => "t.kind",
+                FilterField::CreatedBy => "t.created_by",
+                FilterField::CreatedAt => "t.created_at",
+                FilterField::UpdatedAt => "t.updated_at",
+                FilterField::Priority => "t.priority",
+            };
+            qb.push(format_args!("({column} {} ", op.as_str()));
+            match value {
+                FilterValue::Status(s) => qb.push_bind(s.as_str()),
+                FilterValue::Phase(p) => qb.push_bind(p.as_str()),
+                FilterValue::Text(s) => qb.push_bind(s.clone()),
+                FilterValue::Time(t) => qb.push_bind(*t),
+                FilterValue::Int(i) => qb.push_bind(*i),
+            };
+            qb.push(")");
+        }
+    }
+}
+
+fn push_junction(
+    qb: &mut QueryBuilder<Postgres>,
+    items: &[FilterExpr],
+    separator: &str,
+    empty: &str,
+) {
+    if items.is_empty() {
+        qb.push(empty);
+        return;
+    }
+    qb.push("(");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            qb.push(separator);
+        }
+        push_expr(qb, item);
+    }
+    qb.push(")");
 }
