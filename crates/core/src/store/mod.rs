@@ -11,9 +11,11 @@
 //! - `writes`: the statement every change shares (events + head + listing row);
 //! - [`create`], [`execute`], [`append`]: the three ways a stream grows;
 //! - `idempotency`: AIP-155 request ids;
-//! - [`query`]: get, list (keyset pages), count, read a stream.
+//! - [`query`]: get, list (keyset pages), count, read a stream;
+//! - `changes`: commit-order-safe change feeds (watermarks) for watch streams.
 
 pub mod append;
+mod changes;
 pub mod create;
 mod errors;
 pub mod execute;
