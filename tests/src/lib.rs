@@ -8,7 +8,11 @@
 //! - [`run_dev_once`] and [`DevProcess`]: `taskpod dev` run to completion, or kept
 //!   running to be signalled.
 //!
+//! - [`api`]: a fresh database per test and real `taskpod-api` processes on it.
+//!
 //! Set `TEST_LOG=1` to see the binary's output as it runs.
+
+pub mod api;
 
 use std::fmt;
 use std::os::unix::fs::DirBuilderExt;
@@ -24,11 +28,8 @@ use tokio::process::{Child, ChildStdout, Command};
 /// busy compiling.
 pub const DEV_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The `taskpod` binary of the profile these tests were built with.
-///
-/// An integration test cannot depend on another package's binary, so it is found beside
-/// the test executable (`target/<profile>/deps/<test>` -> `target/<profile>/taskpod`).
-/// `TASKPOD_BIN` overrides the location.
+/// The `taskpod` binary of the profile these tests were built with; `TASKPOD_BIN`
+/// overrides the location.
 ///
 /// # Errors
 /// When the binary is not built yet.
@@ -36,20 +37,36 @@ pub fn taskpod_bin() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("TASKPOD_BIN") {
         return Ok(PathBuf::from(path));
     }
+    binary("taskpod")
+}
+
+/// A binary of this workspace, built with the profile these tests were built with.
+///
+/// An integration test cannot depend on another package's binary, so it is found beside
+/// the test executable (`target/<profile>/deps/<test>` -> `target/<profile>/<name>`);
+/// `scripts/test.sh` builds every binary before the tests run.
+///
+/// # Errors
+/// When the binary is not built yet.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("could not locate the test executable")?;
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .with_context(|| format!("{} is not under target/<profile>/deps", exe.display()))?;
-    let bin = profile_dir.join("taskpod");
+    let bin = profile_dir.join(name);
     if !bin.is_file() {
         bail!(
-            "{} is missing: run `cargo build -p taskpod-cli` first (or test both packages \
-             together: `cargo test -p taskpod-cli -p taskpod-e2e` builds it)",
+            "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
             bin.display()
         );
     }
     Ok(bin)
+}
+
+/// Whether `TEST_LOG=1` asks for the binaries' output.
+pub fn test_log_enabled() -> bool {
+    test_log()
 }
 
 fn test_log() -> bool {

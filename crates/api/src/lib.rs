@@ -1,6 +1,23 @@
-//! taskpod's API server (`taskpod-api`): validates and authenticates requests, executes
-//! lifecycle commands through `taskpod_core::store::Store::execute`, reads tasks for
-//! get/list/count and relays status streams. It holds no task state of its own.
+//! taskpod's API server (`taskpod-api`): authenticates callers, executes lifecycle
+//! commands through the store's `execute` path, reads tasks for get/list/count and
+//! streams status. It holds no task state of its own.
 //!
-//! The gRPC service lands with the API issue; this crate exists now so the workspace
-//! has the shape the dependency rules in docs/architecture.md describe.
+//! Layout:
+//! - [`settings`]: the typed, layered configuration;
+//! - [`auth`]: bearer tokens -> principal, and the request context of changes;
+//! - [`errors`]: domain errors -> gRPC statuses with google.rpc details;
+//! - [`page_token`]: signed, opaque page and resume tokens;
+//! - [`service`]: the `taskpod.v1.TaskService` handlers;
+//! - [`watch`]: WatchTask and WatchTasks relays;
+//! - [`server`]: health, reflection, TLS, graceful drain.
+
+pub mod auth;
+pub mod errors;
+pub mod page_token;
+pub mod server;
+pub mod service;
+pub mod settings;
+pub mod watch;
+
+pub use server::{ServeError, serve};
+pub use settings::ApiSettings;

@@ -24,7 +24,7 @@ async fn a_transaction_that_commits_late_is_not_skipped(_: PgPoolOptions, opts: 
 
     let w1 = store.watermark().await.unwrap();
     let first: HashSet<_> = store
-        .changed_tasks(w0, w1, 100)
+        .changed_tasks(w0, w1)
         .await
         .unwrap()
         .into_iter()
@@ -47,7 +47,7 @@ async fn a_transaction_that_commits_late_is_not_skipped(_: PgPoolOptions, opts: 
 
     let w2 = store.watermark().await.unwrap();
     let second: HashSet<_> = store
-        .changed_tasks(w1, w2, 100)
+        .changed_tasks(w1, w2)
         .await
         .unwrap()
         .into_iter()

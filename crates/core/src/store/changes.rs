@@ -30,28 +30,21 @@ impl Store {
     }
 
     /// The tasks with events written by transactions in `[from, to)`, where `to` is a
-    /// watermark read before this call. At most `limit` ids; when more changed, the caller
-    /// falls back to a fresh listing.
+    /// watermark read before this call.
     ///
     /// # Errors
     /// [`Error::StoreUnavailable`].
     #[instrument(skip_all, fields(from, to))]
-    pub async fn changed_tasks(
-        &self,
-        from: u64,
-        to: u64,
-        limit: usize,
-    ) -> Result<Vec<TaskId>, Error> {
+    pub async fn changed_tasks(&self, from: u64, to: u64) -> Result<Vec<TaskId>, Error> {
         if from >= to {
             return Ok(Vec::new());
         }
         let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
             "SELECT DISTINCT stream_id FROM events \
-             WHERE tx_id >= $1::text::xid8 AND tx_id < $2::text::xid8 LIMIT $3",
+             WHERE tx_id >= $1::text::xid8 AND tx_id < $2::text::xid8",
         )
         .bind(from.to_string())
         .bind(to.to_string())
-        .bind(limit.min(i64::MAX as usize) as i64)
         .fetch_all(&self.pool)
         .await
         .map_err(from_sqlx)?;

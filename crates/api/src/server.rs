@@ -1,0 +1,144 @@
+//! Serving: the task service behind authentication, gRPC health and reflection, with a
+//! graceful drain.
+
+use std::time::Duration;
+
+use taskpod_core::store::Store;
+use taskpod_proto::v1::task_service_server::TaskServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use crate::auth::Authenticator;
+use crate::page_token::PageTokens;
+use crate::service::TaskApi;
+use crate::settings::ApiSettings;
+use crate::watch::Watches;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot reach the store: {0}")]
+    Store(#[from] taskpod_core::Error),
+    #[error("cannot read TLS {what} from {path}: {source}")]
+    TlsFile {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves until `shutdown` is cancelled, then drains: health turns NOT_SERVING at once,
+/// watch streams end, in-flight calls get `shutdown_grace_ms` to finish.
+///
+/// # Errors
+/// When the store is unreachable at start, TLS files cannot be read, or the transport
+/// fails.
+pub async fn serve(
+    listener: TcpListener,
+    settings: ApiSettings,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let store = Store::connect(&settings.store).await?;
+    store.ensure_event_partitions().await?;
+    let tokens = PageTokens::new(&settings.page_tokens);
+    // Owns every task this server starts (watch relays, maintenance).
+    let tracker = TaskTracker::new();
+    tracker.spawn(prune_idempotency_keys(
+        store.clone(),
+        Duration::from_secs(settings.idempotency_ttl_secs),
+        shutdown.clone(),
+    ));
+
+    let watches = Watches::new(
+        store.clone(),
+        tokens.clone(),
+        settings.watch.clone(),
+        shutdown.clone(),
+        tracker.clone(),
+    );
+    let api = TaskApi::new(store, tokens, watches);
+    let auth = Authenticator::new(&settings.auth);
+    let service = TaskServiceServer::new(api)
+        .max_decoding_message_size(settings.max_message_bytes)
+        .max_encoding_message_size(settings.max_message_bytes);
+    let service = tonic::service::interceptor::InterceptedService::new(service, move |req| {
+        auth.intercept(req)
+    });
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<TaskServiceServer<TaskApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(taskpod_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let mut builder = Server::builder();
+    if let Some(tls) = &settings.tls {
+        let read = |what, path: &std::path::Path| {
+            std::fs::read(path).map_err(|source| ServeError::TlsFile {
+                what,
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        let identity = Identity::from_pem(
+            read("certificate", &tls.cert_path)?,
+            read("key", &tls.key_path)?,
+        );
+        builder = builder.tls_config(ServerTlsConfig::new().identity(identity))?;
+    }
+
+    let drain = {
+        let shutdown = shutdown.clone();
+        let health = health.clone();
+        async move {
+            shutdown.cancelled().await;
+            health.set_not_serving::<TaskServiceServer<TaskApi>>().await;
+            tracing::info!("draining");
+        }
+    };
+    let grace = Duration::from_millis(settings.shutdown_grace_ms);
+    let serving = builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
+    tokio::pin!(serving);
+    let result = tokio::select! {
+        result = &mut serving => result,
+        // In-flight calls past the grace period are cut off.
+        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!("grace period over, closing remaining calls");
+            Ok(())
+        }
+    };
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!("background tasks did not stop within the grace period");
+    }
+    Ok(result?)
+}
+
+/// Forgets request ids past their TTL, hourly. Any replica may run it; the deletes are
+/// idempotent.
+async fn prune_idempotency_keys(store: Store, ttl: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        match store.prune_idempotency_keys(ttl).await {
+            Ok(n) if n > 0 => tracing::info!(pruned = n, "idempotency keys pruned"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning idempotency keys failed"),
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The API server's typed settings: defaults, then an optional TOML file, then
+//! `TASKPOD_*` environment variables (`__` for nesting, e.g. `TASKPOD_STORE__URL`).
+//! Unknown keys are rejected, and a setting that cannot work stops start-up with a
+//! message naming it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use taskpod_core::store::{Secret, StoreSettings};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSettings {
+    /// Where to listen for gRPC; port 0 picks a free one (printed at start).
+    pub listen: SocketAddr,
+    pub store: StoreSettings,
+    pub auth: AuthSettings,
+    pub page_tokens: PageTokenSettings,
+    /// Serve TLS (rustls) when set.
+    pub tls: Option<TlsSettings>,
+    /// Largest request or response message, in bytes.
+    pub max_message_bytes: usize,
+    /// How long in-flight calls get to finish after SIGTERM.
+    pub shutdown_grace_ms: u64,
+    pub watch: WatchSettings,
+    /// Request ids older than this are forgotten: a later retry is a new request.
+    pub idempotency_ttl_secs: u64,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            store: StoreSettings {
+                application_name: "taskpod-api".into(),
+                ..StoreSettings::default()
+            },
+            auth: AuthSettings::default(),
+            page_tokens: PageTokenSettings::default(),
+            tls: None,
+            max_message_bytes: 4 * 1024 * 1024,
+            shutdown_grace_ms: 10_000,
+            watch: WatchSettings::default(),
+            idempotency_ttl_secs: 24 * 3600,
+        }
+    }
+}
+
+/// Bearer tokens, stored as SHA-256 hashes so the configuration never holds a usable
+/// secret.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Off only for local development: then every request must name its actor_id, and
+    /// that actor is also the principal request ids are scoped to.
+    pub enabled: bool,
+    pub tokens: Vec<TokenSettings>,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            tokens: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSettings {
+    /// Who the token authenticates; recorded as the actor unless the request names
+    /// another one (which needs `act_on_behalf`).
+    pub principal: String,
+    /// Lowercase hex SHA-256 of the token.
+    pub sha256: String,
+    /// May name another actor_id on requests (a gateway acting for its users).
+    #[serde(default)]
+    pub act_on_behalf: bool,
+}
+
+/// Keys that sign page and resume tokens. Every replica must share them, so any replica
+/// accepts any token; `previous_key` keeps tokens valid across a rotation.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PageTokenSettings {
+    pub current_key: Secret,
+    pub previous_key: Option<Secret>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WatchSettings {
+    /// How often a watch stream looks for changes in Postgres.
+    pub poll_interval_ms: u64,
+    /// How often an idle stream sends a heartbeat.
+    pub heartbeat_interval_ms: u64,
+}
+
+impl Default for WatchSettings {
+    fn default() -> Self {
+        Self {
+            poll_interval_ms: 250,
+            heartbeat_interval_ms: 10_000,
+        }
+    }
+}
+
+/// Why the settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("invalid configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid setting {setting}: {reason}")]
+    Invalid {
+        setting: &'static str,
+        reason: String,
+    },
+}
+
+impl ApiSettings {
+    /// Loads defaults, then `file` if given, then the environment.
+    ///
+    /// # Errors
+    /// A file or variable that does not parse, an unknown key, or a setting that
+    /// cannot work (see [`ApiSettings::check`]).
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        let mut figment = Figment::from(Serialized::defaults(ApiSettings::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let settings: ApiSettings = figment
+            .merge(Env::prefixed("TASKPOD_").split("__"))
+            .extract()
+            .map_err(Box::new)?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// Refuses settings that would fail later, naming the setting.
+    ///
+    /// # Errors
+    /// [`SettingsError::Invalid`].
+    pub fn check(&self) -> Result<(), SettingsError> {
+        let invalid = |setting, reason: &str| {
+            Err(SettingsError::Invalid {
+                setting,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.page_tokens.current_key.expose().len() < 16 {
+            return invalid(
+                "page_tokens.current_key",
+                "must be set, at least 16 characters, and the same on every replica",
+            );
+        }
+        if self.auth.enabled && self.auth.tokens.is_empty() {
+            return invalid("auth.tokens", "auth is enabled but no token is configured");
+        }
+        for t in &self.auth.tokens {
+            if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return invalid(
+                    "auth.tokens.sha256",
+                    "must be 64 hex characters (SHA-256 of the token)",
+                );
+            }
+            if t.principal.trim().is_empty() {
+                return invalid("auth.tokens.principal", "must not be empty");
+            }
+        }
+        if self.max_message_bytes < 64 * 1024 {
+            return invalid("max_message_bytes", "must be at least 65536");
+        }
+        if self.watch.poll_interval_ms == 0 || self.watch.heartbeat_interval_ms == 0 {
+            return invalid("watch", "intervals must be positive");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
+mod tests {
+    use super::*;
+
+    fn valid() -> ApiSettings {
+        ApiSettings {
+            page_tokens: PageTokenSettings {
+                current_key: Secret::new("0123456789abcdef"),
+                previous_key: None,
+            },
+            auth: AuthSettings {
+                enabled: false,
+                tokens: vec![],
+            },
+            ..ApiSettings::default()
+        }
+    }
+
+    #[test]
+    fn defaults_need_a_page_token_key() {
+        let err = ApiSettings::default().check().unwrap_err();
+        assert!(err.to_string().contains("page_tokens.current_key"), "{err}");
+        valid().check().unwrap();
+    }
+
+    #[test]
+    fn auth_without_tokens_is_refused() {
+        let s = ApiSettings {
+            auth: AuthSettings::default(),
+            ..valid()
+        };
+        assert!(s.check().unwrap_err().to_string().contains("auth.tokens"));
+    }
+
+    #[test]
+    fn files_and_environment_layer_over_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "api.toml",
+                r#"
+                listen = "127.0.0.1:7000"
+                [page_tokens]
+                current_key = "from-the-file-0123456789"
+                [auth]
+                enabled = false
+                "#,
+            )?;
+            jail.set_env("TASKPOD_LISTEN", "127.0.0.1:7001");
+            jail.set_env("TASKPOD_STORE__MAX_CONNECTIONS", "3");
+            let s = ApiSettings::load(Some(Path::new("api.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(s.listen.port(), 7001, "the environment wins over the file");
+            assert_eq!(s.store.max_connections, 3);
+            assert_eq!(
+                s.page_tokens.current_key.expose(),
+                "from-the-file-0123456789"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("api.toml", "listne = \"127.0.0.1:1\"")?;
+            let err = ApiSettings::load(Some(Path::new("api.toml"))).unwrap_err();
+            assert!(err.to_string().contains("listne"), "{err}");
+            Ok(())
+        });
+    }
+}

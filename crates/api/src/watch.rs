@@ -1,0 +1,312 @@
+//! WatchTask and WatchTasks, served from Postgres.
+//!
+//! Each stream is a relay task owned by the server's tracker: it stops when the client
+//! goes away or the server drains, and writes into a bounded channel, so a slow client
+//! slows its own relay (which reads Postgres at its own pace) and never grows server
+//! memory. WatchTask sends every version once, in order, from the stream itself;
+//! WatchTasks lists, then follows the commit-order-safe change feed
+//! (`Store::changed_tasks` below a watermark), and its resume token is a watermark.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use taskpod_core::domain::{Event, TaskId};
+use taskpod_core::store::{ListQuery, SortDirection, SortField, Store, TaskFilter, TaskOrder};
+use taskpod_proto::convert;
+use taskpod_proto::v1::{self, watch_task_response, watch_tasks_response};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::Status;
+
+use crate::errors::{Fields, to_status};
+use crate::page_token::PageTokens;
+use crate::service::now;
+use crate::settings::WatchSettings;
+
+/// Messages a relay may queue for a slow client before it waits.
+const STREAM_BUFFER: usize = 64;
+/// Events read from the store per round trip.
+const READ_BATCH: usize = 256;
+
+type Sender<T> = mpsc::Sender<Result<T, Status>>;
+
+/// Starts watch relays.
+#[derive(Clone, Debug)]
+pub struct Watches {
+    store: Store,
+    tokens: PageTokens,
+    settings: WatchSettings,
+    /// Cancelled when the server starts draining: every relay ends its stream.
+    shutdown: CancellationToken,
+    /// Owns every relay task; the server waits on it at shutdown.
+    tracker: TaskTracker,
+}
+
+impl Watches {
+    pub fn new(
+        store: Store,
+        tokens: PageTokens,
+        settings: WatchSettings,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
+        Self {
+            store,
+            tokens,
+            settings,
+            shutdown,
+            tracker,
+        }
+    }
+
+    pub fn watch_task(
+        &self,
+        id: TaskId,
+        from_version: i64,
+    ) -> ReceiverStream<Result<v1::WatchTaskResponse, Status>> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let relay = TaskRelay {
+            watches: self.clone(),
+            id,
+            next: from_version.max(1),
+        };
+        self.tracker.spawn(relay.run(tx));
+        ReceiverStream::new(rx)
+    }
+
+    pub fn watch_tasks(
+        &self,
+        filter: TaskFilter,
+        fingerprint: String,
+        resume: Option<u64>,
+    ) -> ReceiverStream<Result<v1::WatchTasksResponse, Status>> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let relay = SetRelay {
+            watches: self.clone(),
+            filter,
+            fingerprint,
+            // After a resume the client's set is unknown: every non-matching change is
+            // reported as `left`.
+            known: resume.is_none().then(HashSet::new),
+            mark: resume,
+        };
+        self.tracker.spawn(relay.run(tx));
+        ReceiverStream::new(rx)
+    }
+
+    fn poll(&self) -> Duration {
+        Duration::from_millis(self.settings.poll_interval_ms)
+    }
+
+    fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.settings.heartbeat_interval_ms)
+    }
+
+    /// Waits one poll interval; false when the stream should end instead.
+    async fn idle<T>(&self, tx: &Sender<T>) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(self.poll()) => true,
+            () = self.shutdown.cancelled() => false,
+            () = tx.closed() => false,
+        }
+    }
+}
+
+struct TaskRelay {
+    watches: Watches,
+    id: TaskId,
+    next: i64,
+}
+
+impl TaskRelay {
+    async fn run(mut self, tx: Sender<v1::WatchTaskResponse>) {
+        let store = self.watches.store.clone();
+        let mut last_sent = Instant::now();
+        loop {
+            let events = match store.read_stream(self.id, self.next, READ_BATCH).await {
+                Ok(events) => events,
+                Err(e) => {
+                    let _ = tx.send(Err(to_status(e, Fields::Plain))).await;
+                    return;
+                }
+            };
+            let idle = events.is_empty();
+            for e in events {
+                self.next = e.version + 1;
+                let terminal = matches!(
+                    e.event,
+                    Event::TaskCompleted { .. }
+                        | Event::TaskCancelled { .. }
+                        | Event::TaskFailed { .. }
+                );
+                let msg = v1::WatchTaskResponse {
+                    kind: Some(watch_task_response::Kind::Event(convert::event(&e))),
+                };
+                if tx.send(Ok(msg)).await.is_err() || terminal {
+                    return;
+                }
+                last_sent = Instant::now();
+            }
+            if idle && last_sent.elapsed() >= self.watches.heartbeat() {
+                // Also how a stream that started past the terminal event ends.
+                match store.state(self.id).await {
+                    Ok(state) if state.status.is_terminal() => return,
+                    Ok(state) => {
+                        let beat = v1::WatchTaskResponse {
+                            kind: Some(watch_task_response::Kind::Heartbeat(v1::Heartbeat {
+                                version: state.version,
+                                resume_token: String::new(),
+                                sent_at: Some(now()),
+                            })),
+                        };
+                        if tx.send(Ok(beat)).await.is_err() {
+                            return;
+                        }
+                        last_sent = Instant::now();
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(to_status(e, Fields::Plain))).await;
+                        return;
+                    }
+                }
+            }
+            if idle && !self.watches.idle(&tx).await {
+                return;
+            }
+        }
+    }
+}
+
+struct SetRelay {
+    watches: Watches,
+    filter: TaskFilter,
+    fingerprint: String,
+    /// Tasks this stream has shown as matching; `None` after a resume.
+    known: Option<HashSet<TaskId>>,
+    mark: Option<u64>,
+}
+
+impl SetRelay {
+    fn token(&self, mark: u64) -> String {
+        self.watches.tokens.sign("watch", &self.fingerprint, &mark)
+    }
+
+    async fn run(mut self, tx: Sender<v1::WatchTasksResponse>) {
+        if let Err(status) = self.serve(&tx).await {
+            let _ = tx.send(Err(status)).await;
+        }
+    }
+
+    async fn serve(&mut self, tx: &Sender<v1::WatchTasksResponse>) -> Result<(), Status> {
+        let store = self.watches.store.clone();
+        let plain = |e| to_status(e, Fields::Plain);
+        let mut mark = match self.mark {
+            Some(mark) => mark,
+            None => {
+                // The watermark first: anything committed after it is also in the feed.
+                let mark = store.watermark().await.map_err(plain)?;
+                if !self.snapshot(tx, mark).await? {
+                    return Ok(());
+                }
+                mark
+            }
+        };
+        let mut last_sent = Instant::now();
+        loop {
+            if !self.watches.idle(tx).await {
+                return Ok(());
+            }
+            let next = store.watermark().await.map_err(plain)?;
+            let changed = store.changed_tasks(mark, next).await.map_err(plain)?;
+            if !changed.is_empty() {
+                let tasks = store.get_tasks(&changed).await.map_err(plain)?;
+                let last = tasks.len().saturating_sub(1);
+                for (i, task) in tasks.iter().enumerate() {
+                    // Until the whole batch is out, resuming must replay it: only the
+                    // last message moves the token past it.
+                    let token = self.token(if i == last { next } else { mark });
+                    let kind = if self.filter.matches(task) {
+                        if let Some(known) = &mut self.known {
+                            known.insert(task.task_id);
+                        }
+                        watch_tasks_response::Kind::Task(convert::task(task))
+                    } else if self.known.as_mut().is_none_or(|k| k.remove(&task.task_id)) {
+                        watch_tasks_response::Kind::Left(v1::TaskLeft {
+                            task_id: task.task_id.to_string(),
+                            version: task.version,
+                        })
+                    } else {
+                        continue;
+                    };
+                    if tx.send(Ok(msg(kind, token))).await.is_err() {
+                        return Ok(());
+                    }
+                    last_sent = Instant::now();
+                }
+            }
+            mark = next;
+            if last_sent.elapsed() >= self.watches.heartbeat() {
+                let beat = watch_tasks_response::Kind::Heartbeat(v1::Heartbeat {
+                    version: 0,
+                    resume_token: self.token(mark),
+                    sent_at: Some(now()),
+                });
+                if tx.send(Ok(msg(beat, self.token(mark)))).await.is_err() {
+                    return Ok(());
+                }
+                last_sent = Instant::now();
+            }
+        }
+    }
+
+    /// Sends every matching task, then `snapshot_done`. False when the client left.
+    async fn snapshot(
+        &mut self,
+        tx: &Sender<v1::WatchTasksResponse>,
+        mark: u64,
+    ) -> Result<bool, Status> {
+        let token = self.token(mark);
+        let mut after = None;
+        loop {
+            let page = self
+                .watches
+                .store
+                .list_tasks(&ListQuery {
+                    filter: self.filter.clone(),
+                    order: TaskOrder {
+                        field: SortField::CreatedAt,
+                        direction: SortDirection::Asc,
+                    },
+                    page_size: 1000,
+                    after,
+                })
+                .await
+                .map_err(|e| to_status(e, Fields::Plain))?;
+            for task in &page.tasks {
+                if let Some(known) = &mut self.known {
+                    known.insert(task.task_id);
+                }
+                let kind = watch_tasks_response::Kind::Task(convert::task(task));
+                if tx.send(Ok(msg(kind, token.clone()))).await.is_err() {
+                    return Ok(false);
+                }
+            }
+            match page.next {
+                Some(c) => after = Some(c),
+                None => break,
+            }
+        }
+        let done = watch_tasks_response::Kind::SnapshotDone(v1::SnapshotDone {});
+        Ok(tx.send(Ok(msg(done, token))).await.is_ok())
+    }
+}
+
+fn msg(kind: watch_tasks_response::Kind, resume_token: String) -> v1::WatchTasksResponse {
+    v1::WatchTasksResponse {
+        kind: Some(kind),
+        resume_token,
+    }
+}

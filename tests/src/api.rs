@@ -1,0 +1,148 @@
+//! Real `taskpod-api` processes on a fresh, migrated database, and gRPC clients for them.
+//!
+//! The tests get a running Postgres from `DATABASE_URL` (scripts/test.sh starts one);
+//! each [`TestDb`] is a new database on it, so tests never see each other's tasks.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use taskpod_proto::v1::task_service_client::TaskServiceClient;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+/// The page-token key every test replica shares.
+pub const PAGE_KEY: &str = "test-page-key-0123456789abcdef";
+/// How long a replica may take to start.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A new database with the migrations applied.
+#[derive(Debug, Clone)]
+pub struct TestDb {
+    pub url: String,
+}
+
+impl TestDb {
+    /// # Errors
+    /// When `DATABASE_URL` is unset or the server refuses.
+    pub async fn create() -> anyhow::Result<Self> {
+        let admin =
+            std::env::var("DATABASE_URL").context("DATABASE_URL must point at a test server")?;
+        let name = format!("e2e_{}", uuid::Uuid::new_v4().simple());
+        let pool = sqlx::PgPool::connect(&admin)
+            .await
+            .context("connect to DATABASE_URL")?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await?;
+        pool.close().await;
+        let (base, _) = admin
+            .rsplit_once('/')
+            .context("DATABASE_URL must end in /<database>")?;
+        let url = format!("{base}/{name}");
+        let pool = sqlx::PgPool::connect(&url).await?;
+        taskpod_core::store::MIGRATOR.run(&pool).await?;
+        pool.close().await;
+        Ok(Self { url })
+    }
+}
+
+/// A `taskpod-api` process, killed when dropped.
+#[derive(Debug)]
+pub struct ApiProcess {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl ApiProcess {
+    /// Starts a replica on a free port with auth off, or with the settings `env` gives
+    /// (`TASKPOD_*` variables override the defaults here).
+    ///
+    /// # Errors
+    /// When the binary is missing or the process does not print its address in time.
+    pub async fn spawn(db: &TestDb, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(crate::binary("taskpod-api")?);
+        cmd.env("TASKPOD_LISTEN", "127.0.0.1:0")
+            .env("TASKPOD_STORE__URL", &db.url)
+            .env("TASKPOD_AUTH__ENABLED", "false")
+            .env("TASKPOD_PAGE_TOKENS__CURRENT_KEY", PAGE_KEY)
+            .env("TASKPOD_WATCH__POLL_INTERVAL_MS", "50")
+            .env("TASKPOD_WATCH__HEARTBEAT_INTERVAL_MS", "500")
+            .env("TASKPOD_SHUTDOWN_GRACE_MS", "3000")
+            .env(
+                "RUST_LOG",
+                if crate::test_log_enabled() {
+                    "info"
+                } else {
+                    "warn"
+                },
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(if crate::test_log_enabled() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().context("spawn taskpod-api")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(START_TIMEOUT, lines.next_line())
+            .await
+            .context("taskpod-api did not start in time")??;
+        let Some(addr) = line
+            .as_deref()
+            .and_then(|l| l.strip_prefix("taskpod-api listening on "))
+        else {
+            let status = child.wait().await?;
+            bail!("taskpod-api exited ({status}) before listening; first line {line:?}");
+        };
+        let addr = addr.parse().context("unparsable address")?;
+        Ok(Self { addr, child })
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// # Errors
+    /// When the server does not accept the connection.
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(Channel::from_shared(self.endpoint())?.connect().await?)
+    }
+
+    /// # Errors
+    /// When the server does not accept the connection.
+    pub async fn client(&self) -> anyhow::Result<TaskServiceClient<Channel>> {
+        Ok(TaskServiceClient::new(self.channel().await?))
+    }
+
+    /// Sends SIGTERM (a graceful drain).
+    ///
+    /// # Errors
+    /// When the signal cannot be sent.
+    pub async fn terminate(&self) -> anyhow::Result<()> {
+        let pid = self.child.id().context("already exited")?;
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .await?;
+        anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+        Ok(())
+    }
+
+    /// Waits for the process to exit.
+    ///
+    /// # Errors
+    /// When it does not exit within `timeout`.
+    pub async fn wait(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        Ok(tokio::time::timeout(timeout, self.child.wait()).await??)
+    }
+}
