@@ -982,3 +982,78 @@ async fn health_reflection_and_graceful_shutdown() {
     let status = api.wait(Duration::from_secs(20)).await.unwrap();
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test]
+async fn tls_is_served_when_configured() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let dir = std::env::temp_dir().join(format!("taskpod-tls-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "openssl could not make a test certificate"
+    );
+
+    let db = TestDb::create().await.unwrap();
+    let api = ApiProcess::spawn(
+        &db,
+        &[
+            ("TASKPOD_TLS__CERT_PATH", cert.to_str().unwrap()),
+            ("TASKPOD_TLS__KEY_PATH", key.to_str().unwrap()),
+        ],
+    )
+    .await
+    .unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(&cert).unwrap()))
+        .domain_name("localhost");
+    let channel = Endpoint::from_shared(format!("https://{}", api.addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = TaskServiceClient::new(channel);
+    let id = create(&mut c, "over tls", "manual").await;
+    assert!(!id.is_empty());
+    // Plaintext is refused.
+    let mut plain = TaskServiceClient::new(
+        Endpoint::from_shared(api.endpoint())
+            .unwrap()
+            .connect_lazy(),
+    );
+    assert!(
+        plain
+            .get_task(v1::GetTaskRequest { task_id: id })
+            .await
+            .is_err()
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
