@@ -68,7 +68,7 @@ pub fn to_status(err: Error, fields: Fields<'_>) -> Status {
             info.insert("kind".into(), kind.clone());
             Code::FailedPrecondition
         }
-        Error::IllegalEvent { .. } => Code::FailedPrecondition,
+        Error::IllegalEvent { .. } | Error::BackingOff { .. } => Code::FailedPrecondition,
         Error::VersionConflict { .. }
         | Error::StaleEpoch { .. }
         | Error::StaleGeneration { .. } => Code::Aborted,

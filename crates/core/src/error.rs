@@ -52,6 +52,12 @@ pub enum Error {
     /// that generation: stop and re-check ownership.
     #[error("stale partition generation: held {held}, current {current}")]
     StaleGeneration { held: i64, current: i64 },
+    /// A crashed task's restart backoff has not passed yet.
+    #[error("task {task_id} restarts in {wait:?}")]
+    BackingOff {
+        task_id: TaskId,
+        wait: std::time::Duration,
+    },
     #[error("request_id {request_id:?} was already used for a different request")]
     IdempotencyKeyReused { request_id: String },
     /// A bug or a broken invariant; details are logged, not shown.
@@ -94,6 +100,7 @@ impl Error {
             Error::VersionConflict { .. } => "VERSION_CONFLICT",
             Error::StaleEpoch { .. } => "STALE_EPOCH",
             Error::StaleGeneration { .. } => "STALE_GENERATION",
+            Error::BackingOff { .. } => "BACKING_OFF",
             Error::IdempotencyKeyReused { .. } => "IDEMPOTENCY_KEY_REUSED",
             Error::Internal(_) => "INTERNAL",
         }

@@ -131,6 +131,7 @@ impl Store {
                SET pod_epoch = h.pod_epoch + 1, pod_state = 'starting', owner_node = $3
              WHERE h.task_id = $1 AND h.pod_epoch = $2 AND h.pod_state = 'none'
                AND h.status = 'active' AND EXISTS (SELECT 1 FROM owned)
+               AND (h.not_before IS NULL OR h.not_before <= now())
             RETURNING h.pod_epoch
             "#,
         )
@@ -153,6 +154,9 @@ impl Store {
             });
         }
         crate::domain::mint_pod(&state, node)?;
+        if let Some(wait) = self.restart_backoff(task_id).await? {
+            return Err(Error::BackingOff { task_id, wait });
+        }
         let current: i64 = sqlx::query_scalar(
             "SELECT p.generation FROM partitions p JOIN tasks t ON t.partition = p.partition \
              WHERE t.task_id = $1",
@@ -165,6 +169,19 @@ impl Store {
             held: generation,
             current,
         })
+    }
+
+    /// How long until a crashed task may restart, if it is still backing off.
+    async fn restart_backoff(&self, task_id: TaskId) -> Result<Option<std::time::Duration>, Error> {
+        let secs: Option<f64> = sqlx::query_scalar(
+            "SELECT EXTRACT(epoch FROM not_before - now())::float8 FROM task_heads \
+             WHERE task_id = $1 AND not_before > now()",
+        )
+        .bind(task_id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
+        Ok(secs.map(|s| std::time::Duration::from_secs_f64(s.max(0.0))))
     }
 
     /// Records this node's claim on a partition: bumps its generation and sets the
@@ -186,7 +203,7 @@ impl Store {
         .ok_or_else(|| Error::invalid("partition", format!("no partition {partition}")))
     }
 
-    async fn check_partition_owner(
+    pub(crate) async fn check_partition_owner(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         task_id: TaskId,

@@ -12,14 +12,18 @@
 //! - [`create`], [`execute`], [`append`]: the three ways a stream grows;
 //! - `idempotency`: AIP-155 request ids;
 //! - [`query`]: get, list (keyset pages), count, read a stream;
-//! - `changes`: commit-order-safe change feeds (watermarks) for watch streams.
+//! - `changes`: commit-order-safe change feeds (watermarks) for watch streams;
+//! - [`nodes`]: worker membership, partition rows, the per-tick pod check;
+//! - [`crashes`]: crash records and the restart decision.
 
 pub mod append;
 mod changes;
+pub mod crashes;
 pub mod create;
 mod errors;
 pub mod execute;
 mod idempotency;
+pub mod nodes;
 pub mod query;
 mod rows;
 pub mod settings;

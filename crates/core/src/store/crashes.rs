@@ -1,0 +1,159 @@
+//! Crash records and the restart decision, in one transaction fenced by the partition
+//! generation of the worker that records them.
+//!
+//! The crash row (unique per task and epoch, so a failure is never counted twice) and
+//! the `pod_crashed` event commit together; whether the task restarts is decided under
+//! the head row lock from the crashes within the window by Postgres's clock, so two
+//! workers can never disagree about a budget.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tracing::instrument;
+
+use super::Store;
+use super::errors::from_sqlx;
+use super::writes::{lock_state, write_changes};
+use crate::domain::restart::{CrashKind, RestartDecision, RestartPolicy};
+use crate::domain::{Event, EventMetadata, NodeId, Status, TaskId, TaskState, evolve};
+use crate::error::Error;
+
+/// One pod failure, as its partition's owner records it.
+#[derive(Clone, Debug)]
+pub struct CrashReport {
+    pub task_id: TaskId,
+    pub epoch: i64,
+    /// The node the pod ran on (for `node_lost`, the dead node).
+    pub node: Option<NodeId>,
+    pub reason: String,
+    pub kind: CrashKind,
+}
+
+/// What became of the task.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CrashOutcome {
+    /// A new pod may start from this time (Postgres's clock).
+    Restart { not_before: DateTime<Utc> },
+    /// The budget is spent: the task is `failed`.
+    Failed { error: String },
+    /// The task was no longer active (stopped, cancelled, completed): nothing to restart.
+    Ended,
+    /// This crash was already recorded (by this or an earlier owner).
+    AlreadyRecorded,
+}
+
+impl Store {
+    /// Records a crash and decides on the restart, fenced by `(owner, generation)`.
+    ///
+    /// # Errors
+    /// [`Error::StaleGeneration`] when the caller no longer owns the task's partition;
+    /// [`Error::StaleEpoch`] when the epoch is not the task's current pod;
+    /// [`Error::StoreUnavailable`].
+    #[instrument(skip_all, fields(task.id = %report.task_id, epoch = report.epoch, kind = report.kind.as_str()))]
+    pub async fn record_crash(
+        &self,
+        report: &CrashReport,
+        owner: NodeId,
+        generation: i64,
+        policy: &RestartPolicy,
+        jitter: f64,
+        metadata: &EventMetadata,
+    ) -> Result<CrashOutcome, Error> {
+        let mut tx = self.pool.begin().await.map_err(from_sqlx)?;
+        let before = lock_state(&mut tx, report.task_id).await?;
+        self.check_partition_owner(&mut tx, report.task_id, owner, generation)
+            .await?;
+        if before.pod_epoch != report.epoch || !before.has_pod() {
+            return Err(Error::StaleEpoch {
+                held: report.epoch,
+                current: before.pod_epoch,
+            });
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO pod_crashes (task_id, epoch, node, reason, kind) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(report.task_id.as_uuid())
+        .bind(report.epoch)
+        .bind(report.node.map(|n| n.0))
+        .bind(&report.reason)
+        .bind(report.kind.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(from_sqlx)?
+        .rows_affected();
+        if inserted == 0 {
+            return Ok(CrashOutcome::AlreadyRecorded);
+        }
+
+        let mut events = vec![Event::PodCrashed {
+            epoch: report.epoch,
+            reason: report.reason.clone(),
+            kind: report.kind,
+        }];
+        let mut outcome = CrashOutcome::Ended;
+        let mut delay = None;
+        if before.status == Status::Active {
+            let (handler, lost): (i64, i64) = sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE kind = 'handler'), count(*) FILTER (WHERE kind = 'node_lost') \
+                 FROM pod_crashes WHERE task_id = $1 AND at > now() - make_interval(secs => $2)",
+            )
+            .bind(report.task_id.as_uuid())
+            .bind(policy.window.as_secs_f64())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(from_sqlx)?;
+            match policy.decide(clamp(handler), clamp(lost), jitter) {
+                RestartDecision::Restart { delay: d } => delay = Some(d),
+                RestartDecision::Fail { error } => {
+                    events.push(Event::TaskFailed {
+                        error: format!("{error}; last: {}", report.reason),
+                        from_phase: before.phase,
+                    });
+                    outcome = CrashOutcome::Failed { error };
+                }
+            }
+        }
+        let after: TaskState = events
+            .iter()
+            .try_fold(before.clone(), |s, e| evolve(&s, e))?;
+        let metadata = EventMetadata {
+            epoch: Some(report.epoch),
+            ..metadata.clone()
+        };
+        write_changes(&mut tx, &before, &after, &events, &metadata).await?;
+        if let Some(delay) = delay {
+            let not_before: DateTime<Utc> = sqlx::query_scalar(
+                "UPDATE task_heads SET not_before = now() + make_interval(secs => $2) WHERE task_id = $1 \
+                 RETURNING not_before",
+            )
+            .bind(report.task_id.as_uuid())
+            .bind(delay.as_secs_f64())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(from_sqlx)?;
+            outcome = CrashOutcome::Restart { not_before };
+        }
+        tx.commit().await.map_err(from_sqlx)?;
+        Ok(outcome)
+    }
+
+    /// Deletes crash rows older than `retention` (longer than any restart window).
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    pub async fn prune_crashes(&self, retention: Duration) -> Result<u64, Error> {
+        Ok(
+            sqlx::query("DELETE FROM pod_crashes WHERE at < now() - make_interval(secs => $1)")
+                .bind(retention.as_secs_f64())
+                .execute(&self.pool)
+                .await
+                .map_err(from_sqlx)?
+                .rows_affected(),
+        )
+    }
+}
+
+fn clamp(n: i64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}

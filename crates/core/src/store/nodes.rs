@@ -1,0 +1,265 @@
+//! Worker membership and partition bookkeeping. The advisory locks themselves live on
+//! each worker's dedicated lock session (crates/worker); these rows record who holds
+//! what, so fences can be checked in ordinary transactions.
+
+use chrono::{DateTime, Utc};
+use tracing::instrument;
+
+use super::Store;
+use super::errors::from_sqlx;
+use crate::domain::{NodeId, PodState, Status, TaskId};
+use crate::error::Error;
+
+/// A worker as it registered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub node_id: NodeId,
+    pub name: String,
+    /// The second half of the node's own advisory key; peers probe it to tell whether
+    /// the node's lock session is alive.
+    pub lock_key: i32,
+    pub capacity: i32,
+    pub kinds: Vec<String>,
+    pub programs: Vec<String>,
+    pub heartbeat_at: DateTime<Utc>,
+}
+
+/// A partition row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionInfo {
+    pub partition: i32,
+    pub owner_node: Option<NodeId>,
+    pub generation: i64,
+}
+
+/// What a worker needs to know about an active task, or a task it runs a pod for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodCandidate {
+    pub task_id: TaskId,
+    pub partition: i32,
+    pub kind: String,
+    pub priority: i32,
+    pub status: Status,
+    pub version: i64,
+    pub pod_epoch: i64,
+    pub pod_state: PodState,
+    pub owner_node: Option<NodeId>,
+    pub not_before: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+type CandidateRow = (
+    uuid::Uuid,
+    i32,
+    String,
+    i32,
+    String,
+    i64,
+    i64,
+    String,
+    Option<uuid::Uuid>,
+    Option<DateTime<Utc>>,
+    DateTime<Utc>,
+);
+
+fn candidate(r: CandidateRow) -> Result<PodCandidate, Error> {
+    Ok(PodCandidate {
+        task_id: TaskId(r.0),
+        partition: r.1,
+        kind: r.2,
+        priority: r.3,
+        status: r.4.parse().map_err(super::errors::corrupt)?,
+        version: r.5,
+        pod_epoch: r.6,
+        pod_state: r.7.parse().map_err(super::errors::corrupt)?,
+        owner_node: r.8.map(NodeId),
+        not_before: r.9,
+        created_at: r.10,
+    })
+}
+
+const CANDIDATE_COLUMNS: &str = "t.task_id, t.partition, t.kind, t.priority, h.status, h.version, \
+     h.pod_epoch, h.pod_state, h.owner_node, h.not_before, t.created_at";
+
+impl Store {
+    /// Registers a worker process; returns its lock key (unique among nodes).
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    #[instrument(skip_all, fields(node = %node_id, name))]
+    pub async fn register_node(
+        &self,
+        node_id: NodeId,
+        name: &str,
+        capacity: i32,
+        kinds: &[String],
+        programs: &[String],
+    ) -> Result<i32, Error> {
+        sqlx::query_scalar(
+            "INSERT INTO nodes (node_id, name, capacity, kinds, programs) VALUES ($1, $2, $3, $4, $5) \
+             RETURNING lock_key",
+        )
+        .bind(node_id.0)
+        .bind(name)
+        .bind(capacity)
+        .bind(kinds)
+        .bind(programs)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(from_sqlx)
+    }
+
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    pub async fn heartbeat_node(&self, node_id: NodeId) -> Result<(), Error> {
+        sqlx::query("UPDATE nodes SET heartbeat_at = now() WHERE node_id = $1")
+            .bind(node_id.0)
+            .execute(&self.pool)
+            .await
+            .map_err(from_sqlx)?;
+        Ok(())
+    }
+
+    /// Removes a node's row (a clean exit, or a peer found dead).
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    pub async fn deregister_node(&self, node_id: NodeId) -> Result<(), Error> {
+        sqlx::query("DELETE FROM nodes WHERE node_id = $1")
+            .bind(node_id.0)
+            .execute(&self.pool)
+            .await
+            .map_err(from_sqlx)?;
+        Ok(())
+    }
+
+    /// Every registered node, alive or not (liveness is the lock probe's business).
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, Error> {
+        type Row = (
+            uuid::Uuid,
+            String,
+            i32,
+            i32,
+            Vec<String>,
+            Vec<String>,
+            DateTime<Utc>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT node_id, name, lock_key, capacity, kinds, programs, heartbeat_at FROM nodes ORDER BY node_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| NodeInfo {
+                node_id: NodeId(r.0),
+                name: r.1,
+                lock_key: r.2,
+                capacity: r.3,
+                kinds: r.4,
+                programs: r.5,
+                heartbeat_at: r.6,
+            })
+            .collect())
+    }
+
+    /// The kinds some registered worker offers.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    pub async fn offered_kinds(&self) -> Result<Vec<String>, Error> {
+        sqlx::query_scalar("SELECT DISTINCT unnest(kinds) FROM nodes ORDER BY 1")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(from_sqlx)
+    }
+
+    /// Every partition row.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    pub async fn partitions(&self) -> Result<Vec<PartitionInfo>, Error> {
+        let rows: Vec<(i32, Option<uuid::Uuid>, i64)> = sqlx::query_as(
+            "SELECT partition, owner_node, generation FROM partitions ORDER BY partition",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
+        Ok(rows
+            .into_iter()
+            .map(|(partition, owner, generation)| PartitionInfo {
+                partition,
+                owner_node: owner.map(NodeId),
+                generation,
+            })
+            .collect())
+    }
+
+    /// Clears this node's claim before it unlocks the partition (a graceful hand-back).
+    /// Returns false when the claim had already moved on.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    pub async fn release_partition(
+        &self,
+        partition: i32,
+        node: NodeId,
+        generation: i64,
+    ) -> Result<bool, Error> {
+        let n = sqlx::query(
+            "UPDATE partitions SET owner_node = NULL WHERE partition = $1 AND owner_node = $2 AND generation = $3",
+        )
+        .bind(partition)
+        .bind(node.0)
+        .bind(generation)
+        .execute(&self.pool)
+        .await
+        .map_err(from_sqlx)?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Active tasks of these partitions plus the given tasks whatever their status: the
+    /// batched check a worker runs every tick (one query, whatever the pod count).
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    #[instrument(skip_all, fields(partitions = partitions.len(), running = running.len()))]
+    pub async fn pod_candidates(
+        &self,
+        partitions: &[i32],
+        running: &[TaskId],
+    ) -> Result<Vec<PodCandidate>, Error> {
+        let running: Vec<uuid::Uuid> = running.iter().map(TaskId::as_uuid).collect();
+        let rows: Vec<CandidateRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {CANDIDATE_COLUMNS} FROM tasks t JOIN task_heads h ON h.task_id = t.task_id \
+             WHERE (t.status = 'active' AND t.partition = ANY($1)) OR t.task_id = ANY($2)"
+        )))
+        .bind(partitions)
+        .bind(running)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(from_sqlx)?;
+        rows.into_iter().map(candidate).collect()
+    }
+
+    /// Tasks that are active without a running pod, and the age of the oldest such wait
+    /// in seconds (for the gauge that shows kinds nobody runs).
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    pub async fn pending_pods(&self) -> Result<(i64, f64), Error> {
+        sqlx::query_as(
+            "SELECT count(*), COALESCE(EXTRACT(epoch FROM now() - min(t.updated_at))::float8, 0) \
+             FROM tasks t JOIN task_heads h ON h.task_id = t.task_id \
+             WHERE t.status = 'active' AND h.pod_state <> 'running'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(from_sqlx)
+    }
+}
