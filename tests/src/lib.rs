@@ -6,13 +6,14 @@
 //! - [`DataDir`]: a scratch `--data-dir` that stops any server left in it and is removed
 //!   when dropped;
 //! - [`run_dev_once`] and [`DevProcess`]: `taskpod dev` run to completion, or kept
-//!   running to be signalled.
-//!
-//! - [`api`]: a fresh database per test and real `taskpod-api` processes on it.
+//!   running to be signalled;
+//! - [`api`]: a fresh database per test and real `taskpod-api` processes on it;
+//! - [`worker`]: real `taskpod-worker` processes.
 //!
 //! Set `TEST_LOG=1` to see the binary's output as it runs.
 
 pub mod api;
+pub mod worker;
 
 use std::fmt;
 use std::os::unix::fs::DirBuilderExt;

@@ -1,6 +1,73 @@
-//! taskpod's worker node (`taskpod-worker`): owns partitions through advisory locks on a
-//! dedicated session, mints pod epochs with `Store::mint_pod`, runs and supervises pods,
-//! records crashes and adopts the pods of dead peers.
+//! taskpod's worker node (`taskpod-worker`): owns partitions through session advisory
+//! locks on a dedicated connection, mints pod epochs fenced by the partition's
+//! generation, runs and supervises pods, records crashes, adopts the pods of dead peers
+//! and drains cleanly on SIGTERM. See docs/architecture.md ("Workers").
 //!
-//! The runtime lands with the worker issue; the store operations it needs (fenced
-//! appends, mints, partition claims) are in `taskpod_core::store` and tested there.
+//! Layout:
+//! - [`settings`]: the typed, layered configuration;
+//! - [`lock`]: the dedicated lock session and the advisory key scheme;
+//! - [`controller`]: the control loop (liveness, claims, the per-tick pod check);
+//! - [`pod`]: one pod's life: slot, start, handler, stop;
+//! - [`slots`]: per-kind handler slots granted by priority, then age;
+//! - [`handler`]: the `Handler` trait and the `PodContext` handlers act through;
+//! - [`handlers`]: `manual`, `sleep`, `exec`.
+
+pub mod controller;
+pub mod handler;
+pub mod handlers;
+pub mod lock;
+pub mod pod;
+pub mod settings;
+pub mod slots;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use controller::{Controller, WorkerError};
+pub use settings::WorkerSettings;
+
+/// Runs a worker until `shutdown`, serving gRPC health on `health` (NOT_SERVING from the
+/// start of the drain). `ready` is called with the node id once registered.
+///
+/// # Errors
+/// When the store or the lock session cannot be reached at start.
+pub async fn run(
+    settings: WorkerSettings,
+    health: TcpListener,
+    shutdown: CancellationToken,
+    ready: impl FnOnce(taskpod_core::domain::NodeId),
+) -> Result<(), WorkerError> {
+    let controller = Controller::start(settings).await?;
+    ready(controller.node());
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let serving = CancellationToken::new();
+    let health_server = tokio::spawn({
+        let serving = serving.clone();
+        async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(health),
+                    serving.cancelled_owned(),
+                )
+                .await;
+        }
+    });
+    let drain_watch = {
+        let shutdown = shutdown.clone();
+        let reporter = reporter.clone();
+        async move {
+            shutdown.cancelled().await;
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+    };
+    tokio::join!(controller.run(shutdown.clone()), drain_watch);
+    serving.cancel();
+    let _ = health_server.await;
+    Ok(())
+}

@@ -24,6 +24,7 @@ mod errors;
 pub mod execute;
 mod idempotency;
 pub mod nodes;
+pub mod output;
 pub mod query;
 mod rows;
 pub mod settings;

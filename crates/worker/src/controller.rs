@@ -1,0 +1,599 @@
+//! The worker's control loop: liveness of the lock session, partition ownership, and
+//! the pods of owned partitions.
+//!
+//! One task owns the lock session and all bookkeeping, so there is no shared mutable
+//! state; pods are separate tasks it starts, stops (by cancelling their token) and
+//! reaps. Nothing a pod does can delay a tick: the loop only waits on the store and
+//! on its own timer. Each tick:
+//!
+//! 1. pings the lock session; a failed ping self-fences (every pod stopped, children
+//!    killed, ownership dropped) and the next tick reconnects as a new incarnation;
+//! 2. every `claim_interval`, reads membership (probing peers' node keys), claims any
+//!    free partition at once and hands back extras above this node's share once
+//!    membership has been stable for `settle_ms`, idle partitions first;
+//! 3. runs one batched check of its pods and the active tasks of its partitions: stops
+//!    pods whose task left `active` or whose epoch moved, records `node_lost` for pods
+//!    a dead owner left behind, and mints epochs for tasks that need a pod, highest
+//!    priority first.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt as _;
+use taskpod_core::Error;
+use taskpod_core::domain::restart::{CrashKind, RestartPolicy};
+use taskpod_core::domain::{EventMetadata, NodeId, PodState, Status, TaskId};
+use taskpod_core::store::Store;
+use taskpod_core::store::crashes::{CrashOutcome, CrashReport};
+use taskpod_core::store::nodes::PodCandidate;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::handler::Handler;
+use crate::lock::{LockSession, NODE_NAMESPACE, PARTITION_NAMESPACE};
+use crate::pod::{self, PodExit, PodSpec};
+use crate::settings::WorkerSettings;
+use crate::slots::Slots;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("store: {0}")]
+    Store(#[from] Error),
+    #[error("lock session: {0}")]
+    Lock(#[from] crate::lock::LockError),
+}
+
+/// A running pod, as the controller tracks it.
+#[derive(Debug)]
+struct PodHandle {
+    epoch: i64,
+    partition: i32,
+    /// Cancelled by the controller when the pod must stop.
+    stop: CancellationToken,
+}
+
+/// The controller's state; see the module docs for the loop.
+pub struct Controller {
+    settings: WorkerSettings,
+    store: Store,
+    node: NodeId,
+    lock_key: i32,
+    lock: Option<LockSession>,
+    /// Partition -> generation at which this node claimed it.
+    owned: BTreeMap<i32, i64>,
+    /// Partitions being handed back: no new pods; released once empty.
+    leaving: BTreeSet<i32>,
+    pods: HashMap<TaskId, PodHandle>,
+    /// Every pod task; reaped in the loop.
+    joins: JoinSet<(TaskId, i64, PodExit)>,
+    handlers: BTreeMap<String, Arc<dyn Handler>>,
+    slots: BTreeMap<String, Slots>,
+    /// Tasks whose previous pod died with its node: their `exec` pods wait the fence
+    /// margin.
+    adopted: HashSet<TaskId>,
+    policy: RestartPolicy,
+    membership: Vec<NodeId>,
+    membership_since: Instant,
+    last_claim: Option<Instant>,
+    last_heartbeat: Instant,
+    last_prune: Instant,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("node", &self.node)
+            .field("owned", &self.owned.len())
+            .field("pods", &self.pods.len())
+            .finish()
+    }
+}
+
+impl Controller {
+    /// Registers this process as a node and opens its lock session.
+    ///
+    /// # Errors
+    /// When the store or the lock session cannot be reached.
+    pub async fn start(settings: WorkerSettings) -> Result<Self, WorkerError> {
+        let store = Store::connect(&settings.store).await?;
+        let handlers = crate::handlers::registry(&settings.handlers);
+        let slots = handlers
+            .keys()
+            .map(|kind| {
+                let n = settings
+                    .handlers
+                    .concurrency
+                    .get(kind)
+                    .copied()
+                    .unwrap_or(settings.capacity);
+                (kind.clone(), Slots::new(n as usize))
+            })
+            .collect();
+        let policy = settings.restart.policy();
+        let mut controller = Self {
+            store,
+            node: NodeId::new(),
+            lock_key: 0,
+            lock: None,
+            owned: BTreeMap::new(),
+            leaving: BTreeSet::new(),
+            pods: HashMap::new(),
+            joins: JoinSet::new(),
+            handlers,
+            slots,
+            adopted: HashSet::new(),
+            policy,
+            membership: Vec::new(),
+            membership_since: Instant::now(),
+            last_claim: None,
+            last_heartbeat: Instant::now(),
+            last_prune: Instant::now(),
+            settings,
+        };
+        controller.connect().await?;
+        Ok(controller)
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// Registers a fresh incarnation and takes its node key on a new lock session.
+    async fn connect(&mut self) -> Result<(), WorkerError> {
+        let mut lock =
+            LockSession::connect(self.settings.store.url.expose(), &self.settings.lock).await?;
+        let node = NodeId::new();
+        let programs: Vec<String> = self.settings.handlers.programs.keys().cloned().collect();
+        let lock_key = self
+            .store
+            .register_node(
+                node,
+                &self.settings.name,
+                self.settings.capacity as i32,
+                &self.settings.handlers.kinds,
+                &programs,
+            )
+            .await?;
+        if !lock.try_lock((NODE_NAMESPACE, lock_key)).await? {
+            return Err(WorkerError::Store(Error::Internal(format!(
+                "node key {lock_key} is taken"
+            ))));
+        }
+        let old = std::mem::replace(&mut self.node, node);
+        if self.lock_key != 0 {
+            // The previous incarnation fenced itself; its row goes.
+            let _ = self.store.deregister_node(old).await;
+        }
+        self.lock_key = lock_key;
+        self.lock = Some(lock);
+        self.last_claim = None;
+        tracing::info!(node = %self.node, lock_key, "node registered");
+        Ok(())
+    }
+
+    /// Runs until `shutdown`, then drains: pods stop cleanly, partitions are handed back,
+    /// the node deregisters. Other workers take over at once and record no crash.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.settings.tick());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                Some(joined) = self.joins.join_next(), if !self.joins.is_empty() => {
+                    if let Ok((task, epoch, exit)) = joined {
+                        self.reap(task, epoch, exit).await;
+                    }
+                    continue;
+                }
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.step().await {
+                tracing::warn!(error = %e, "control step failed");
+                if matches!(e, WorkerError::Lock(_)) {
+                    self.self_fence().await;
+                }
+            }
+        }
+        self.drain().await;
+    }
+
+    async fn step(&mut self) -> Result<(), WorkerError> {
+        if self.lock.is_none() {
+            self.connect().await?;
+        }
+        if let Some(lock) = &mut self.lock {
+            lock.ping().await?;
+        }
+        let claim_due = self
+            .last_claim
+            .is_none_or(|t| t.elapsed() >= Duration::from_millis(self.settings.claim_interval_ms));
+        if claim_due {
+            self.claim().await?;
+            self.last_claim = Some(Instant::now());
+        }
+        self.pass().await?;
+        if self.last_heartbeat.elapsed() >= Duration::from_secs(5) {
+            self.store.heartbeat_node(self.node).await?;
+            self.last_heartbeat = Instant::now();
+        }
+        if self.last_prune.elapsed() >= Duration::from_secs(3600) {
+            let retention = Duration::from_secs(self.settings.restart.crash_retention_seconds);
+            if let Ok(n) = self.store.prune_crashes(retention).await
+                && n > 0
+            {
+                tracing::info!(pruned = n, "crash history pruned");
+            }
+            self.last_prune = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Membership, claims and hand-backs.
+    async fn claim(&mut self) -> Result<(), WorkerError> {
+        let Some(lock) = &mut self.lock else {
+            return Ok(());
+        };
+        let nodes = self.store.nodes().await?;
+        let mut live = Vec::new();
+        let mut live_capacity = 0i64;
+        let mut offered: BTreeSet<String> = BTreeSet::new();
+        for n in &nodes {
+            let alive = n.node_id == self.node
+                || lock.is_held_elsewhere((NODE_NAMESPACE, n.lock_key)).await?;
+            if alive {
+                live.push(n.node_id);
+                live_capacity += i64::from(n.capacity);
+                offered.extend(n.kinds.iter().cloned());
+            } else {
+                tracing::info!(node = %n.node_id, name = %n.name, "peer is gone");
+                self.store.deregister_node(n.node_id).await?;
+            }
+        }
+        live.sort();
+        if live != self.membership {
+            self.membership = live.clone();
+            self.membership_since = Instant::now();
+        }
+        // Kinds are a cluster contract: a node that cannot run a kind another node
+        // offers does not own partitions, so no task waits on a node that cannot run it.
+        let mine: BTreeSet<String> = self.handlers.keys().cloned().collect();
+        let eligible = offered.is_subset(&mine);
+
+        let partitions = self.store.partitions().await?;
+        let live: HashSet<NodeId> = live.into_iter().collect();
+        if eligible {
+            for p in &partitions {
+                if self.owned.contains_key(&p.partition) {
+                    continue;
+                }
+                if p.owner_node.is_some_and(|o| live.contains(&o)) {
+                    continue;
+                }
+                if lock.try_lock((PARTITION_NAMESPACE, p.partition)).await? {
+                    let generation = self.store.claim_partition(p.partition, self.node).await?;
+                    self.owned.insert(p.partition, generation);
+                    if let Some(previous) = p.owner_node {
+                        tracing::info!(partition = p.partition, from = %previous, "partition adopted");
+                    }
+                }
+            }
+        }
+
+        // Hand back extras above this node's share once membership has settled.
+        let total = partitions.len() as i64;
+        let share = if eligible && live_capacity > 0 {
+            (total * i64::from(self.settings.capacity) + live_capacity - 1) / live_capacity
+        } else {
+            0
+        };
+        let settled =
+            self.membership_since.elapsed() >= Duration::from_millis(self.settings.settle_ms);
+        let keeping = self.owned.len() as i64 - self.leaving.len() as i64;
+        if settled && keeping > share {
+            let busy: HashSet<i32> = self.pods.values().map(|p| p.partition).collect();
+            let mut extras: Vec<i32> = self
+                .owned
+                .keys()
+                .copied()
+                .filter(|p| !self.leaving.contains(p))
+                .collect();
+            // Idle partitions first, then the highest numbers (a stable choice).
+            extras.sort_by_key(|p| (busy.contains(p), std::cmp::Reverse(*p)));
+            for p in extras.into_iter().take((keeping - share) as usize) {
+                self.leaving.insert(p);
+                for pod in self.pods.values().filter(|pod| pod.partition == p) {
+                    pod.stop.cancel();
+                }
+            }
+        }
+        self.release_empty_leaving().await
+    }
+
+    /// Releases partitions being handed back once no pod of theirs runs.
+    async fn release_empty_leaving(&mut self) -> Result<(), WorkerError> {
+        let busy: HashSet<i32> = self.pods.values().map(|p| p.partition).collect();
+        let ready: Vec<i32> = self
+            .leaving
+            .iter()
+            .copied()
+            .filter(|p| !busy.contains(p))
+            .collect();
+        for p in ready {
+            self.release(p).await?;
+            self.leaving.remove(&p);
+        }
+        Ok(())
+    }
+
+    /// Clears the claim, then unlocks: a claimer that takes the lock next finds the row
+    /// free, and a pod started in between is impossible (its mint checks the row).
+    async fn release(&mut self, partition: i32) -> Result<(), WorkerError> {
+        if let Some(generation) = self.owned.remove(&partition) {
+            self.store
+                .release_partition(partition, self.node, generation)
+                .await?;
+            if let Some(lock) = &mut self.lock {
+                lock.unlock((PARTITION_NAMESPACE, partition)).await?;
+            }
+            tracing::debug!(partition, "partition handed back");
+        }
+        Ok(())
+    }
+
+    /// The batched check of pods and the active tasks of owned partitions.
+    async fn pass(&mut self) -> Result<(), WorkerError> {
+        let partitions: Vec<i32> = self.owned.keys().copied().collect();
+        let running: Vec<TaskId> = self.pods.keys().copied().collect();
+        if partitions.is_empty() && running.is_empty() {
+            return Ok(());
+        }
+        let candidates = self.store.pod_candidates(&partitions, &running).await?;
+        let now = chrono::Utc::now();
+        let mut to_start: Vec<PodCandidate> = Vec::new();
+        for c in candidates {
+            if let Some(pod) = self.pods.get(&c.task_id) {
+                let keep = c.status == Status::Active
+                    && c.pod_epoch == pod.epoch
+                    && c.pod_state != PodState::Stopping
+                    && self.owned.contains_key(&c.partition)
+                    && !self.leaving.contains(&c.partition);
+                if !keep {
+                    pod.stop.cancel();
+                }
+                continue;
+            }
+            if c.status != Status::Active
+                || !self.owned.contains_key(&c.partition)
+                || self.leaving.contains(&c.partition)
+            {
+                continue;
+            }
+            if !self.handlers.contains_key(&c.kind) {
+                continue;
+            }
+            match c.pod_state {
+                PodState::None => {
+                    if c.not_before.is_none_or(|t| t <= now) {
+                        to_start.push(c);
+                    }
+                }
+                // A pod minted elsewhere (or by an earlier incarnation of this node)
+                // whose owner no longer holds the partition: its node is lost.
+                _ => self.record_node_lost(&c).await,
+            }
+        }
+        to_start.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then(a.created_at.cmp(&b.created_at))
+        });
+        for c in to_start {
+            if self.pods.len() >= self.settings.capacity as usize {
+                break;
+            }
+            let Some(&generation) = self.owned.get(&c.partition) else {
+                continue;
+            };
+            match self
+                .store
+                .mint_pod(c.task_id, c.pod_epoch, self.node, generation)
+                .await
+            {
+                Ok(epoch) => self.spawn_pod(&c, epoch),
+                Err(Error::StaleGeneration { .. }) => {
+                    tracing::warn!(partition = c.partition, "claim lost under us");
+                    self.owned.remove(&c.partition);
+                }
+                Err(Error::StoreUnavailable(e)) => return Err(Error::StoreUnavailable(e).into()),
+                Err(e) => tracing::debug!(task.id = %c.task_id, error = %e, "not started"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn record_node_lost(&mut self, c: &PodCandidate) {
+        let Some(&generation) = self.owned.get(&c.partition) else {
+            return;
+        };
+        let report = CrashReport {
+            task_id: c.task_id,
+            epoch: c.pod_epoch,
+            node: c.owner_node,
+            reason: format!(
+                "node {} lost",
+                c.owner_node.map(|n| n.to_string()).unwrap_or_default()
+            ),
+            kind: CrashKind::NodeLost,
+        };
+        let jitter = rand::random::<f64>();
+        match self
+            .store
+            .record_crash(
+                &report,
+                self.node,
+                generation,
+                &self.policy,
+                jitter,
+                &self.metadata(),
+            )
+            .await
+        {
+            Ok(outcome) => {
+                self.adopted.insert(c.task_id);
+                tracing::info!(task.id = %c.task_id, ?outcome, "pod of a lost node recorded");
+            }
+            Err(e) => tracing::debug!(task.id = %c.task_id, error = %e, "node loss not recorded"),
+        }
+    }
+
+    fn spawn_pod(&mut self, c: &PodCandidate, epoch: i64) {
+        let Some(handler) = self.handlers.get(&c.kind).cloned() else {
+            return;
+        };
+        let Some(slots) = self.slots.get(&c.kind).cloned() else {
+            return;
+        };
+        let adopted = self.adopted.remove(&c.task_id);
+        let spec = PodSpec {
+            task_id: c.task_id,
+            epoch,
+            priority: c.priority,
+            created_at: c.created_at,
+            fence_margin: (adopted && c.kind == "exec").then(|| self.settings.fence_margin()),
+        };
+        let stop = CancellationToken::new();
+        self.pods.insert(
+            c.task_id,
+            PodHandle {
+                epoch,
+                partition: c.partition,
+                stop: stop.clone(),
+            },
+        );
+        let store = self.store.clone();
+        let node = self.node;
+        let task_id = c.task_id;
+        self.joins.spawn(async move {
+            let exit = AssertUnwindSafe(pod::run(store, spec, handler, slots, node, stop))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    PodExit::Crashed(format!("handler panicked: {what}"))
+                });
+            (task_id, epoch, exit)
+        });
+    }
+
+    /// A pod ended: forget it, and record its crash if it crashed.
+    async fn reap(&mut self, task: TaskId, epoch: i64, exit: PodExit) {
+        let Some(handle) = self.pods.get(&task) else {
+            return;
+        };
+        if handle.epoch != epoch {
+            return;
+        }
+        let partition = handle.partition;
+        self.pods.remove(&task);
+        tracing::debug!(task.id = %task, epoch, ?exit, "pod ended");
+        if let PodExit::Crashed(reason) = exit {
+            let Some(&generation) = self.owned.get(&partition) else {
+                return;
+            };
+            let report = CrashReport {
+                task_id: task,
+                epoch,
+                node: Some(self.node),
+                reason,
+                kind: CrashKind::Handler,
+            };
+            let jitter = rand::random::<f64>();
+            match self
+                .store
+                .record_crash(
+                    &report,
+                    self.node,
+                    generation,
+                    &self.policy,
+                    jitter,
+                    &self.metadata(),
+                )
+                .await
+            {
+                Ok(CrashOutcome::Failed { error }) => {
+                    tracing::info!(task.id = %task, %error, "restart budget spent")
+                }
+                Ok(outcome) => tracing::info!(task.id = %task, ?outcome, "pod crashed"),
+                Err(e) => tracing::warn!(task.id = %task, error = %e, "crash not recorded"),
+            }
+        }
+    }
+
+    /// The lock session failed: assume every lock is lost. Stop every pod at once (their
+    /// children are killed as they stop), drop ownership, and reconnect next tick as a
+    /// new incarnation.
+    async fn self_fence(&mut self) {
+        tracing::warn!(node = %self.node, pods = self.pods.len(), "lock session lost, fencing");
+        for pod in self.pods.values() {
+            pod.stop.cancel();
+        }
+        self.owned.clear();
+        self.leaving.clear();
+        if let Some(lock) = self.lock.take() {
+            // Closing may hang on a dead socket; do not wait for it.
+            drop(lock);
+        }
+        while let Some(joined) = self.joins.join_next().await {
+            if let Ok((task, epoch, _)) = joined
+                && self.pods.get(&task).is_some_and(|p| p.epoch == epoch)
+            {
+                self.pods.remove(&task);
+            }
+        }
+        self.pods.clear();
+    }
+
+    async fn drain(mut self) {
+        tracing::info!(node = %self.node, pods = self.pods.len(), "draining");
+        for pod in self.pods.values() {
+            pod.stop.cancel();
+        }
+        let grace = Duration::from_millis(self.settings.drain_grace_ms);
+        let _ = tokio::time::timeout(grace, async {
+            while let Some(joined) = self.joins.join_next().await {
+                if let Ok((task, epoch, exit)) = joined {
+                    self.reap(task, epoch, exit).await;
+                }
+            }
+        })
+        .await;
+        self.joins.abort_all();
+        let owned: Vec<i32> = self.owned.keys().copied().collect();
+        for p in owned {
+            if let Err(e) = self.release(p).await {
+                tracing::warn!(partition = p, error = %e, "hand-back failed; the lock ends with the session");
+            }
+        }
+        let _ = self.store.deregister_node(self.node).await;
+        if let Some(lock) = self.lock.take() {
+            lock.close().await;
+        }
+        tracing::info!("drained");
+    }
+
+    fn metadata(&self) -> EventMetadata {
+        EventMetadata {
+            actor_id: format!("worker:{}", self.node),
+            correlation_id: format!("worker:{}", self.node),
+            ..EventMetadata::default()
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! The handler trait and what a pod gives its handler.
+//!
+//! A handler does the work of one task kind. It moves the task along its phases through
+//! [`PodContext::advance`], which appends under the pod's epoch; it ends by completing
+//! the task (advancing past `review`), or with [`HandlerError::Retry`] (a crash, counted
+//! against the restart budget) or [`HandlerError::Fail`] (the task fails, terminal).
+//!
+//! # Example
+//!
+//! A handler that waits one second in each phase:
+//!
+//! ```ignore
+//! struct Patient;
+//!
+//! impl Handler for Patient {
+//!     fn run<'a>(&'a self, pod: &'a mut PodContext) -> BoxFuture<'a, Result<(), HandlerError>> {
+//!         Box::pin(async move {
+//!             while !pod.phase().is_terminal() {
+//!                 tokio::select! {
+//!                     () = tokio::time::sleep(Duration::from_secs(1)) => pod.advance().await?,
+//!                     () = pod.stopped() => return Err(HandlerError::Stopped),
+//!                 }
+//!             }
+//!             Ok(())
+//!         })
+//!     }
+//! }
+//! ```
+
+use futures::future::BoxFuture;
+use taskpod_core::Error;
+use taskpod_core::domain::{Event, EventMetadata, Phase, Status, Task};
+use taskpod_core::store::{AppendFence, Store};
+use tokio_util::sync::CancellationToken;
+
+/// How a handler run ended, other than by completing the task.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandlerError {
+    /// A crash: restart within the budget.
+    #[error("retry: {0}")]
+    Retry(String),
+    /// Give up: the task becomes `failed`.
+    #[error("fail: {0}")]
+    Fail(String),
+    /// The pod was asked to stop (stop, cancel, restart, drain).
+    #[error("stopped")]
+    Stopped,
+    /// The pod's epoch went stale: another pod owns the task now. Never a crash.
+    #[error("fenced")]
+    Fenced,
+}
+
+/// One kind's work. Implementations must return promptly once [`PodContext::stopped`]
+/// resolves, and must not block the thread (spawn_blocking for blocking work).
+pub trait Handler: Send + Sync + 'static {
+    fn run<'a>(&'a self, pod: &'a mut PodContext) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+/// What a pod's handler sees: its task, its epoch, and a fenced way to move it on.
+#[derive(Debug)]
+pub struct PodContext {
+    store: Store,
+    task: Task,
+    epoch: i64,
+    version: i64,
+    phase: Phase,
+    /// Cancelled by the controller when the pod must stop.
+    stop: CancellationToken,
+    metadata: EventMetadata,
+}
+
+impl PodContext {
+    pub(crate) fn new(
+        store: Store,
+        task: Task,
+        epoch: i64,
+        stop: CancellationToken,
+        metadata: EventMetadata,
+    ) -> Self {
+        Self {
+            version: task.version,
+            phase: task.phase,
+            store,
+            task,
+            epoch,
+            stop,
+            metadata,
+        }
+    }
+
+    /// The store, for handlers that write beside the event stream (output chunks).
+    pub(crate) fn store_handle(&self) -> Store {
+        self.store.clone()
+    }
+
+    /// The task as it was when the pod started.
+    pub fn task(&self) -> &Task {
+        &self.task
+    }
+
+    pub fn epoch(&self) -> i64 {
+        self.epoch
+    }
+
+    /// The phase as far as this pod knows.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Resolves when the pod must stop.
+    pub async fn stopped(&self) {
+        self.stop.cancelled().await;
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// Moves the task to the next phase of the walk; past `review` it completes the task.
+    ///
+    /// On a version conflict it catches up from the store and, if the task still stands
+    /// where this step started, appends again; the handler's step is never re-run.
+    ///
+    /// # Errors
+    /// [`HandlerError::Stopped`] when the task is no longer active,
+    /// [`HandlerError::Fenced`] when the epoch went stale, [`HandlerError::Retry`] when
+    /// the store is unavailable.
+    pub async fn advance(&mut self) -> Result<Phase, HandlerError> {
+        let from = self.phase;
+        let event = match from {
+            Phase::SpecClarification => Event::PhaseChanged {
+                from,
+                to: Phase::Planning,
+            },
+            Phase::Planning => Event::PhaseChanged {
+                from,
+                to: Phase::Development,
+            },
+            Phase::Development => Event::PhaseChanged {
+                from,
+                to: Phase::Review,
+            },
+            Phase::Review => Event::TaskCompleted { from_phase: from },
+            Phase::Completed | Phase::Cancelled | Phase::Failed => {
+                return Err(HandlerError::Stopped);
+            }
+        };
+        self.append(event).await?;
+        Ok(self.phase)
+    }
+
+    /// Ends the task as failed.
+    ///
+    /// # Errors
+    /// As [`PodContext::advance`].
+    pub(crate) async fn fail(&mut self, error: &str) -> Result<(), HandlerError> {
+        let event = Event::TaskFailed {
+            error: error.to_owned(),
+            from_phase: self.phase,
+        };
+        self.append(event).await
+    }
+
+    /// Tells the store the pod stopped; best effort (a fenced pod has nothing to say).
+    pub(crate) async fn stopped_cleanly(&mut self, reason: &str) {
+        let event = Event::PodStopped {
+            epoch: self.epoch,
+            reason: reason.to_owned(),
+        };
+        for _ in 0..3 {
+            match self
+                .store
+                .append(
+                    self.task.task_id,
+                    self.version,
+                    AppendFence::Pod { epoch: self.epoch },
+                    std::slice::from_ref(&event),
+                    &self.metadata,
+                )
+                .await
+            {
+                Ok(a) => {
+                    self.version = a.state.version;
+                    return;
+                }
+                Err(Error::VersionConflict { actual, .. }) => self.version = actual,
+                Err(e) => {
+                    tracing::debug!(task.id = %self.task.task_id, error = %e, "pod_stopped not written");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Appends the pod's first event once it has its handler slot.
+    pub(crate) async fn started(
+        &mut self,
+        node: taskpod_core::domain::NodeId,
+    ) -> Result<(), HandlerError> {
+        let event = Event::PodStarted {
+            epoch: self.epoch,
+            node,
+            started_at: chrono::Utc::now(),
+        };
+        self.append(event).await
+    }
+
+    async fn append(&mut self, event: Event) -> Result<(), HandlerError> {
+        loop {
+            let res = self
+                .store
+                .append(
+                    self.task.task_id,
+                    self.version,
+                    AppendFence::Pod { epoch: self.epoch },
+                    std::slice::from_ref(&event),
+                    &self.metadata,
+                )
+                .await;
+            match res {
+                Ok(appended) => {
+                    self.version = appended.state.version;
+                    self.phase = appended.state.phase;
+                    return Ok(());
+                }
+                Err(Error::VersionConflict { .. }) => {
+                    let state = self
+                        .store
+                        .state(self.task.task_id)
+                        .await
+                        .map_err(store_error)?;
+                    if state.pod_epoch != self.epoch {
+                        return Err(HandlerError::Fenced);
+                    }
+                    if state.status != Status::Active {
+                        return Err(HandlerError::Stopped);
+                    }
+                    self.version = state.version;
+                    if state.phase != self.phase {
+                        // Someone else moved the task on (a manual transition): take it.
+                        self.phase = state.phase;
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(store_error(e)),
+            }
+        }
+    }
+}
+
+fn store_error(e: Error) -> HandlerError {
+    match e {
+        Error::StaleEpoch { .. } | Error::StaleGeneration { .. } => HandlerError::Fenced,
+        Error::NotRunning(_) | Error::IllegalEvent { .. } | Error::TaskNotFound(_) => {
+            HandlerError::Stopped
+        }
+        other => HandlerError::Retry(format!("store: {other}")),
+    }
+}

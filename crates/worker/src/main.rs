@@ -1,0 +1,96 @@
+//! `taskpod-worker`: loads settings, registers, runs pods until SIGTERM, then drains.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use taskpod_worker::WorkerSettings;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// taskpod's worker node. Settings: defaults, then --config, then TASKPOD_* variables
+/// (`__` nests: TASKPOD_STORE__URL).
+#[derive(Debug, Parser)]
+#[command(name = "taskpod-worker", version, about)]
+struct Args {
+    /// A TOML settings file.
+    #[arg(long, env = "TASKPOD_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_tracing();
+    let settings = match WorkerSettings::load(args.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(settings: WorkerSettings) -> anyhow::Result<()> {
+    let health = tokio::net::TcpListener::bind(settings.health_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (setting health_listen)",
+                settings.health_listen
+            )
+        })?;
+    let addr = health.local_addr()?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    taskpod_worker::run(settings, health, shutdown, |node| {
+        // The one line on stdout: tests and `taskpod dev` read it.
+        println!("taskpod-worker {node} health on {addr}");
+    })
+    .await?;
+    Ok(())
+}
+
+/// The first SIGTERM or SIGINT drains; a second exits at once.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("signal received, draining");
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::warn!("second signal, exiting now");
+    std::process::exit(130);
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("TASKPOD_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,107 @@
+//! One pod: waits for a handler slot, announces itself under its epoch, runs the
+//! handler, and reports how it ended. It never outlives a stop request by more than its
+//! handler's reaction time, and it writes nothing once its epoch is stale.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use taskpod_core::domain::{EventMetadata, NodeId, TaskId};
+use taskpod_core::store::Store;
+use tokio_util::sync::CancellationToken;
+
+use crate::handler::{Handler, HandlerError, PodContext};
+use crate::slots::Slots;
+
+/// What the controller starts a pod with.
+#[derive(Clone, Debug)]
+pub(crate) struct PodSpec {
+    pub task_id: TaskId,
+    pub epoch: i64,
+    pub priority: i32,
+    pub created_at: DateTime<Utc>,
+    /// Wait this long before running the handler: an adopted `exec` pod gives the old
+    /// owner time to fence itself and kill its children.
+    pub fence_margin: Option<Duration>,
+}
+
+/// How a pod ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum PodExit {
+    /// The handler completed the task.
+    Completed,
+    /// Stopped on request (stop, cancel, restart, drain); `pod_stopped` written.
+    Stopped,
+    /// The handler failed the task.
+    Failed(String),
+    /// A crash for the controller to record (Retry, panic, timeout).
+    Crashed(String),
+    /// The epoch went stale: another pod owns the task. Not a crash.
+    Fenced,
+}
+
+pub(crate) async fn run(
+    store: Store,
+    spec: PodSpec,
+    handler: Arc<dyn Handler>,
+    slots: Slots,
+    node: NodeId,
+    stop: CancellationToken,
+) -> PodExit {
+    let task = match store.get_task(spec.task_id).await {
+        Ok(task) => task,
+        Err(e) => return PodExit::Crashed(format!("loading the task: {e}")),
+    };
+    let metadata = EventMetadata {
+        actor_id: format!("worker:{node}"),
+        correlation_id: format!("pod:{}:{}", spec.task_id, spec.epoch),
+        ..EventMetadata::default()
+    };
+    let mut pod = PodContext::new(store, task, spec.epoch, stop.clone(), metadata);
+
+    let _permit = tokio::select! {
+        permit = slots.acquire(spec.priority, spec.created_at) => permit,
+        () = stop.cancelled() => {
+            pod.stopped_cleanly("stopped while waiting for a slot").await;
+            return PodExit::Stopped;
+        }
+    };
+    if let Some(margin) = spec.fence_margin {
+        tokio::select! {
+            () = tokio::time::sleep(margin) => {}
+            () = stop.cancelled() => {
+                pod.stopped_cleanly("stopped during the fence margin").await;
+                return PodExit::Stopped;
+            }
+        }
+    }
+    match pod.started(node).await {
+        Ok(()) => {}
+        Err(HandlerError::Fenced) => return PodExit::Fenced,
+        Err(HandlerError::Retry(e)) => return PodExit::Crashed(e),
+        Err(HandlerError::Stopped | HandlerError::Fail(_)) => {
+            pod.stopped_cleanly("stopped before it started").await;
+            return PodExit::Stopped;
+        }
+    }
+    tracing::debug!(task.id = %spec.task_id, epoch = spec.epoch, "pod running");
+    match handler.run(&mut pod).await {
+        Ok(()) => {
+            pod.stopped_cleanly("completed").await;
+            PodExit::Completed
+        }
+        Err(HandlerError::Stopped) => {
+            pod.stopped_cleanly("stopped").await;
+            PodExit::Stopped
+        }
+        Err(HandlerError::Fenced) => PodExit::Fenced,
+        Err(HandlerError::Fail(error)) => {
+            if let Err(e) = pod.fail(&error).await {
+                tracing::debug!(task.id = %spec.task_id, error = %e, "could not fail the task");
+            }
+            pod.stopped_cleanly("failed").await;
+            PodExit::Failed(error)
+        }
+        Err(HandlerError::Retry(reason)) => PodExit::Crashed(reason),
+    }
+}

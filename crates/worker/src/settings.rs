@@ -1,0 +1,259 @@
+//! The worker's typed settings: defaults, then an optional TOML file, then `TASKPOD_*`
+//! environment variables (`__` nests). Unknown keys are rejected.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use taskpod_core::domain::restart::RestartPolicy;
+use taskpod_core::store::StoreSettings;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// A stable, human-readable name (the host name by default).
+    pub name: String,
+    pub store: StoreSettings,
+    /// gRPC health for probes; port 0 picks one (printed at start).
+    pub health_listen: SocketAddr,
+    /// Pods this node runs at once, all kinds together; also its weight in shares.
+    pub capacity: u32,
+    pub lock: LockSettings,
+    /// How often the controller checks its pods against the store (the bound on how
+    /// late a stop or cancel can be noticed).
+    pub tick_ms: u64,
+    /// How often membership is read and free partitions claimed.
+    pub claim_interval_ms: u64,
+    /// How long membership must be stable before extra partitions are handed back.
+    pub settle_ms: u64,
+    /// How long pods get to stop on SIGTERM before they are cut off.
+    pub drain_grace_ms: u64,
+    pub restart: RestartSettings,
+    pub handlers: HandlerSettings,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            name: std::env::var("HOSTNAME").unwrap_or_else(|_| "taskpod-worker".into()),
+            store: StoreSettings {
+                application_name: "taskpod-worker".into(),
+                ..StoreSettings::default()
+            },
+            health_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            capacity: 10_000,
+            lock: LockSettings::default(),
+            tick_ms: 250,
+            claim_interval_ms: 500,
+            settle_ms: 2_000,
+            drain_grace_ms: 10_000,
+            restart: RestartSettings::default(),
+            handlers: HandlerSettings::default(),
+        }
+    }
+}
+
+/// The dedicated lock session: one unpooled connection whose loss means every lock is
+/// lost.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LockSettings {
+    pub ping_interval_ms: u64,
+    pub ping_timeout_ms: u64,
+    /// Server-side TCP keepalive and user timeout on this session (user-settable, so
+    /// they work on managed Postgres where server settings cannot be changed).
+    pub keepalive_idle_secs: u32,
+    pub keepalive_interval_secs: u32,
+    pub keepalive_count: u32,
+    pub tcp_user_timeout_ms: u32,
+}
+
+impl Default for LockSettings {
+    fn default() -> Self {
+        Self {
+            ping_interval_ms: 300,
+            ping_timeout_ms: 1_000,
+            keepalive_idle_secs: 5,
+            keepalive_interval_secs: 1,
+            keepalive_count: 3,
+            tcp_user_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RestartSettings {
+    /// Off: a crash fails the task at once.
+    pub auto_restart: bool,
+    pub max_restart_attempts: u32,
+    pub restart_window_seconds: u64,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    pub max_node_losses: u32,
+    /// Crash rows older than this are pruned (keep it above the window).
+    pub crash_retention_seconds: u64,
+}
+
+impl Default for RestartSettings {
+    fn default() -> Self {
+        let p = RestartPolicy::default();
+        Self {
+            auto_restart: true,
+            max_restart_attempts: p.max_restart_attempts,
+            restart_window_seconds: p.window.as_secs(),
+            backoff_base_ms: p.backoff_base.as_millis() as u64,
+            backoff_max_ms: p.backoff_max.as_millis() as u64,
+            max_node_losses: p.max_node_losses,
+            crash_retention_seconds: 24 * 3600,
+        }
+    }
+}
+
+impl RestartSettings {
+    pub fn policy(&self) -> RestartPolicy {
+        RestartPolicy {
+            max_restart_attempts: if self.auto_restart {
+                self.max_restart_attempts
+            } else {
+                1
+            },
+            window: Duration::from_secs(self.restart_window_seconds),
+            backoff_base: Duration::from_millis(self.backoff_base_ms),
+            backoff_max: Duration::from_millis(self.backoff_max_ms),
+            max_node_losses: self.max_node_losses,
+        }
+    }
+}
+
+/// Which kinds this node runs and how.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HandlerSettings {
+    /// Kinds offered; a kind missing here is not run by this node.
+    pub kinds: Vec<String>,
+    /// Handlers of one kind running at once, per kind; missing kinds are bounded only
+    /// by `capacity`.
+    pub concurrency: BTreeMap<String, u32>,
+    /// Delay of the `sleep` handler in each phase (0 allowed).
+    pub sleep_phase_ms: u64,
+    /// Programs the `exec` handler may run, by name; clients name one in the payload
+    /// (`{"program": "name"}`), never a path.
+    pub programs: BTreeMap<String, ProgramSettings>,
+}
+
+impl Default for HandlerSettings {
+    fn default() -> Self {
+        Self {
+            kinds: vec!["manual".into(), "sleep".into(), "exec".into()],
+            concurrency: BTreeMap::new(),
+            sleep_phase_ms: 100,
+            programs: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProgramSettings {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Each phase's run is killed (and counted as a crash) past this.
+    #[serde(default = "default_phase_timeout")]
+    pub phase_timeout_ms: u64,
+    /// This exit code means Fail (terminal); 0 moves on; anything else is Retry.
+    #[serde(default = "default_fail_code")]
+    pub fail_exit_code: i32,
+}
+
+fn default_phase_timeout() -> u64 {
+    60_000
+}
+
+fn default_fail_code() -> i32 {
+    3
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("invalid configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid setting {setting}: {reason}")]
+    Invalid {
+        setting: &'static str,
+        reason: String,
+    },
+}
+
+impl WorkerSettings {
+    /// # Errors
+    /// A file or variable that does not parse, an unknown key, or a setting that cannot
+    /// work.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        let mut figment = Figment::from(Serialized::defaults(WorkerSettings::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let s: WorkerSettings = figment
+            .merge(Env::prefixed("TASKPOD_").split("__"))
+            .extract()
+            .map_err(Box::new)?;
+        s.check()?;
+        Ok(s)
+    }
+
+    /// # Errors
+    /// [`SettingsError::Invalid`] naming the setting.
+    pub fn check(&self) -> Result<(), SettingsError> {
+        let invalid = |setting, reason: &str| {
+            Err(SettingsError::Invalid {
+                setting,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.capacity == 0 {
+            return invalid("capacity", "must be positive");
+        }
+        if self.tick_ms == 0 || self.claim_interval_ms == 0 {
+            return invalid("tick_ms", "intervals must be positive");
+        }
+        if self.lock.ping_timeout_ms == 0 || self.lock.ping_interval_ms == 0 {
+            return invalid("lock", "ping interval and timeout must be positive");
+        }
+        if self.handlers.kinds.is_empty() {
+            return invalid("handlers.kinds", "a worker must offer at least one kind");
+        }
+        for kind in &self.handlers.kinds {
+            if !matches!(kind.as_str(), "manual" | "sleep" | "exec") {
+                return invalid("handlers.kinds", &format!("no handler for kind {kind:?}"));
+            }
+        }
+        if self.restart.crash_retention_seconds < self.restart.restart_window_seconds {
+            return invalid(
+                "restart.crash_retention_seconds",
+                "must cover the restart window",
+            );
+        }
+        Ok(())
+    }
+
+    pub fn tick(&self) -> Duration {
+        Duration::from_millis(self.tick_ms)
+    }
+
+    /// How long an adopted `exec` pod waits so that the old owner has fenced itself
+    /// first: longer than ping interval + ping timeout + the child-kill timeout.
+    pub fn fence_margin(&self) -> Duration {
+        Duration::from_millis(
+            self.lock.ping_interval_ms
+                + self.lock.ping_timeout_ms
+                + crate::handlers::exec::KILL_TIMEOUT_MS
+                + 500,
+        )
+    }
+}

@@ -1,0 +1,268 @@
+//! Workers and pods end to end: real worker processes (killed with real signals), a real
+//! API process and Postgres. State is read back from the store's own tables and event
+//! streams, never from the workers' logs.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::time::Duration;
+
+use taskpod_e2e::api::{ApiProcess, TestDb};
+use taskpod_e2e::worker::WorkerProcess;
+use taskpod_proto::v1::{self, task_service_client::TaskServiceClient};
+use tonic::transport::Channel;
+
+type Client = TaskServiceClient<Channel>;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+async fn pool(db: &TestDb) -> sqlx::PgPool {
+    sqlx::PgPool::connect(&db.url).await.unwrap()
+}
+
+async fn ownership(pool: &sqlx::PgPool) -> HashMap<String, i64> {
+    let rows: Vec<(Option<uuid::Uuid>, i64)> =
+        sqlx::query_as("SELECT owner_node, count(*) FROM partitions GROUP BY 1")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    rows.into_iter()
+        .map(|(o, n)| (o.map(|o| o.to_string()).unwrap_or_default(), n))
+        .collect()
+}
+
+async fn crashes(pool: &sqlx::PgPool, kind: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pod_crashes WHERE kind = $1")
+        .bind(kind)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+fn meta() -> Option<v1::RequestMeta> {
+    Some(v1::RequestMeta {
+        actor_id: "tester".into(),
+        ..Default::default()
+    })
+}
+
+async fn create(
+    c: &mut Client,
+    kind: &str,
+    payload: serde_json::Value,
+    auto_start: bool,
+) -> String {
+    c.create_task(v1::CreateTaskRequest {
+        task: Some(v1::TaskSpec {
+            title: format!("{kind} task"),
+            kind: kind.into(),
+            payload: Some(taskpod_proto::convert::json_to_value(&payload)),
+            auto_start,
+            ..Default::default()
+        }),
+        meta: meta(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .task_id
+}
+
+async fn task(c: &mut Client, id: &str) -> v1::Task {
+    c.get_task(v1::GetTaskRequest { task_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+}
+
+async fn events(c: &mut Client, id: &str) -> Vec<v1::Event> {
+    c.list_task_events(v1::ListTaskEventsRequest {
+        task_id: id.into(),
+        page_size: 1000,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .events
+}
+
+fn even(owners: &HashMap<String, i64>, workers: &[&WorkerProcess]) -> bool {
+    let share = 256_u64.div_ceil(workers.len() as u64) as i64;
+    workers.iter().all(|w| {
+        owners
+            .get(&w.node_id)
+            .is_some_and(|n| (share - 2..=share).contains(n))
+    }) && owners.get("").is_none()
+}
+
+#[tokio::test]
+async fn tasks_run_once_and_partitions_spread_as_workers_join_and_leave() {
+    let db = TestDb::create().await.unwrap();
+    let api = ApiProcess::spawn(&db, &[]).await.unwrap();
+    let mut c = api.client().await.unwrap();
+    let pool = pool(&db).await;
+    let w1 = WorkerProcess::spawn(&db, "w1", &[]).await.unwrap();
+    let w2 = WorkerProcess::spawn(&db, "w2", &[]).await.unwrap();
+    let w3 = WorkerProcess::spawn(&db, "w3", &[]).await.unwrap();
+    eventually("three workers share the partitions", || async {
+        even(&ownership(&pool).await, &[&w1, &w2, &w3])
+    })
+    .await;
+
+    let id = create(&mut c, "sleep", serde_json::Value::Null, true).await;
+    eventually("the sleep task completes", || {
+        let mut c = c.clone();
+        let id = id.clone();
+        async move { task(&mut c, &id).await.status == v1::TaskStatus::Completed as i32 }
+    })
+    .await;
+    let evs = events(&mut c, &id).await;
+    let starts: Vec<_> = evs.iter().filter(|e| e.r#type == "pod_started").collect();
+    assert_eq!(starts.len(), 1, "exactly one pod ran the task");
+    let node = starts[0].data.as_ref().unwrap().fields["node"].clone();
+    let node = taskpod_proto::convert::value_to_json(&node);
+    assert!(
+        [&w1, &w2, &w3]
+            .iter()
+            .any(|w| serde_json::json!(w.node_id) == node),
+        "{node}"
+    );
+    let kinds: Vec<_> = evs.iter().map(|e| e.r#type.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "task_created",
+            "pod_requested",
+            "pod_started",
+            "phase_changed",
+            "phase_changed",
+            "phase_changed",
+            "task_completed",
+            "pod_stopped"
+        ]
+    );
+
+    let mut w4 = WorkerProcess::spawn(&db, "w4", &[]).await.unwrap();
+    eventually("four workers share the partitions", || async {
+        even(&ownership(&pool).await, &[&w1, &w2, &w3, &w4])
+    })
+    .await;
+    w4.signal("TERM").await.unwrap();
+    assert!(w4.wait(Duration::from_secs(30)).await.unwrap().success());
+    eventually("three workers share again", || async {
+        even(&ownership(&pool).await, &[&w1, &w2, &w3])
+    })
+    .await;
+    assert_eq!(
+        crashes(&pool, "handler").await + crashes(&pool, "node_lost").await,
+        0,
+        "no crash recorded"
+    );
+}
+
+#[tokio::test]
+async fn a_sigkilled_workers_pods_are_adopted_and_node_lost_recorded_once() {
+    let db = TestDb::create().await.unwrap();
+    let api = ApiProcess::spawn(&db, &[]).await.unwrap();
+    let mut c = api.client().await.unwrap();
+    let pool = pool(&db).await;
+    let mut victim = WorkerProcess::spawn(&db, "victim", &[]).await.unwrap();
+    let survivor = WorkerProcess::spawn(&db, "survivor", &[]).await.unwrap();
+    eventually("two workers share the partitions", || async {
+        even(&ownership(&pool).await, &[&victim, &survivor])
+    })
+    .await;
+
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        ids.push(create(&mut c, "manual", serde_json::Value::Null, true).await);
+    }
+    let running = |pool: sqlx::PgPool| async move {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM task_heads WHERE pod_state = 'running'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        n
+    };
+    eventually("every pod runs", || running(pool.clone()).then_eq(40)).await;
+    let on_victim: HashSet<uuid::Uuid> =
+        sqlx::query_scalar("SELECT task_id FROM task_heads WHERE owner_node = $1")
+            .bind(uuid::Uuid::parse_str(&victim.node_id).unwrap())
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert!(!on_victim.is_empty(), "the victim ran some pods");
+
+    victim.signal("KILL").await.unwrap();
+    victim.wait(Duration::from_secs(10)).await.unwrap();
+    eventually("the survivor owns every partition", || async {
+        even(&ownership(&pool).await, &[&survivor])
+    })
+    .await;
+    eventually("every pod runs again on the survivor", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM task_heads WHERE pod_state = 'running' AND owner_node = $1",
+        )
+        .bind(uuid::Uuid::parse_str(&survivor.node_id).unwrap())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        n == 40
+    })
+    .await;
+    let lost: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+        "SELECT task_id, count(*) FROM pod_crashes WHERE kind = 'node_lost' GROUP BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        lost.len(),
+        on_victim.len(),
+        "node_lost once per adopted task"
+    );
+    assert!(lost.iter().all(|(t, n)| *n == 1 && on_victim.contains(t)));
+    // No event lost or written twice: versions are gapless and epochs strictly increase.
+    for id in &ids {
+        let evs = events(&mut c, id).await;
+        let versions: Vec<_> = evs.iter().map(|e| e.version).collect();
+        assert_eq!(versions, (1..=evs.len() as i64).collect::<Vec<_>>());
+        let epochs: Vec<_> = evs
+            .iter()
+            .filter(|e| e.r#type == "pod_started")
+            .map(|e| e.epoch)
+            .collect();
+        assert!(epochs.windows(2).all(|w| w[0] < w[1]), "{epochs:?}");
+    }
+}
+
+trait ThenEq {
+    fn then_eq(self, n: i64) -> impl Future<Output = bool>;
+}
+
+impl<F: Future<Output = i64>> ThenEq for F {
+    async fn then_eq(self, n: i64) -> bool {
+        self.await == n
+    }
+}
