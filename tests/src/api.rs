@@ -47,6 +47,24 @@ impl TestDb {
         pool.close().await;
         Ok(Self { url })
     }
+
+    /// Registers a node row offering `kinds` and `programs`, as a worker would, for
+    /// tests that run no worker (CreateTask refuses kinds nobody offers). No lock backs
+    /// it, so a real worker started later would find it dead and remove it.
+    ///
+    /// # Errors
+    /// When the database refuses.
+    pub async fn offer_kinds(&self, kinds: &[&str], programs: &[&str]) -> anyhow::Result<()> {
+        let pool = sqlx::PgPool::connect(&self.url).await?;
+        sqlx::query("INSERT INTO nodes (node_id, name, capacity, kinds, programs) VALUES ($1, 'fixture', 1, $2, $3)")
+            .bind(uuid::Uuid::now_v7())
+            .bind(kinds.iter().map(|k| (*k).to_owned()).collect::<Vec<_>>())
+            .bind(programs.iter().map(|k| (*k).to_owned()).collect::<Vec<_>>())
+            .execute(&pool)
+            .await?;
+        pool.close().await;
+        Ok(())
+    }
 }
 
 /// A `taskpod-api` process, killed when dropped.

@@ -61,9 +61,19 @@ async fn create(c: &mut Client, title: &str, kind: &str) -> String {
     .task_id
 }
 
-async fn setup() -> (TestDb, ApiProcess, Client) {
+/// A database whose tasks no worker runs: kinds are offered by a fixture node row, and
+/// lifecycle calls answer once the request is recorded instead of waiting for a pod.
+async fn db() -> TestDb {
     let db = TestDb::create().await.unwrap();
-    let api = ApiProcess::spawn(&db, &[]).await.unwrap();
+    db.offer_kinds(&["manual", "sleep"], &[]).await.unwrap();
+    db
+}
+
+const NO_POD_WAIT: (&str, &str) = ("TASKPOD_POD_WAIT_MS", "0");
+
+async fn setup() -> (TestDb, ApiProcess, Client) {
+    let db = db().await;
+    let api = ApiProcess::spawn(&db, &[NO_POD_WAIT]).await.unwrap();
     let client = api.client().await.unwrap();
     (db, api, client)
 }
@@ -360,6 +370,21 @@ async fn bad_input_names_the_field_and_refusals_name_the_reason() {
             },
             "task",
         ),
+        // Kinds are a cluster contract: no worker offers these.
+        (
+            v1::CreateTaskRequest {
+                task: Some(spec("ok", "nobody-runs-this")),
+                meta: meta("a"),
+            },
+            "task.kind",
+        ),
+        (
+            v1::CreateTaskRequest {
+                task: Some(spec("ok", "exec")),
+                meta: meta("a"),
+            },
+            "task.kind",
+        ),
     ];
     for (req, field) in cases {
         let err = c.create_task(req).await.unwrap_err();
@@ -610,9 +635,9 @@ async fn a_retried_request_id_gets_the_first_response() {
 
 #[tokio::test]
 async fn pages_continue_on_any_replica_and_refuse_other_parameters() {
-    let db = TestDb::create().await.unwrap();
-    let a = ApiProcess::spawn(&db, &[]).await.unwrap();
-    let b = ApiProcess::spawn(&db, &[]).await.unwrap();
+    let db = db().await;
+    let a = ApiProcess::spawn(&db, &[NO_POD_WAIT]).await.unwrap();
+    let b = ApiProcess::spawn(&db, &[NO_POD_WAIT]).await.unwrap();
     let (mut ca, mut cb) = (a.client().await.unwrap(), b.client().await.unwrap());
     let tasks: Vec<_> = (0..25)
         .map(|i| v1::TaskSpec {
@@ -678,7 +703,7 @@ async fn pages_continue_on_any_replica_and_refuse_other_parameters() {
 
 #[tokio::test]
 async fn tokens_authenticate_and_bound_who_may_act_for_whom() {
-    let db = TestDb::create().await.unwrap();
+    let db = db().await;
     let tokens = format!(
         "[{{principal=\"ci\", sha256=\"{}\"}}, {{principal=\"gateway\", sha256=\"{}\", act_on_behalf=true}}]",
         taskpod_api::auth::token_hash("ci-token"),
@@ -1020,10 +1045,11 @@ async fn tls_is_served_when_configured() {
         "openssl could not make a test certificate"
     );
 
-    let db = TestDb::create().await.unwrap();
+    let db = db().await;
     let api = ApiProcess::spawn(
         &db,
         &[
+            NO_POD_WAIT,
             ("TASKPOD_TLS__CERT_PATH", cert.to_str().unwrap()),
             ("TASKPOD_TLS__KEY_PATH", key.to_str().unwrap()),
         ],

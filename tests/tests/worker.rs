@@ -266,3 +266,301 @@ impl<F: Future<Output = i64>> ThenEq for F {
         self.await == n
     }
 }
+
+#[tokio::test]
+async fn lifecycle_calls_return_when_the_pod_runs_or_has_stopped() {
+    let db = TestDb::create().await.unwrap();
+    let api = ApiProcess::spawn(&db, &[]).await.unwrap();
+    let mut c = api.client().await.unwrap();
+    let _w = WorkerProcess::spawn(&db, "w", &[]).await.unwrap();
+    let id = create(&mut c, "manual", serde_json::Value::Null, false).await;
+
+    let started = c
+        .start_pod(v1::StartPodRequest {
+            task_id: id.clone(),
+            meta: meta(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(
+        started.pod_status,
+        v1::PodStatus::Running as i32,
+        "StartPod returns once the pod runs"
+    );
+    assert_eq!(started.pod_epoch, 1);
+    assert!(!started.pod_node.is_empty() && started.pod_started_at.is_some());
+    let pods = c
+        .list_active_pods(v1::ListActivePodsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    assert_eq!((pods.len(), pods[0].pod_epoch), (1, 1));
+
+    let restarted = c
+        .restart_pod(v1::RestartPodRequest {
+            task_id: id.clone(),
+            meta: meta(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(
+        (restarted.pod_status, restarted.pod_epoch),
+        (v1::PodStatus::Running as i32, 2),
+        "a new pod, a new epoch"
+    );
+
+    let stopped = c
+        .stop_pod(v1::StopPodRequest {
+            task_id: id.clone(),
+            reason: "done".into(),
+            meta: meta(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(
+        (stopped.status, stopped.pod_state),
+        (v1::TaskStatus::Inactive as i32, v1::PodState::None as i32),
+        "StopPod returns once pod_stopped is written"
+    );
+    let kinds: Vec<_> = events(&mut c, &id)
+        .await
+        .into_iter()
+        .map(|e| e.r#type)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "task_created",
+            "pod_requested",
+            "pod_started",
+            "pod_restart_requested",
+            "pod_stopped",
+            "pod_started",
+            "pod_stop_requested",
+            "pod_stopped"
+        ]
+    );
+}
+
+struct Programs {
+    dir: std::path::PathBuf,
+}
+
+impl Programs {
+    fn new() -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("taskpod-exec-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, body: &str| {
+            use std::os::unix::fs::PermissionsExt;
+            let path = dir.join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        write(
+            "ok.sh",
+            "read input; echo \"phase=$TASKPOD_PHASE epoch=$TASKPOD_EPOCH input=$input\"; exit 0",
+        );
+        write("fail.sh", "echo giving up >&2; exit 3");
+        write("retry.sh", "exit 1");
+        // A leader and a background child in its process group, both findable by the
+        // folder in their command lines: stopping the pod must kill both.
+        write(
+            "slow.sh",
+            &format!(
+                "sh -c 'while :; do sleep 1; done # {}' &\nwhile :; do sleep 1; done",
+                dir.display()
+            ),
+        );
+        Self { dir }
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            (
+                "TASKPOD_RESTART__BACKOFF_BASE_MS".to_owned(),
+                "20".to_owned(),
+            ),
+            (
+                "TASKPOD_RESTART__BACKOFF_MAX_MS".to_owned(),
+                "100".to_owned(),
+            ),
+            (
+                "TASKPOD_RESTART__MAX_RESTART_ATTEMPTS".to_owned(),
+                "3".to_owned(),
+            ),
+        ];
+        for name in ["ok", "fail", "retry", "slow"] {
+            env.push((
+                format!("TASKPOD_HANDLERS__PROGRAMS__{name}__PATH"),
+                self.dir.join(format!("{name}.sh")).display().to_string(),
+            ));
+        }
+        env.push((
+            "TASKPOD_HANDLERS__PROGRAMS__slow__PHASE_TIMEOUT_MS".to_owned(),
+            "60000".to_owned(),
+        ));
+        env
+    }
+
+    /// Processes still running one of this test's programs.
+    fn leftovers(&self) -> usize {
+        let out = std::process::Command::new("pgrep")
+            .arg("-f")
+            .arg(self.dir.to_str().unwrap())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+}
+
+impl Drop for Programs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn exec_runs_configured_programs_and_maps_their_exits() {
+    let programs = Programs::new();
+    let db = TestDb::create().await.unwrap();
+    let api = ApiProcess::spawn(&db, &[]).await.unwrap();
+    let mut c = api.client().await.unwrap();
+    let pool = pool(&db).await;
+    let env = programs.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let _w = WorkerProcess::spawn(&db, "w", &env).await.unwrap();
+
+    // A program no worker is configured to run is refused at creation.
+    let err = c
+        .create_task(v1::CreateTaskRequest {
+            task: Some(v1::TaskSpec {
+                title: "t".into(),
+                kind: "exec".into(),
+                payload: Some(taskpod_proto::convert::json_to_value(
+                    &serde_json::json!({"program": "/bin/rm"}),
+                )),
+                ..Default::default()
+            }),
+            meta: meta(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    let ok = create(&mut c, "exec", serde_json::json!({"program": "ok"}), true).await;
+    let fail = create(&mut c, "exec", serde_json::json!({"program": "fail"}), true).await;
+    let retry = create(
+        &mut c,
+        "exec",
+        serde_json::json!({"program": "retry"}),
+        true,
+    )
+    .await;
+    for (id, status) in [
+        (&ok, v1::TaskStatus::Completed),
+        (&fail, v1::TaskStatus::Failed),
+        (&retry, v1::TaskStatus::Failed),
+    ] {
+        eventually("the exec task ends", || {
+            let mut c = c.clone();
+            let id = id.clone();
+            async move { task(&mut c, &id).await.status == status as i32 }
+        })
+        .await;
+    }
+    let output: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT data FROM task_output WHERE task_id = $1 ORDER BY seq")
+            .bind(uuid::Uuid::parse_str(&ok).unwrap())
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let text = String::from_utf8(output.concat()).unwrap();
+    assert!(
+        text.contains("phase=spec_clarification epoch=1 input={\"program\":\"ok\"}"),
+        "{text}"
+    );
+    assert!(text.contains("phase=review"), "one run per phase: {text}");
+
+    let failed = task(&mut c, &fail).await;
+    assert!(
+        failed.last_error.contains("exited with 3"),
+        "{}",
+        failed.last_error
+    );
+    let crash_count = |id: &str| {
+        let pool = pool.clone();
+        let id = uuid::Uuid::parse_str(id).unwrap();
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pod_crashes WHERE task_id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            n
+        }
+    };
+    assert_eq!(crash_count(&fail).await, 0, "Fail is not a crash");
+    assert_eq!(
+        crash_count(&retry).await,
+        3,
+        "exactly max_restart_attempts runs"
+    );
+    let epochs: Vec<_> = events(&mut c, &retry)
+        .await
+        .into_iter()
+        .filter(|e| e.r#type == "pod_started")
+        .map(|e| e.epoch)
+        .collect();
+    assert_eq!(epochs, [1, 2, 3]);
+    assert!(
+        task(&mut c, &retry)
+            .await
+            .last_error
+            .contains("restart budget spent")
+    );
+
+    // Stopped mid-run: the program's process group is killed.
+    let slow = create(
+        &mut c,
+        "exec",
+        serde_json::json!({"program": "slow"}),
+        false,
+    )
+    .await;
+    c.start_pod(v1::StartPodRequest {
+        task_id: slow.clone(),
+        meta: meta(),
+    })
+    .await
+    .unwrap();
+    eventually("the program and its child run", || async {
+        programs.leftovers() >= 2
+    })
+    .await;
+    c.stop_pod(v1::StopPodRequest {
+        task_id: slow.clone(),
+        reason: "enough".into(),
+        meta: meta(),
+    })
+    .await
+    .unwrap();
+    eventually("no program is left running", || async {
+        programs.leftovers() == 0
+    })
+    .await;
+    assert_eq!(
+        task(&mut c, &slow).await.pod_state,
+        v1::PodState::None as i32
+    );
+}

@@ -7,13 +7,17 @@
 //! - [`auth`]: bearer tokens -> principal, and the request context of changes;
 //! - [`errors`]: domain errors -> gRPC statuses with google.rpc details;
 //! - [`page_token`]: signed, opaque page and resume tokens;
+//! - [`pods`]: waiting for pods in StartPod, StopPod and RestartPod;
+//! - [`kinds`]: the kinds (and exec programs) some worker offers;
 //! - [`service`]: the `taskpod.v1.TaskService` handlers;
 //! - [`watch`]: WatchTask and WatchTasks relays;
 //! - [`server`]: health, reflection, TLS, graceful drain.
 
 pub mod auth;
 pub mod errors;
+pub mod kinds;
 pub mod page_token;
+pub mod pods;
 pub mod server;
 pub mod service;
 pub mod settings;

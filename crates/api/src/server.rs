@@ -63,7 +63,12 @@ pub async fn serve(
         shutdown.clone(),
         tracker.clone(),
     );
-    let api = TaskApi::new(store, tokens, watches);
+    let api = TaskApi::new(
+        store,
+        tokens,
+        watches,
+        Duration::from_millis(settings.pod_wait_ms),
+    );
     let auth = Authenticator::new(&settings.auth);
     let service = TaskServiceServer::new(api)
         .max_decoding_message_size(settings.max_message_bytes)

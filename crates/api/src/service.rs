@@ -18,7 +18,9 @@ use tracing::instrument;
 
 use crate::auth::{Caller, request_context};
 use crate::errors::{Fields, to_status};
+use crate::kinds::KindCatalog;
 use crate::page_token::{PageTokens, fingerprint};
+use crate::pods::{PodWaits, Until};
 use crate::watch::Watches;
 
 /// The service's shared state; cheap to clone.
@@ -27,6 +29,8 @@ pub struct TaskApi {
     store: Store,
     tokens: PageTokens,
     watches: Watches,
+    pods: PodWaits,
+    kinds: KindCatalog,
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -43,8 +47,15 @@ fn required(field: &str) -> Status {
 }
 
 impl TaskApi {
-    pub fn new(store: Store, tokens: PageTokens, watches: Watches) -> Self {
+    pub fn new(
+        store: Store,
+        tokens: PageTokens,
+        watches: Watches,
+        pod_wait: std::time::Duration,
+    ) -> Self {
         Self {
+            pods: PodWaits::new(store.clone(), pod_wait),
+            kinds: KindCatalog::new(store.clone()),
             store,
             tokens,
             watches,
@@ -55,15 +66,27 @@ impl TaskApi {
         request_context(req.metadata(), req.extensions().get::<Caller>(), meta)
     }
 
-    /// Runs a lifecycle command and answers with the task as committed afterwards.
+    /// Runs a lifecycle command, waits for the pod if `until` says so, and answers with
+    /// the task as committed then.
     async fn command(
         &self,
         task_id: &str,
         command: Command,
         ctx: &RequestContext,
+        until: Option<fn(i64) -> Until>,
+        metadata: &tonic::metadata::MetadataMap,
     ) -> Result<v1::Task, Status> {
         let id = convert::task_id("task_id", task_id).map_err(plain)?;
-        self.store.execute(id, &command, ctx).await.map_err(plain)?;
+        let executed = self.store.execute(id, &command, ctx).await.map_err(plain)?;
+        if let Some(until) = until {
+            // A replayed answer carries the epoch of the first call, so a retry waits
+            // for the same pod.
+            let before = executed.state.pod_epoch;
+            self.pods
+                .wait(id, until(before), metadata)
+                .await
+                .map_err(plain)?;
+        }
         let task = self.store.get_task(id).await.map_err(plain)?;
         Ok(convert::task(&task))
     }
@@ -192,6 +215,10 @@ impl TaskService for TaskApi {
             .ok_or_else(|| required("task"))?;
         let fields = Fields::Spec("task");
         let new = convert::new_task(spec).map_err(|e| to_status(e, fields))?;
+        self.kinds
+            .check(std::slice::from_ref(&new), false)
+            .await
+            .map_err(|e| to_status(e, fields))?;
         let created = self
             .store
             .create_task(&new, &ctx)
@@ -223,6 +250,10 @@ impl TaskService for TaskApi {
                 })
             })
             .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| to_status(e, fields))?;
+        self.kinds
+            .check(&tasks, true)
+            .await
             .map_err(|e| to_status(e, fields))?;
         let created = self
             .store
@@ -272,7 +303,13 @@ impl TaskService for TaskApi {
     async fn start_pod(&self, req: Request<v1::StartPodRequest>) -> Reply<v1::StartPodResponse> {
         let ctx = Self::context(&req, req.get_ref().meta.as_ref())?;
         let task = self
-            .command(&req.get_ref().task_id, Command::RequestStart, &ctx)
+            .command(
+                &req.get_ref().task_id,
+                Command::RequestStart,
+                &ctx,
+                Some(Until::RunningAfter),
+                req.metadata(),
+            )
             .await?;
         Ok(Response::new(v1::StartPodResponse { task: Some(task) }))
     }
@@ -283,7 +320,13 @@ impl TaskService for TaskApi {
         let ctx = Self::context(&req, r.meta.as_ref())?;
         let reason = (!r.reason.is_empty()).then(|| r.reason.clone());
         let task = self
-            .command(&r.task_id, Command::RequestStop { reason }, &ctx)
+            .command(
+                &r.task_id,
+                Command::RequestStop { reason },
+                &ctx,
+                Some(|_| Until::Stopped),
+                req.metadata(),
+            )
             .await?;
         Ok(Response::new(v1::StopPodResponse { task: Some(task) }))
     }
@@ -295,7 +338,13 @@ impl TaskService for TaskApi {
     ) -> Reply<v1::RestartPodResponse> {
         let ctx = Self::context(&req, req.get_ref().meta.as_ref())?;
         let task = self
-            .command(&req.get_ref().task_id, Command::RequestRestart, &ctx)
+            .command(
+                &req.get_ref().task_id,
+                Command::RequestRestart,
+                &ctx,
+                Some(Until::RunningAfter),
+                req.metadata(),
+            )
             .await?;
         Ok(Response::new(v1::RestartPodResponse { task: Some(task) }))
     }
@@ -330,7 +379,13 @@ impl TaskService for TaskApi {
     ) -> Reply<v1::CompleteTaskResponse> {
         let ctx = Self::context(&req, req.get_ref().meta.as_ref())?;
         let task = self
-            .command(&req.get_ref().task_id, Command::Complete, &ctx)
+            .command(
+                &req.get_ref().task_id,
+                Command::Complete,
+                &ctx,
+                None,
+                req.metadata(),
+            )
             .await?;
         Ok(Response::new(v1::CompleteTaskResponse { task: Some(task) }))
     }
@@ -345,7 +400,9 @@ impl TaskService for TaskApi {
         let command = Command::Cancel {
             reason: r.reason.clone(),
         };
-        let task = self.command(&r.task_id, command, &ctx).await?;
+        let task = self
+            .command(&r.task_id, command, &ctx, None, req.metadata())
+            .await?;
         Ok(Response::new(v1::CancelTaskResponse { task: Some(task) }))
     }
 
@@ -358,7 +415,13 @@ impl TaskService for TaskApi {
         let ctx = Self::context(&req, r.meta.as_ref())?;
         let to = convert::from_phase("to_phase", r.to_phase).map_err(plain)?;
         let task = self
-            .command(&r.task_id, Command::TransitionPhase { to }, &ctx)
+            .command(
+                &r.task_id,
+                Command::TransitionPhase { to },
+                &ctx,
+                None,
+                req.metadata(),
+            )
             .await?;
         Ok(Response::new(v1::TransitionPhaseResponse {
             task: Some(task),

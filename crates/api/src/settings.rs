@@ -28,6 +28,9 @@ pub struct ApiSettings {
     pub watch: WatchSettings,
     /// Request ids older than this are forgotten: a later retry is a new request.
     pub idempotency_ttl_secs: u64,
+    /// The longest StartPod/RestartPod wait for the pod to run, and StopPod for it to
+    /// stop, when the client's deadline allows; 0 answers once the request is recorded.
+    pub pod_wait_ms: u64,
 }
 
 impl Default for ApiSettings {
@@ -45,6 +48,7 @@ impl Default for ApiSettings {
             shutdown_grace_ms: 10_000,
             watch: WatchSettings::default(),
             idempotency_ttl_secs: 24 * 3600,
+            pod_wait_ms: 10_000,
         }
     }
 }

@@ -27,6 +27,8 @@
 //! }
 //! ```
 
+use std::time::Duration;
+
 use futures::future::BoxFuture;
 use taskpod_core::Error;
 use taskpod_core::domain::{Event, EventMetadata, Phase, Status, Task};
@@ -206,6 +208,9 @@ impl PodContext {
     }
 
     async fn append(&mut self, event: Event) -> Result<(), HandlerError> {
+        // A store outage hits every pod at once and is nobody's fault: wait it out
+        // (until stopped) instead of crashing, so it is charged to no task.
+        let mut backoff = Duration::from_millis(100);
         loop {
             let res = self
                 .store
@@ -241,6 +246,14 @@ impl PodContext {
                         self.phase = state.phase;
                         return Ok(());
                     }
+                }
+                Err(Error::StoreUnavailable(cause)) => {
+                    tracing::debug!(task.id = %self.task.task_id, %cause, "store unavailable, waiting");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = self.stop.cancelled() => return Err(HandlerError::Stopped),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
                 Err(e) => return Err(store_error(e)),
             }
