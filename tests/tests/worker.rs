@@ -564,3 +564,171 @@ async fn exec_runs_configured_programs_and_maps_their_exits() {
         v1::PodState::None as i32
     );
 }
+
+/// Every event a pod or worker wrote carries its epoch; across a stream those epochs never
+/// go back: no pod wrote after a newer epoch was minted.
+async fn assert_epochs_never_go_back(pool: &sqlx::PgPool) {
+    let rows: Vec<(uuid::Uuid, Vec<i64>)> = sqlx::query_as(
+        "SELECT stream_id, array_agg((metadata->>'epoch')::bigint ORDER BY version) FROM events \
+         WHERE metadata ? 'epoch' GROUP BY stream_id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(!rows.is_empty());
+    for (task, epochs) in rows {
+        assert!(
+            epochs.windows(2).all(|w| w[0] <= w[1]),
+            "task {task}: epochs went back: {epochs:?}"
+        );
+    }
+}
+
+async fn running_on(pool: &sqlx::PgPool, node: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM task_heads WHERE pod_state = 'running' AND owner_node = $1",
+    )
+    .bind(uuid::Uuid::parse_str(node).unwrap())
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_drained_workers_pods_move_without_a_crash() {
+    let db = TestDb::create().await.unwrap();
+    let api = ApiProcess::spawn(&db, &[]).await.unwrap();
+    let mut c = api.client().await.unwrap();
+    let pool = pool(&db).await;
+    let mut leaving = WorkerProcess::spawn(&db, "leaving", &[]).await.unwrap();
+    let staying = WorkerProcess::spawn(&db, "staying", &[]).await.unwrap();
+    eventually("two workers share the partitions", || async {
+        even(&ownership(&pool).await, &[&leaving, &staying])
+    })
+    .await;
+    for _ in 0..40 {
+        create(&mut c, "manual", serde_json::Value::Null, true).await;
+    }
+    eventually("every pod runs", || async {
+        running_on(&pool, &leaving.node_id).await + running_on(&pool, &staying.node_id).await == 40
+    })
+    .await;
+    assert!(running_on(&pool, &leaving.node_id).await > 0);
+
+    leaving.signal("TERM").await.unwrap();
+    assert!(
+        leaving
+            .wait(Duration::from_secs(30))
+            .await
+            .unwrap()
+            .success(),
+        "a clean exit"
+    );
+    eventually("every pod runs on the staying worker", || async {
+        running_on(&pool, &staying.node_id).await == 40
+    })
+    .await;
+    assert_eq!(
+        crashes(&pool, "handler").await + crashes(&pool, "node_lost").await,
+        0,
+        "a drain records no crash"
+    );
+    assert_epochs_never_go_back(&pool).await;
+}
+
+/// Settings that make a silent worker lose its lock session within about a second.
+const FAST_FENCE: [(&str, &str); 2] = [
+    ("TASKPOD_LOCK__IDLE_SESSION_TIMEOUT_MS", "1500"),
+    ("TASKPOD_HANDLERS__SLEEP_PHASE_MS", "400"),
+];
+
+#[tokio::test]
+async fn a_zombie_owner_writes_nothing_after_the_takeover() {
+    let db = TestDb::create().await.unwrap();
+    let api = ApiProcess::spawn(&db, &[]).await.unwrap();
+    let mut c = api.client().await.unwrap();
+    let pool = pool(&db).await;
+    let zombie = WorkerProcess::spawn(&db, "zombie", &FAST_FENCE)
+        .await
+        .unwrap();
+    let other = WorkerProcess::spawn(&db, "other", &FAST_FENCE)
+        .await
+        .unwrap();
+    eventually("two workers share the partitions", || async {
+        even(&ownership(&pool).await, &[&zombie, &other])
+    })
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(create(&mut c, "sleep", serde_json::Value::Null, true).await);
+    }
+    eventually("the zombie runs pods", || async {
+        running_on(&pool, &zombie.node_id).await > 0
+    })
+    .await;
+
+    // Frozen: its socket stays open, but it stops pinging; Postgres ends the idle
+    // session and the other worker takes over while the zombie's pods sleep mid-phase.
+    zombie.signal("STOP").await.unwrap();
+    eventually("the other worker owns every partition", || async {
+        even(&ownership(&pool).await, &[&other])
+    })
+    .await;
+    zombie.signal("CONT").await.unwrap();
+    for id in &ids {
+        eventually("every task completes", || {
+            let mut c = c.clone();
+            let id = id.clone();
+            async move { task(&mut c, &id).await.status == v1::TaskStatus::Completed as i32 }
+        })
+        .await;
+    }
+    assert!(
+        crashes(&pool, "node_lost").await > 0,
+        "the takeover recorded the lost pods"
+    );
+    assert_epochs_never_go_back(&pool).await;
+}
+
+#[tokio::test]
+async fn a_terminated_lock_session_fences_its_worker() {
+    let db = TestDb::create().await.unwrap();
+    let api = ApiProcess::spawn(&db, &[]).await.unwrap();
+    let mut c = api.client().await.unwrap();
+    let pool = pool(&db).await;
+    let a = WorkerProcess::spawn(&db, "a", &FAST_FENCE).await.unwrap();
+    let b = WorkerProcess::spawn(&db, "b", &FAST_FENCE).await.unwrap();
+    eventually("two workers share the partitions", || async {
+        even(&ownership(&pool).await, &[&a, &b])
+    })
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(create(&mut c, "sleep", serde_json::Value::Null, true).await);
+    }
+    let db_name = db.url.rsplit('/').next().unwrap().to_owned();
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'taskpod-worker-locks' AND datname = $1 LIMIT 1) t",
+    )
+    .bind(&db_name)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, 1);
+    for id in &ids {
+        eventually("every task completes", || {
+            let mut c = c.clone();
+            let id = id.clone();
+            async move { task(&mut c, &id).await.status == v1::TaskStatus::Completed as i32 }
+        })
+        .await;
+    }
+    // Both workers are still serving: the fenced one came back as a new incarnation.
+    let nodes: i64 = sqlx::query_scalar("SELECT count(*) FROM nodes")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(nodes, 2);
+    assert_epochs_never_go_back(&pool).await;
+}

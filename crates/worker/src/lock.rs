@@ -52,6 +52,7 @@ impl LockSession {
         let interval = settings.keepalive_interval_secs.to_string();
         let count = settings.keepalive_count.to_string();
         let user_timeout = settings.tcp_user_timeout_ms.to_string();
+        let idle_timeout = settings.idle_session_timeout_ms.to_string();
         let opts = opts
             .application_name("taskpod-worker-locks")
             .options([
@@ -59,6 +60,7 @@ impl LockSession {
                 ("tcp_keepalives_interval", interval.as_str()),
                 ("tcp_keepalives_count", count.as_str()),
                 ("tcp_user_timeout", user_timeout.as_str()),
+                ("idle_session_timeout", idle_timeout.as_str()),
                 ("statement_timeout", "0"),
             ])
             // Prepared statements are per connection; this one lives long, so cache.

@@ -70,6 +70,10 @@ pub struct LockSettings {
     pub keepalive_interval_secs: u32,
     pub keepalive_count: u32,
     pub tcp_user_timeout_ms: u32,
+    /// Postgres ends this session when it has been idle this long: a worker that stops
+    /// pinging without closing its socket (SIGSTOP, a hung process) loses its locks, so
+    /// the others can take over. Keep it well above the longest control step.
+    pub idle_session_timeout_ms: u32,
 }
 
 impl Default for LockSettings {
@@ -81,6 +85,7 @@ impl Default for LockSettings {
             keepalive_interval_secs: 1,
             keepalive_count: 3,
             tcp_user_timeout_ms: 5_000,
+            idle_session_timeout_ms: 10_000,
         }
     }
 }
