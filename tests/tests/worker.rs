@@ -732,3 +732,152 @@ async fn a_terminated_lock_session_fences_its_worker() {
     assert_eq!(nodes, 2);
     assert_epochs_never_go_back(&pool).await;
 }
+
+#[tokio::test]
+async fn a_thousand_tasks_on_three_workers_start_once_per_epoch_without_overlap() {
+    let db = TestDb::create().await.unwrap();
+    let api = ApiProcess::spawn(&db, &[]).await.unwrap();
+    let mut c = api.client().await.unwrap();
+    let pool = pool(&db).await;
+    let fast = [("TASKPOD_HANDLERS__SLEEP_PHASE_MS", "0")];
+    let mut w = Vec::new();
+    for name in ["w0", "w1", "w2"] {
+        w.push(WorkerProcess::spawn(&db, name, &fast).await.unwrap());
+    }
+    eventually("three workers share the partitions", || async {
+        even(&ownership(&pool).await, &[&w[0], &w[1], &w[2]])
+    })
+    .await;
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| v1::TaskSpec {
+            title: format!("t{i}"),
+            kind: "sleep".into(),
+            auto_start: true,
+            ..Default::default()
+        })
+        .collect();
+    c.create_tasks(v1::CreateTasksRequest {
+        tasks,
+        meta: meta(),
+    })
+    .await
+    .unwrap();
+    eventually("all 1,000 complete", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status = 'completed'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        n == 1000
+    })
+    .await;
+
+    let streams: Vec<(uuid::Uuid, Vec<String>, Vec<Option<i64>>)> = sqlx::query_as(
+        "SELECT stream_id, array_agg(type ORDER BY version), array_agg((metadata->>'epoch')::bigint ORDER BY version) \
+         FROM events GROUP BY stream_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(streams.len(), 1000);
+    let mut per_node: HashMap<String, usize> = HashMap::new();
+    for (task, types, epochs) in &streams {
+        // Each epoch starts once, and ends before the next one starts.
+        let mut open: Option<i64> = None;
+        let mut started = HashSet::new();
+        for (ty, epoch) in types.iter().zip(epochs) {
+            match (ty.as_str(), epoch) {
+                ("pod_started", Some(e)) => {
+                    assert!(
+                        open.is_none(),
+                        "task {task}: epoch {e} started while {open:?} ran"
+                    );
+                    assert!(started.insert(*e), "task {task}: epoch {e} started twice");
+                    open = Some(*e);
+                }
+                ("pod_stopped" | "pod_crashed", Some(e)) => {
+                    assert_eq!(
+                        open,
+                        Some(*e),
+                        "task {task}: {ty} for an epoch that was not running"
+                    );
+                    open = None;
+                }
+                _ => {}
+            }
+        }
+        assert!(open.is_none(), "task {task} ended with a pod still open");
+        assert_eq!(started.len(), 1, "task {task}: no crash, so one epoch");
+    }
+    let nodes: Vec<(uuid::Uuid,)> =
+        sqlx::query_as("SELECT (data->>'node')::uuid FROM events WHERE type = 'pod_started'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    for (n,) in nodes {
+        *per_node.entry(n.to_string()).or_default() += 1;
+    }
+    assert_eq!(per_node.len(), 3, "every worker ran pods: {per_node:?}");
+}
+
+#[tokio::test]
+async fn an_exec_child_dies_with_its_worker_before_its_successor_starts() {
+    let programs = Programs::new();
+    let log = programs.dir.join("runs.log");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let path = programs.dir.join("long.sh");
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\necho \"start $TASKPOD_EPOCH $(date +%s%N)\" >> {}\nwhile :; do sleep 1; done\n", log.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let db = TestDb::create().await.unwrap();
+    let api = ApiProcess::spawn(&db, &[]).await.unwrap();
+    let mut c = api.client().await.unwrap();
+    let pool = pool(&db).await;
+    let long = programs.dir.join("long.sh").display().to_string();
+    let env = [("TASKPOD_HANDLERS__PROGRAMS__long__PATH", long.as_str())];
+    let mut first = WorkerProcess::spawn(&db, "first", &env).await.unwrap();
+    eventually("the first worker owns every partition", || async {
+        even(&ownership(&pool).await, &[&first])
+    })
+    .await;
+    let id = create(&mut c, "exec", serde_json::json!({"program": "long"}), true).await;
+    eventually("the program runs", || async { programs.leftovers() >= 1 }).await;
+
+    let second = WorkerProcess::spawn(&db, "second", &env).await.unwrap();
+    first.signal("KILL").await.unwrap();
+    first.wait(Duration::from_secs(10)).await.unwrap();
+    // PR_SET_PDEATHSIG: the child dies with its worker, before any successor starts.
+    eventually("the orphan is gone", || async { programs.leftovers() == 0 }).await;
+    eventually("the task runs again on the second worker", || async {
+        running_on(&pool, &second.node_id).await == 1
+    })
+    .await;
+    eventually("the program runs again", || async {
+        programs.leftovers() >= 1
+    })
+    .await;
+    assert_eq!(programs.leftovers(), 1, "old and new runs never overlap");
+    let runs = std::fs::read_to_string(&log).unwrap();
+    let epochs: Vec<&str> = runs
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(epochs, ["1", "2"], "{runs}");
+    let lost: i64 = crashes(&pool, "node_lost").await;
+    assert_eq!(lost, 1);
+    c.cancel_task(v1::CancelTaskRequest {
+        task_id: id,
+        reason: "done".into(),
+        meta: meta(),
+    })
+    .await
+    .unwrap();
+    eventually("no program is left running", || async {
+        programs.leftovers() == 0
+    })
+    .await;
+}
