@@ -881,3 +881,91 @@ async fn an_exec_child_dies_with_its_worker_before_its_successor_starts() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn losing_the_store_everywhere_at_once_charges_no_task() {
+    let db = TestDb::create().await.unwrap();
+    let api = ApiProcess::spawn(&db, &[]).await.unwrap();
+    let mut c = api.client().await.unwrap();
+    let pool = pool(&db).await;
+    let a = WorkerProcess::spawn(&db, "a", &[]).await.unwrap();
+    let b = WorkerProcess::spawn(&db, "b", &[]).await.unwrap();
+    eventually("two workers share the partitions", || async {
+        even(&ownership(&pool).await, &[&a, &b])
+    })
+    .await;
+    for _ in 0..20 {
+        create(&mut c, "manual", serde_json::Value::Null, true).await;
+    }
+    let running = |pool: sqlx::PgPool| async move {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM task_heads WHERE pod_state = 'running'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        n
+    };
+    eventually("every pod runs", || running(pool.clone()).then_eq(20)).await;
+
+    // What a Postgres restart does to this database: every session ends at once, and
+    // for a while nobody can connect (so pods cannot even record that they stopped).
+    let db_name = db.url.rsplit('/').next().unwrap().to_owned();
+    let admin = sqlx::PgPool::connect(&std::env::var("DATABASE_URL").unwrap())
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {db_name} ALLOW_CONNECTIONS false"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+        .bind(&db_name)
+        .execute(&admin)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {db_name} ALLOW_CONNECTIONS true"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    let pool = self::pool(&db).await;
+    // Both workers fence themselves and come back as new incarnations.
+    let old: Vec<uuid::Uuid> = [&a, &b]
+        .iter()
+        .map(|w| uuid::Uuid::parse_str(&w.node_id).unwrap())
+        .collect();
+    eventually("every pod runs again under new incarnations", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM task_heads WHERE pod_state = 'running' AND NOT owner_node = ANY($1)")
+            .bind(&old)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        n == 20
+    })
+    .await;
+    let charged: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pod_crashes WHERE kind IN ('handler', 'node_lost')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(charged, 0, "no task was charged for the outage");
+    let interrupted: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pod_crashes WHERE kind = 'interrupted'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(
+        interrupted > 0,
+        "the pods cut off by the outage were recorded as interrupted"
+    );
+    let active: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status = 'active'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(active, 20);
+    assert_epochs_never_go_back(&pool).await;
+}

@@ -46,6 +46,10 @@ pub enum WorkerError {
     Lock(#[from] crate::lock::LockError),
 }
 
+/// How long after its own fence a node treats adopted pods as interrupted rather than
+/// lost.
+const INTERRUPTION_WINDOW: Duration = Duration::from_secs(30);
+
 /// A running pod, as the controller tracks it.
 #[derive(Debug)]
 struct PodHandle {
@@ -80,6 +84,10 @@ pub struct Controller {
     last_claim: Option<Instant>,
     last_heartbeat: Instant,
     last_prune: Instant,
+    /// When this node last lost its lock session. Pods of lost nodes adopted soon after
+    /// were most likely lost to the same interruption (a Postgres restart ends every
+    /// session at once), which is charged to no task.
+    last_fence: Option<Instant>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -131,6 +139,7 @@ impl Controller {
             last_claim: None,
             last_heartbeat: Instant::now(),
             last_prune: Instant::now(),
+            last_fence: None,
             settings,
         };
         controller.connect().await?;
@@ -419,15 +428,27 @@ impl Controller {
         let Some(&generation) = self.owned.get(&c.partition) else {
             return;
         };
+        let interrupted = self
+            .last_fence
+            .is_some_and(|t| t.elapsed() < INTERRUPTION_WINDOW);
         let report = CrashReport {
             task_id: c.task_id,
             epoch: c.pod_epoch,
             node: c.owner_node,
             reason: format!(
-                "node {} lost",
-                c.owner_node.map(|n| n.to_string()).unwrap_or_default()
+                "node {} {}",
+                c.owner_node.map(|n| n.to_string()).unwrap_or_default(),
+                if interrupted {
+                    "interrupted with the store"
+                } else {
+                    "lost"
+                }
             ),
-            kind: CrashKind::NodeLost,
+            kind: if interrupted {
+                CrashKind::Interrupted
+            } else {
+                CrashKind::NodeLost
+            },
         };
         let jitter = rand::random::<f64>();
         match self
@@ -542,6 +563,7 @@ impl Controller {
     /// new incarnation.
     async fn self_fence(&mut self) {
         tracing::warn!(node = %self.node, pods = self.pods.len(), "lock session lost, fencing");
+        self.last_fence = Some(Instant::now());
         for pod in self.pods.values() {
             pod.stop.cancel();
         }

@@ -17,6 +17,9 @@ pub enum CrashKind {
     /// The pod's node died under it. Counted against the poison budget, so a task that
     /// kills every node it lands on stops too.
     NodeLost,
+    /// The pod's node lost the store together with every other node (a Postgres restart
+    /// or outage). Recorded, charged to no budget.
+    Interrupted,
 }
 
 impl CrashKind {
@@ -24,6 +27,7 @@ impl CrashKind {
         match self {
             CrashKind::Handler => "handler",
             CrashKind::NodeLost => "node_lost",
+            CrashKind::Interrupted => "interrupted",
         }
     }
 }

@@ -93,7 +93,9 @@ impl Store {
         }];
         let mut outcome = CrashOutcome::Ended;
         let mut delay = None;
-        if before.status == Status::Active {
+        if before.status == Status::Active && report.kind == CrashKind::Interrupted {
+            delay = Some(Duration::ZERO);
+        } else if before.status == Status::Active {
             let (handler, lost): (i64, i64) = sqlx::query_as(
                 "SELECT count(*) FILTER (WHERE kind = 'handler'), count(*) FILTER (WHERE kind = 'node_lost') \
                  FROM pod_crashes WHERE task_id = $1 AND at > now() - make_interval(secs => $2)",
