@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use taskpod_core::store::{Secret, StoreSettings};
 
@@ -144,7 +144,18 @@ impl ApiSettings {
             figment = figment.merge(Toml::file_exact(file));
         }
         let settings: ApiSettings = figment
-            .merge(Env::prefixed("TASKPOD_").split("__"))
+            .merge(taskpod_core::config::env_layer(&[
+                "listen",
+                "store",
+                "auth",
+                "page_tokens",
+                "tls",
+                "max_message_bytes",
+                "shutdown_grace_ms",
+                "watch",
+                "idempotency_ttl_secs",
+                "pod_wait_ms",
+            ]))
             .extract()
             .map_err(Box::new)?;
         settings.check()?;
@@ -248,6 +259,30 @@ mod tests {
             assert_eq!(
                 s.page_tokens.current_key.expose(),
                 "from-the-file-0123456789"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn other_programs_variables_are_ignored() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env(
+                "TASKPOD_PAGE_TOKENS__CURRENT_KEY",
+                "from-the-env-0123456789",
+            );
+            jail.set_env("TASKPOD_AUTH__ENABLED", "false");
+            jail.set_env("TASKPOD_ADDRESS", "http://127.0.0.1:1");
+            jail.set_env("TASKPOD_CONFIG", "/nowhere");
+            let s = ApiSettings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                s.page_tokens.current_key.expose(),
+                "from-the-env-0123456789"
+            );
+            jail.set_env("TASKPOD_STORE__NOT_A_SETTING", "1");
+            assert!(
+                ApiSettings::load(None).is_err(),
+                "keys inside owned sections stay strict"
             );
             Ok(())
         });

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use taskpod_core::domain::restart::RestartPolicy;
 use taskpod_core::store::StoreSettings;
@@ -205,7 +205,19 @@ impl WorkerSettings {
             figment = figment.merge(Toml::file_exact(file));
         }
         let s: WorkerSettings = figment
-            .merge(Env::prefixed("TASKPOD_").split("__"))
+            .merge(taskpod_core::config::env_layer(&[
+                "name",
+                "store",
+                "health_listen",
+                "capacity",
+                "lock",
+                "tick_ms",
+                "claim_interval_ms",
+                "settle_ms",
+                "drain_grace_ms",
+                "restart",
+                "handlers",
+            ]))
             .extract()
             .map_err(Box::new)?;
         s.check()?;

@@ -19,8 +19,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
+use rustix::process::{Pid, Signal};
 use taskpod_core::domain::TaskId;
 use taskpod_core::store::Store;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -123,7 +122,10 @@ async fn run_once(
     let mut child = cmd
         .spawn()
         .map_err(|e| HandlerError::Fail(format!("cannot start {}: {e}", program.path.display())))?;
-    let pgid = child.id().map(|id| Pid::from_raw(id as i32));
+    let pgid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .and_then(Pid::from_raw);
     if let Some(mut input) = child.stdin.take() {
         // A program that does not read its stdin must not block the pod.
         let _ = tokio::time::timeout(Duration::from_secs(5), input.write_all(stdin)).await;
@@ -158,7 +160,8 @@ async fn run_once(
 /// Kills the whole process group and waits (bounded) for the leader.
 pub(crate) async fn kill_group(pgid: Option<Pid>, child: &mut Child) {
     if let Some(pgid) = pgid {
-        let _ = killpg(pgid, Signal::SIGKILL);
+        // ESRCH (already gone) is fine.
+        let _ = rustix::process::kill_process_group(pgid, Signal::KILL);
     }
     let _ = tokio::time::timeout(Duration::from_millis(KILL_TIMEOUT_MS), child.wait()).await;
 }
@@ -212,11 +215,19 @@ async fn capture(
 /// Makes the child receive SIGKILL when the worker dies.
 #[allow(unsafe_code)]
 fn die_with_parent(cmd: &mut Command) {
+    let parent = rustix::process::getpid();
     // SAFETY: the closure runs in the forked child before exec and only makes the
-    // prctl(2) system call, which is async-signal-safe; it allocates nothing.
+    // prctl(2) and getppid(2) system calls and builds an io::Error from an errno: it
+    // allocates nothing and takes no lock, as async-signal-safety requires.
     unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        cmd.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+            // The worker may have died between fork and prctl: then nothing would kill
+            // us later, so do not start at all.
+            if rustix::process::getppid() != Some(parent) {
+                return Err(rustix::io::Errno::SRCH.into());
+            }
+            Ok(())
         });
     }
 }
