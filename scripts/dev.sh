@@ -61,4 +61,6 @@ if ! command -v cargo >/dev/null 2>&1; then
   fi
 fi
 
+# `taskpod dev` runs the server binaries it finds beside itself: build them all.
+cargo build --release --bins -p taskpod-cli -p taskpod-api -p taskpod-worker
 exec cargo run --release -p taskpod-cli --bin taskpod -- dev "$@"

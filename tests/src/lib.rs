@@ -7,13 +7,32 @@
 //!   when dropped;
 //! - [`run_dev_once`] and [`DevProcess`]: `taskpod dev` run to completion, or kept
 //!   running to be signalled;
-//! - [`api`]: a fresh database per test and real `taskpod-api` processes on it;
-//! - [`worker`]: real `taskpod-worker` processes.
+//! - [`api`]: a fresh database per test and real `taskpod-api` processes on it
+//!   ([`spawn_api`] for a database given by URL);
+//! - [`worker`]: real `taskpod-worker` processes;
+//! - [`cli`]: the `taskpod` client commands run against them, on a database migrated by
+//!   `taskpod migrate`.
 //!
 //! Set `TEST_LOG=1` to see the binary's output as it runs.
 
 pub mod api;
+pub mod cli;
 pub mod worker;
+
+/// Starts a `taskpod-api` on a free loopback port over the database at `db_url` (auth
+/// off unless `extra_env` sets `TASKPOD_AUTH__*`); it is killed when dropped.
+///
+/// # Errors
+/// When the binary is missing or the server does not print its address in time.
+pub async fn spawn_api(
+    db_url: &str,
+    extra_env: &[(&str, &str)],
+) -> anyhow::Result<api::ApiProcess> {
+    let db = api::TestDb {
+        url: db_url.to_owned(),
+    };
+    api::ApiProcess::spawn(&db, extra_env).await
+}
 
 use std::fmt;
 use std::os::unix::fs::DirBuilderExt;

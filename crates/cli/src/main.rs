@@ -4,32 +4,66 @@
 //! its own module and returns that module's error enum, so `anyhow` stays up here.
 //!
 //! Layout:
+//! - [`commands`]: the client for every RPC, one module per noun (`task`, `pod`), and
+//!   `completions`;
+//! - [`config`], [`client`], [`output`], [`error`]: flags and profiles, the connection,
+//!   the output formats, errors and exit codes;
 //! - [`migrate`]: `taskpod migrate`, also the first step of `taskpod dev`;
 //! - [`dev`]: `taskpod dev`, a whole local cluster from one command.
 
+mod client;
+mod commands;
+mod config;
 mod dev;
+mod duration;
+mod error;
 mod migrate;
+mod output;
 
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+
+use commands::completions::CompletionsArgs;
+use commands::pod::PodCommand;
+use commands::task::TaskCommand;
+use config::GlobalArgs;
+use error::CliError;
 
 /// taskpod: a distributed task orchestrator.
 #[derive(Debug, Parser)]
-#[command(name = "taskpod", version, about)]
+#[command(
+    name = "taskpod",
+    version,
+    about,
+    after_help = "Exit codes: 0 ok, 1 server or internal error, 2 usage, 3 not found, \
+    4 failed precondition / already exists / aborted, 5 invalid argument, \
+    6 unauthenticated / permission denied, 7 unavailable / deadline exceeded; \
+    task wait: 10 failed, 11 cancelled, 12 timed out. See docs/cli.md."
+)]
 struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Creates, reads, drives and watches tasks
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// Starts, stops, restarts and lists pods (a task's live runtime on a worker)
+    #[command(subcommand)]
+    Pod(PodCommand),
+    /// Prints a shell completion script
+    Completions(CompletionsArgs),
     /// Applies the database migrations and creates the upcoming event partitions.
     Migrate(migrate::MigrateArgs),
-    /// Runs a local taskpod cluster: a private PostgreSQL in a data folder, migrated and
-    /// smoke-checked.
+    /// Runs a local taskpod cluster: a private PostgreSQL in a data folder, migrated,
+    /// two API replicas, smoke-checked through the API.
     Dev(dev::DevArgs),
 }
 
@@ -37,22 +71,42 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    match run(cli.command).await {
+    match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            // The chain, one cause a line: these are messages for people, and a
-            // backtrace of the CLI's own frames would only bury them.
-            eprintln!("error: {err}");
-            for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+        Err(err) => match err.downcast_ref::<CliError>() {
+            Some(cli_err) if cli_err.is_broken_pipe() => ExitCode::SUCCESS,
+            Some(cli_err) => {
+                report(&err);
+                ExitCode::from(cli_err.exit_code())
             }
-            ExitCode::FAILURE
-        }
+            None => {
+                report(&err);
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
-    match command {
+/// The error, then its causes, one a line: these are messages for people, and a
+/// backtrace of the CLI's own frames would only bury them.
+fn report(err: &anyhow::Error) {
+    eprintln!("error: {err}");
+    for cause in err.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Task(command) => {
+            let ctx = commands::Context::new(cli.global)?;
+            commands::task::run(&ctx, command).await?;
+        }
+        Command::Pod(command) => {
+            let ctx = commands::Context::new(cli.global)?;
+            commands::pod::run(&ctx, command).await?;
+        }
+        Command::Completions(args) => commands::completions::run(&args, Cli::command())?,
         Command::Migrate(args) => {
             let report = migrate::run(&args.database_url)
                 .await
@@ -72,4 +126,91 @@ fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("taskpod").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_go_before_or_after_the_subcommand() {
+        let cli = parse(&[
+            "--address",
+            "a:1",
+            "task",
+            "get",
+            "t1",
+            "-o",
+            "json",
+            "--timeout",
+            "5s",
+        ])
+        .unwrap();
+        assert_eq!(cli.global.address.as_deref(), Some("a:1"));
+        assert_eq!(cli.global.output, output::Format::Json);
+        assert_eq!(cli.global.timeout, Some(std::time::Duration::from_secs(5)));
+        assert!(matches!(cli.command, Command::Task(TaskCommand::Get(_))));
+    }
+
+    #[test]
+    fn wait_reads_the_global_timeout_as_its_limit() {
+        let cli = parse(&["task", "wait", "t1", "--timeout", "5m"]).unwrap();
+        assert_eq!(
+            cli.global.timeout,
+            Some(std::time::Duration::from_secs(300))
+        );
+        let cli = parse(&["task", "wait", "t1"]).unwrap();
+        assert_eq!(cli.global.timeout, None);
+        assert_eq!(cli.global.call_timeout(), config::DEFAULT_TIMEOUT);
+    }
+
+    #[test]
+    fn usage_errors_exit_with_two() {
+        let err = parse(&["task", "transition", "t1", "--to", "done"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let err = parse(&["task", "list", "-o", "yaml"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn list_flags_parse() {
+        let cli = parse(&[
+            "task",
+            "list",
+            "--filter",
+            "priority >= 5",
+            "--status",
+            "active",
+            "--phase",
+            "planning",
+            "--kind",
+            "sleep",
+            "--created-by",
+            "ci",
+            "--order-by",
+            "created_at desc",
+            "--limit",
+            "10",
+            "--page-size",
+            "5",
+        ])
+        .unwrap();
+        let Command::Task(TaskCommand::List(args)) = cli.command else {
+            panic!("not a list");
+        };
+        assert_eq!(args.limit, Some(10));
+        assert_eq!(args.page_size, Some(5));
+        assert_eq!(args.order_by.as_deref(), Some("created_at desc"));
+        assert_eq!(args.filter.filter(), "priority >= 5");
+        assert!(parse(&["task", "list", "--page-size", "0"]).is_err());
+    }
 }

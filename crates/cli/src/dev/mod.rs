@@ -1,14 +1,19 @@
 //! `taskpod dev`: a whole local cluster from one command, for trying taskpod and for
 //! the end-to-end tests.
 //!
-//! Today the cluster is a private PostgreSQL (see [`postgres`]) with the schema migrated
-//! and a smoke check through the store ([`smoke`]); the API replicas and workers join it
-//! as they are built. State lives in one data folder that later runs reuse.
+//! The cluster is a private PostgreSQL (see [`postgres`]) with the schema migrated, two
+//! `taskpod-worker` nodes and two `taskpod-api` replicas on free loopback ports
+//! ([`processes`]), and a smoke check through the gRPC API ([`smoke`]). State lives in
+//! one data folder that later runs reuse; the servers' logs are in its `logs/`.
 //!
-//! Whatever happens after the server is up (a failed step, Ctrl-C, SIGTERM, a panic),
-//! the server this run started or adopted is stopped before the process exits.
+//! Whatever happens after Postgres is up (a failed step, Ctrl-C, SIGTERM, a panic), the
+//! replicas and then the workers are stopped (SIGTERM, then SIGKILL after a grace
+//! period), then the Postgres this run started or adopted, before the process exits. If
+//! `taskpod dev` itself is killed, the kernel sends its children SIGTERM; Postgres stays
+//! up and the next run adopts it.
 
 mod postgres;
+mod processes;
 mod smoke;
 
 use std::path::PathBuf;
@@ -16,12 +21,17 @@ use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions as _, Connection as _, PgConnection};
-use taskpod_core::store::{Store, StoreSettings};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
+use crate::error::CliError;
 use crate::migrate::{self, MigrateError};
 use postgres::{LocalPostgres, Origin, PostgresError, SUPERUSER};
+use processes::{ClusterConfig, Managed, ProcessError, Replica, Worker};
 use smoke::SmokeError;
+
+/// How many API replicas and workers the cluster runs.
+const REPLICAS: usize = 2;
+const WORKERS: usize = 2;
 
 /// The database the cluster uses, beside Postgres's own `postgres` database.
 const DATABASE: &str = "taskpod";
@@ -40,6 +50,12 @@ pub struct DevArgs {
     /// /usr/lib/postgresql/*/bin or PATH].
     #[arg(long, env = "TASKPOD_PG_BINDIR")]
     pub pg_bindir: Option<PathBuf>,
+    /// The taskpod-api binary [default: beside this taskpod, else on PATH].
+    #[arg(long)]
+    pub api_bin: Option<PathBuf>,
+    /// The taskpod-worker binary [default: beside this taskpod, else on PATH].
+    #[arg(long)]
+    pub worker_bin: Option<PathBuf>,
     /// Stops everything after the smoke check instead of waiting for Ctrl-C.
     #[arg(long)]
     pub once: bool,
@@ -61,8 +77,10 @@ pub enum DevError {
     CreateDatabase(#[source] sqlx::Error),
     #[error(transparent)]
     Migrate(#[from] MigrateError),
-    #[error("could not connect the store")]
-    Store(#[source] taskpod_core::Error),
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error("could not reach the API replicas")]
+    Client(#[source] CliError),
     #[error(transparent)]
     Smoke(#[from] SmokeError),
     #[error("interrupted by {0} before the cluster was ready")]
@@ -74,21 +92,45 @@ pub enum DevError {
 /// # Errors
 /// The first step that failed. The server is stopped in every case.
 pub async fn run(args: DevArgs) -> Result<(), DevError> {
-    // Installed first: from here on Ctrl-C means "stop Postgres and exit", at any step.
+    // Installed first: from here on Ctrl-C means "stop everything and exit", at any step.
     let mut signals = Signals::install().map_err(DevError::Signals)?;
     let bindir = postgres::find_bindir(args.pg_bindir.as_deref())?;
+    // Found before anything starts, so a missing server binary costs nothing to learn.
+    let api_bin = processes::find_binary(processes::API_BIN, "--api-bin", args.api_bin.as_deref())?;
+    let worker_bin = processes::find_binary(
+        processes::WORKER_BIN,
+        "--worker-bin",
+        args.worker_bin.as_deref(),
+    )?;
     let mut pg = LocalPostgres::start(&bindir, &args.data_dir, args.pg_port).await?;
     announce(&pg, args.pg_port);
 
+    // Owned out here, so a signal or failed step mid-way still stops every child
+    // started so far.
+    let mut children = Children::default();
+    let log_dir = args.data_dir.join("logs");
     let outcome = tokio::select! {
-        ready = prepare(pg.port()) => ready,
+        ready = prepare(pg.port(), api_bin, worker_bin, log_dir, &mut children) => ready,
         signal = signals.recv() => Err(DevError::Interrupted(signal)),
     };
     let outcome = match outcome {
         Ok(url) => {
             println!("ready: DATABASE_URL={url}");
             println!("ready: psql \"{url}\" connects to it");
-            println!("ready: later issues add the API replicas and workers here");
+            let urls: Vec<String> = children.replicas.iter().map(Replica::url).collect();
+            println!("ready: API replicas at {}", urls.join(" and "));
+            let actor = std::env::var("USER")
+                .ok()
+                .filter(|u| {
+                    !u.is_empty()
+                        && u.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+                })
+                .unwrap_or_else(|| "dev".into());
+            println!(
+                "ready: export TASKPOD_ADDRESS={} TASKPOD_ACTOR={actor}",
+                urls.first().map_or("", String::as_str)
+            );
             if !args.once {
                 println!(
                     "running: press Ctrl-C to stop (the data stays in {})",
@@ -102,6 +144,20 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         Err(err) => Err(err),
     };
 
+    // Clients first: replicas, then the workers (which stop their pods cleanly), then
+    // the database they all use.
+    stop_all(
+        "api",
+        "replicas",
+        children.replicas.into_iter().map(|r| r.process),
+    )
+    .await;
+    stop_all(
+        "workers",
+        "workers",
+        children.workers.into_iter().map(|w| w.process),
+    )
+    .await;
     let stopped = pg.stop().await;
     match (&outcome, &stopped) {
         (_, Ok(())) => println!("postgres: stopped"),
@@ -111,6 +167,33 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     }
     outcome?;
     stopped.map_err(DevError::from)
+}
+
+/// The servers this run started, in start order.
+#[derive(Debug, Default)]
+struct Children {
+    workers: Vec<Worker>,
+    replicas: Vec<Replica>,
+}
+
+/// Stops a group together (each drains in parallel with the others).
+async fn stop_all(prefix: &str, what: &str, group: impl Iterator<Item = Managed>) {
+    let results = futures::future::join_all(group.map(|p| async move {
+        let name = p.name.clone();
+        (name, p.stop().await)
+    }))
+    .await;
+    if results.is_empty() {
+        return;
+    }
+    for (name, result) in &results {
+        match result {
+            Ok(status) if status.success() => {}
+            Ok(status) => tracing::warn!(process = %name, %status, "exited uncleanly"),
+            Err(error) => tracing::error!(process = %name, %error, "could not stop it"),
+        }
+    }
+    println!("{prefix}: stopped {} {what}", results.len());
 }
 
 fn announce(pg: &LocalPostgres, requested_port: Option<u16>) {
@@ -137,8 +220,16 @@ fn announce(pg: &LocalPostgres, requested_port: Option<u16>) {
     );
 }
 
-/// Creates the database, migrates it and runs the smoke check; returns its URL.
-async fn prepare(port: u16) -> Result<String, DevError> {
+/// Creates the database, migrates it, starts the workers and then the replicas (kept in
+/// `children` as each comes up) and runs the smoke check through the replicas; returns
+/// the database URL.
+async fn prepare(
+    port: u16,
+    api_bin: PathBuf,
+    worker_bin: PathBuf,
+    log_dir: PathBuf,
+    children: &mut Children,
+) -> Result<String, DevError> {
     if ensure_database(port).await? {
         println!("database: created {DATABASE}");
     } else {
@@ -148,14 +239,42 @@ async fn prepare(port: u16) -> Result<String, DevError> {
     let report = migrate::run(&url).await?;
     println!("migrations: {report}");
 
-    let settings = StoreSettings {
-        application_name: "taskpod-dev".into(),
-        ..StoreSettings::with_url(url.clone())
+    let config = ClusterConfig {
+        api_bin,
+        worker_bin,
+        database_url: url.clone(),
+        // Fresh each run: tokens from an earlier run's replicas are simply refused.
+        page_token_key: uuid::Uuid::new_v4().simple().to_string(),
+        log_dir,
     };
-    let store = Store::connect(&settings).await.map_err(DevError::Store)?;
-    let checked = smoke::run(&store).await;
-    store.pool().close().await;
-    checked?;
+    // Workers first: the API accepts only the kinds a registered worker offers.
+    for index in 1..=WORKERS {
+        let worker = config.start_worker(index).await?;
+        println!(
+            "workers: worker {index} registered as node {} (log: {})",
+            worker.node,
+            worker.process.log.display()
+        );
+        children.workers.push(worker);
+    }
+    for index in 1..=REPLICAS {
+        let replica = config.start_replica(index).await?;
+        println!(
+            "api: replica {index} listening on {} (log: {})",
+            replica.addr,
+            replica.process.log.display()
+        );
+        children.replicas.push(replica);
+    }
+
+    let (Some(first), Some(second)) = (children.replicas.first(), children.replicas.last()) else {
+        return Err(DevError::Smoke(SmokeError::Unexpected(
+            "no replica started".into(),
+        )));
+    };
+    let first = smoke::client(&first.url()).map_err(DevError::Client)?;
+    let second = smoke::client(&second.url()).map_err(DevError::Client)?;
+    smoke::run(&first, &second).await?;
     Ok(url)
 }
 

@@ -1,0 +1,39 @@
+//! The client commands, one module per noun (`taskpod task ...`, `taskpod pod ...`),
+//! shaped like kubectl's and temporal's: noun, verb, arguments.
+//!
+//! Every command gets a [`Context`]: the client, the output format and the global
+//! flags, and returns [`CliError`](crate::error::CliError).
+
+pub mod completions;
+pub mod pod;
+pub mod task;
+
+use crate::client::Client;
+use crate::config::GlobalArgs;
+use crate::error::CliError;
+use crate::output::Format;
+
+/// What every client command runs with.
+#[derive(Debug)]
+pub struct Context {
+    pub client: Client,
+    pub format: Format,
+    pub global: GlobalArgs,
+}
+
+impl Context {
+    /// Resolves the settings (flags, env, profile) and prepares the client.
+    ///
+    /// # Errors
+    /// Bad configuration or a malformed address or token.
+    pub fn new(global: GlobalArgs) -> Result<Self, CliError> {
+        let settings = global.settings()?;
+        tracing::debug!(address = %settings.address, profile = ?settings.profile, "settings");
+        let client = Client::connect(&settings, global.call_timeout())?;
+        Ok(Self {
+            client,
+            format: global.output,
+            global,
+        })
+    }
+}
