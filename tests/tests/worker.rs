@@ -513,8 +513,8 @@ async fn exec_runs_configured_programs_and_maps_their_exits() {
     assert_eq!(crash_count(&fail).await, 0, "Fail is not a crash");
     assert_eq!(
         crash_count(&retry).await,
-        3,
-        "exactly max_restart_attempts runs"
+        4,
+        "exactly max_restart_attempts restarts, then failed"
     );
     let epochs: Vec<_> = events(&mut c, &retry)
         .await
@@ -522,7 +522,7 @@ async fn exec_runs_configured_programs_and_maps_their_exits() {
         .filter(|e| e.r#type == "pod_started")
         .map(|e| e.epoch)
         .collect();
-    assert_eq!(epochs, [1, 2, 3]);
+    assert_eq!(epochs, [1, 2, 3, 4]);
     assert!(
         task(&mut c, &retry)
             .await

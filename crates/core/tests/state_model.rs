@@ -637,7 +637,7 @@ proptest! {
         let mut runs = 0usize;
         let mut last_epoch = state.pod_epoch;
         let ended_by = loop {
-            prop_assert!(runs < 10, "the pod loop did not end after {} runs", runs);
+            prop_assert!(runs < 12, "the pod loop did not end after {} runs", runs);
             // The worker mints a new epoch and the pod starts under it.
             let minted = mint_pod(&state, NodeId::new()).map_err(|e| TestCaseError::fail(format!("mint: {e}")))?;
             prop_assert_eq!(minted.pod_epoch, last_epoch + 1, "every run gets a new epoch");
@@ -682,7 +682,7 @@ proptest! {
                     let count = u32::try_from(in_window).expect("a few crashes");
                     match policy.decide(count, 0, jitters[runs - 1]) {
                         RestartDecision::Restart { delay } => {
-                            prop_assert!(count < max, "restart after {} of {} crashes", count, max);
+                            prop_assert!(count <= max, "restart after {} of {} crashes", count, max);
                             prop_assert!(
                                 delay <= policy.backoff_max,
                                 "delay {:?} over backoff_max {:?}", delay, policy.backoff_max
@@ -690,7 +690,7 @@ proptest! {
                             now += delay;
                         }
                         RestartDecision::Fail { error } => {
-                            prop_assert_eq!(count, max, "failed after {} of {} crashes", count, max);
+                            prop_assert_eq!(count, max + 1, "failed after {} crashes, {} restarts allowed", count, max);
                             // The worker fails the task under its generation.
                             state = append(&state, &mut stream, vec![Event::TaskFailed {
                                 error: error.clone(),
@@ -708,19 +708,20 @@ proptest! {
         prop_assert_eq!(state.phase, Phase::Failed);
         prop_assert_eq!(state.pod_state, PodState::None);
         prop_assert!(state.last_error.is_some());
-        prop_assert!(crashes.len() <= max as usize);
+        // max restarts allowed: at most max + 1 runs, and as many crashes.
+        prop_assert!(crashes.len() <= max as usize + 1);
         let first_fail = outcomes.iter().position(|&o| o == HandlerOutcome::Fail);
         match first_fail {
             // The first Fail ends it, unless the budget ran out before.
-            Some(i) if i < max as usize => {
+            Some(i) if i <= max as usize => {
                 prop_assert_eq!(ended_by, HandlerOutcome::Fail);
                 prop_assert_eq!(runs, i + 1);
                 prop_assert_eq!(crashes.len(), i);
             }
             _ => {
                 prop_assert_eq!(ended_by, HandlerOutcome::Retry);
-                prop_assert_eq!(crashes.len(), max as usize);
-                prop_assert_eq!(runs, max as usize);
+                prop_assert_eq!(crashes.len(), max as usize + 1);
+                prop_assert_eq!(runs, max as usize + 1);
             }
         }
         // The ended task refuses to start again, and its stream replays to it.
@@ -743,7 +744,7 @@ proptest! {
         let delay = policy.backoff(crashes, jitter);
         prop_assert!(delay <= policy.backoff_max);
         if let RestartDecision::Restart { delay } = policy.decide(crashes, 0, jitter) {
-            prop_assert!(crashes < policy.max_restart_attempts);
+            prop_assert!(crashes <= policy.max_restart_attempts);
             prop_assert!(delay <= policy.backoff_max);
         }
     }

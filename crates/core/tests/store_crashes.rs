@@ -34,7 +34,7 @@ async fn a_crash_looping_task_restarts_within_its_budget_then_fails(
     let generation = store.partitions().await.unwrap()[partition as usize].generation;
     let policy = policy(Duration::ZERO);
     let mut outcomes = Vec::new();
-    for attempt in 0..3 {
+    for attempt in 0..4 {
         let report = CrashReport {
             task_id: task,
             epoch,
@@ -77,19 +77,20 @@ async fn a_crash_looping_task_restarts_within_its_budget_then_fails(
     }
     assert!(matches!(outcomes[0], CrashOutcome::Restart { .. }));
     assert!(matches!(outcomes[1], CrashOutcome::Restart { .. }));
+    assert!(matches!(outcomes[2], CrashOutcome::Restart { .. }));
     assert!(
-        matches!(outcomes[2], CrashOutcome::Failed { .. }),
+        matches!(outcomes[3], CrashOutcome::Failed { .. }),
         "{outcomes:?}"
     );
     let got = store.get_task(task).await.unwrap();
     assert_eq!(got.status, Status::Failed);
-    assert!(got.last_error.unwrap().contains("boom 2"));
+    assert!(got.last_error.unwrap().contains("boom 3"));
     let crashes: i64 = sqlx::query_scalar("SELECT count(*) FROM pod_crashes WHERE task_id = $1")
         .bind(task.as_uuid())
         .fetch_one(store.pool())
         .await
         .unwrap();
-    assert_eq!(crashes, 3);
+    assert_eq!(crashes, 4);
 }
 
 #[sqlx::test(migrations = "../../migrations")]

@@ -125,7 +125,7 @@ impl RestartSettings {
             max_restart_attempts: if self.auto_restart {
                 self.max_restart_attempts
             } else {
-                1
+                0
             },
             window: Duration::from_secs(self.restart_window_seconds),
             backoff_base: Duration::from_millis(self.backoff_base_ms),

@@ -35,8 +35,9 @@ impl CrashKind {
 /// Restart limits, from the worker's configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RestartPolicy {
-    /// A task restarts while fewer than this many handler crashes fell within the
-    /// window (counting the one just recorded): with 3, it runs at most 3 times.
+    /// A task restarts at most this many times within the window: the handler crash
+    /// that would need one more restart fails it. With 3, it runs at most 4 times; with
+    /// 0, its first crash fails it.
     pub max_restart_attempts: u32,
     pub window: Duration,
     /// The first backoff; it doubles with each crash in the window, up to `backoff_max`.
@@ -71,7 +72,7 @@ impl RestartPolicy {
     /// Decides after a crash, given the crashes of each kind within the window (the new
     /// one included) and a jitter in `[0, 1)`.
     pub fn decide(&self, handler_crashes: u32, node_losses: u32, jitter: f64) -> RestartDecision {
-        if handler_crashes >= self.max_restart_attempts {
+        if handler_crashes > self.max_restart_attempts {
             return RestartDecision::Fail {
                 error: format!(
                     "restart budget spent: {handler_crashes} handler crashes within {}s",
@@ -111,7 +112,7 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn third_crash_in_window_fails_with_default_budget() {
+    fn the_default_budget_allows_three_restarts() {
         let p = RestartPolicy::default();
         assert!(matches!(
             p.decide(1, 0, 0.0),
@@ -121,7 +122,11 @@ mod tests {
             p.decide(2, 0, 0.0),
             RestartDecision::Restart { .. }
         ));
-        assert!(matches!(p.decide(3, 0, 0.0), RestartDecision::Fail { .. }));
+        assert!(matches!(
+            p.decide(3, 0, 0.0),
+            RestartDecision::Restart { .. }
+        ));
+        assert!(matches!(p.decide(4, 0, 0.0), RestartDecision::Fail { .. }));
     }
 
     #[test]
