@@ -969,3 +969,65 @@ async fn losing_the_store_everywhere_at_once_charges_no_task() {
     assert_eq!(active, 20);
     assert_epochs_never_go_back(&pool).await;
 }
+
+/// The Redis that scripts/test.sh starts.
+fn redis_url() -> String {
+    std::env::var("TASKPOD_TEST_REDIS_URL").expect("scripts/test.sh sets TASKPOD_TEST_REDIS_URL")
+}
+
+#[tokio::test]
+async fn bus_wake_ups_start_and_stop_pods_between_ticks() {
+    let db = TestDb::create().await.unwrap();
+    let redis = redis_url();
+    let bus = [("TASKPOD_BUS__URL", redis.as_str())];
+    let api = ApiProcess::spawn(&db, &bus).await.unwrap();
+    let mut c = api.client().await.unwrap();
+    // The periodic check runs once a minute: within this test only bus wake-ups can
+    // make the worker act.
+    let worker_env = [
+        ("TASKPOD_BUS__URL", redis.as_str()),
+        ("TASKPOD_TICK_MS", "60000"),
+        ("TASKPOD_CLAIM_INTERVAL_MS", "10"),
+    ];
+    let w = WorkerProcess::spawn(&db, "w", &worker_env).await.unwrap();
+    let pool = pool(&db).await;
+    eventually("the worker owns every partition", || async {
+        even(&ownership(&pool).await, &[&w])
+    })
+    .await;
+    // Let the first tick's subscription settle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let id = create(&mut c, "manual", serde_json::Value::Null, false).await;
+    let started = c
+        .start_pod(v1::StartPodRequest {
+            task_id: id.clone(),
+            meta: meta(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(
+        started.pod_status,
+        v1::PodStatus::Running as i32,
+        "woken by the bus, the worker started the pod"
+    );
+    let stopped = c
+        .stop_pod(v1::StopPodRequest {
+            task_id: id.clone(),
+            reason: String::new(),
+            meta: meta(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(
+        stopped.pod_state,
+        v1::PodState::None as i32,
+        "and stopped it"
+    );
+}

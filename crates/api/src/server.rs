@@ -30,6 +30,8 @@ pub enum ServeError {
     },
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Bus(String),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -63,11 +65,14 @@ pub async fn serve(
         shutdown.clone(),
         tracker.clone(),
     );
+    let bus = taskpod_core::bus::Publisher::new(&settings.bus)
+        .map_err(|e| ServeError::Bus(e.to_string()))?;
     let api = TaskApi::new(
         store,
         tokens,
         watches,
         Duration::from_millis(settings.pod_wait_ms),
+        bus,
     );
     let auth = Authenticator::new(&settings.auth);
     let service = TaskServiceServer::new(api)

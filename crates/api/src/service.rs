@@ -18,6 +18,10 @@ use tracing::instrument;
 
 use crate::auth::{Caller, request_context};
 use crate::errors::{Fields, to_status};
+use taskpod_core::bus::{Publisher, TaskUpdate};
+use taskpod_core::domain::NewTask;
+use taskpod_core::store::Created;
+
 use crate::kinds::KindCatalog;
 use crate::page_token::{PageTokens, fingerprint};
 use crate::pods::{PodWaits, Until};
@@ -31,6 +35,8 @@ pub struct TaskApi {
     watches: Watches,
     pods: PodWaits,
     kinds: KindCatalog,
+    /// Announces every committed change (best effort, after the commit).
+    bus: Publisher,
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -52,14 +58,30 @@ impl TaskApi {
         tokens: PageTokens,
         watches: Watches,
         pod_wait: std::time::Duration,
+        bus: Publisher,
     ) -> Self {
         Self {
+            bus,
             pods: PodWaits::new(store.clone(), pod_wait),
             kinds: KindCatalog::new(store.clone()),
             store,
             tokens,
             watches,
         }
+    }
+
+    async fn announce_created(&self, created: &Created, tasks: &[NewTask], ctx: &RequestContext) {
+        if created.replayed {
+            return;
+        }
+        let count = self.store.partition_count();
+        let updates: Vec<TaskUpdate> = created
+            .task_ids
+            .iter()
+            .zip(tasks)
+            .map(|(id, task)| TaskUpdate::created(*id, task, count, ctx.traceparent.clone()))
+            .collect();
+        self.bus.publish(&updates).await;
     }
 
     fn context<T>(req: &Request<T>, meta: Option<&RequestMeta>) -> Result<RequestContext, Status> {
@@ -78,6 +100,15 @@ impl TaskApi {
     ) -> Result<v1::Task, Status> {
         let id = convert::task_id("task_id", task_id).map_err(plain)?;
         let executed = self.store.execute(id, &command, ctx).await.map_err(plain)?;
+        if !executed.replayed {
+            let update = TaskUpdate::of(
+                &executed.state,
+                self.store.partition_count(),
+                &executed.last_event,
+                ctx.traceparent.clone(),
+            );
+            self.bus.publish(&[update]).await;
+        }
         if let Some(until) = until {
             // A replayed answer carries the epoch of the first call, so a retry waits
             // for the same pod.
@@ -224,6 +255,8 @@ impl TaskService for TaskApi {
             .create_task(&new, &ctx)
             .await
             .map_err(|e| to_status(e, fields))?;
+        self.announce_created(&created, std::slice::from_ref(&new), &ctx)
+            .await;
         let task_id = created
             .task_id()
             .map(|id| id.to_string())
@@ -260,6 +293,7 @@ impl TaskService for TaskApi {
             .create_tasks(&tasks, &ctx)
             .await
             .map_err(|e| to_status(e, fields))?;
+        self.announce_created(&created, &tasks, &ctx).await;
         Ok(Response::new(v1::CreateTasksResponse {
             task_ids: created.task_ids.iter().map(TaskId::to_string).collect(),
         }))

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
+use taskpod_core::bus::BusSettings;
 use taskpod_core::store::{Secret, StoreSettings};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -31,6 +32,8 @@ pub struct ApiSettings {
     /// The longest StartPod/RestartPod wait for the pod to run, and StopPod for it to
     /// stop, when the client's deadline allows; 0 answers once the request is recorded.
     pub pod_wait_ms: u64,
+    /// Redis: every committed change is announced there for workers and watchers.
+    pub bus: BusSettings,
 }
 
 impl Default for ApiSettings {
@@ -49,6 +52,7 @@ impl Default for ApiSettings {
             watch: WatchSettings::default(),
             idempotency_ttl_secs: 24 * 3600,
             pod_wait_ms: 10_000,
+            bus: BusSettings::default(),
         }
     }
 }
@@ -155,6 +159,7 @@ impl ApiSettings {
                 "watch",
                 "idempotency_ttl_secs",
                 "pod_wait_ms",
+                "bus",
             ]))
             .extract()
             .map_err(Box::new)?;

@@ -8,10 +8,12 @@
 //! Layout:
 //! - [`domain`]: ids, status and phase, events, commands, the state table, validation,
 //!   partition hashing, the restart policy;
+//! - [`bus`]: the Redis status bus (publish after commit, reconnecting subscriptions);
 //! - [`config`]: the `TASKPOD_*` environment layer of every binary's settings;
 //! - [`error`]: the one error enum every layer above maps from;
 //! - [`store`]: Postgres (sqlx): create, execute, append, read, list, count.
 
+pub mod bus;
 pub mod config;
 pub mod domain;
 pub mod error;

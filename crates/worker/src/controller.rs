@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use futures::FutureExt as _;
 use taskpod_core::Error;
+use taskpod_core::bus::{BusEvent, Publisher, Subscription, TaskUpdate, channels};
 use taskpod_core::domain::restart::{CrashKind, RestartPolicy};
 use taskpod_core::domain::{EventMetadata, NodeId, PodState, Status, TaskId};
 use taskpod_core::store::Store;
@@ -44,7 +45,12 @@ pub enum WorkerError {
     Store(#[from] Error),
     #[error("lock session: {0}")]
     Lock(#[from] crate::lock::LockError),
+    #[error("{0}")]
+    Settings(String),
 }
+
+/// How long a wake-up waits for others to arrive before the check it triggers.
+const WAKE_DELAY: Duration = Duration::from_millis(2);
 
 /// How long after its own fence a node treats adopted pods as interrupted rather than
 /// lost.
@@ -84,6 +90,10 @@ pub struct Controller {
     last_claim: Option<Instant>,
     last_heartbeat: Instant,
     last_prune: Instant,
+    /// Announces the changes this node makes (crashes; pods announce their own).
+    bus: Publisher,
+    /// The wake-up subscription: one channel per owned partition. `None` without a bus.
+    subscription: Option<Subscription>,
     /// When this node last lost its lock session. Pods of lost nodes adopted soon after
     /// were most likely lost to the same interruption (a Postgres restart ends every
     /// session at once), which is charged to no task.
@@ -140,6 +150,8 @@ impl Controller {
             last_heartbeat: Instant::now(),
             last_prune: Instant::now(),
             last_fence: None,
+            bus: Publisher::new(&settings.bus).map_err(|e| WorkerError::Settings(e.to_string()))?,
+            subscription: None,
             settings,
         };
         controller.connect().await?;
@@ -188,10 +200,29 @@ impl Controller {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(self.settings.tick());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Owned by this loop; ends with it (the token) or when the handle drops.
+        let bus_stop = shutdown.child_token();
+        let (mut wakeups, bus_task) =
+            match Subscription::start(&self.settings.bus, bus_stop.clone()) {
+                Some((subscription, rx, task)) => {
+                    self.subscription = Some(subscription);
+                    (Some(rx), Some(task))
+                }
+                None => (None, None),
+            };
         loop {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
+                Some(event) = async { match &mut wakeups { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
+                    // A change in an owned partition, or a reconnect after which anything
+                    // may have been missed: check soon. Messages arriving together share
+                    // one check.
+                    if matches!(event, BusEvent::Connected | BusEvent::Message { .. }) {
+                        tick.reset_after(WAKE_DELAY);
+                    }
+                    continue;
+                }
                 Some(joined) = self.joins.join_next(), if !self.joins.is_empty() => {
                     if let Ok((task, epoch, exit)) = joined {
                         self.reap(task, epoch, exit).await;
@@ -208,6 +239,10 @@ impl Controller {
             }
         }
         self.drain().await;
+        bus_stop.cancel();
+        if let Some(task) = bus_task {
+            let _ = task.await;
+        }
     }
 
     async fn step(&mut self) -> Result<(), WorkerError> {
@@ -319,7 +354,11 @@ impl Controller {
                 }
             }
         }
-        self.release_empty_leaving().await
+        self.release_empty_leaving().await?;
+        if let Some(subscription) = &self.subscription {
+            subscription.set_channels(self.owned.keys().map(|p| channels::partition(*p)).collect());
+        }
+        Ok(())
     }
 
     /// Releases partitions being handed back once no pod of theirs runs.
@@ -466,6 +505,9 @@ impl Controller {
             Ok(outcome) => {
                 self.adopted.insert(c.task_id);
                 tracing::info!(task.id = %c.task_id, ?outcome, "pod of a lost node recorded");
+                if outcome != CrashOutcome::AlreadyRecorded {
+                    self.announce(c.task_id, "pod_crashed").await;
+                }
             }
             Err(e) => tracing::debug!(task.id = %c.task_id, error = %e, "node loss not recorded"),
         }
@@ -496,10 +538,11 @@ impl Controller {
             },
         );
         let store = self.store.clone();
+        let bus = self.bus.clone();
         let node = self.node;
         let task_id = c.task_id;
         self.joins.spawn(async move {
-            let exit = AssertUnwindSafe(pod::run(store, spec, handler, slots, node, stop))
+            let exit = AssertUnwindSafe(pod::run(store, spec, handler, slots, node, stop, bus))
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|panic| {
@@ -550,9 +593,15 @@ impl Controller {
                 .await
             {
                 Ok(CrashOutcome::Failed { error }) => {
-                    tracing::info!(task.id = %task, %error, "restart budget spent")
+                    tracing::info!(task.id = %task, %error, "restart budget spent");
+                    self.announce(task, "task_failed").await;
                 }
-                Ok(outcome) => tracing::info!(task.id = %task, ?outcome, "pod crashed"),
+                Ok(outcome) => {
+                    tracing::info!(task.id = %task, ?outcome, "pod crashed");
+                    if outcome != CrashOutcome::AlreadyRecorded {
+                        self.announce(task, "pod_crashed").await;
+                    }
+                }
                 Err(e) => tracing::warn!(task.id = %task, error = %e, "crash not recorded"),
             }
         }
@@ -609,6 +658,14 @@ impl Controller {
             lock.close().await;
         }
         tracing::info!("drained");
+    }
+
+    /// Announces a change this node recorded (best effort, after the commit).
+    async fn announce(&self, task: TaskId, event_type: &str) {
+        if let Ok(state) = self.store.state(task).await {
+            let update = TaskUpdate::of(&state, self.store.partition_count(), event_type, None);
+            self.bus.publish(&[update]).await;
+        }
     }
 
     fn metadata(&self) -> EventMetadata {

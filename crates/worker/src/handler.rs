@@ -31,8 +31,9 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use taskpod_core::Error;
+use taskpod_core::bus::{Publisher, TaskUpdate};
 use taskpod_core::domain::{Event, EventMetadata, Phase, Status, Task};
-use taskpod_core::store::{AppendFence, Store};
+use taskpod_core::store::{AppendFence, Appended, Store};
 use tokio_util::sync::CancellationToken;
 
 /// How a handler run ended, other than by completing the task.
@@ -69,6 +70,8 @@ pub struct PodContext {
     /// Cancelled by the controller when the pod must stop.
     stop: CancellationToken,
     metadata: EventMetadata,
+    /// Every append is announced on the bus after it commits.
+    bus: Publisher,
 }
 
 impl PodContext {
@@ -78,8 +81,10 @@ impl PodContext {
         epoch: i64,
         stop: CancellationToken,
         metadata: EventMetadata,
+        bus: Publisher,
     ) -> Self {
         Self {
+            bus,
             version: task.version,
             phase: task.phase,
             store,
@@ -183,6 +188,7 @@ impl PodContext {
             {
                 Ok(a) => {
                     self.version = a.state.version;
+                    self.announce(&a).await;
                     return;
                 }
                 Err(Error::VersionConflict { actual, .. }) => self.version = actual,
@@ -207,6 +213,16 @@ impl PodContext {
         self.append(event).await
     }
 
+    async fn announce(&self, appended: &Appended) {
+        let update = TaskUpdate::of(
+            &appended.state,
+            self.store.partition_count(),
+            appended.last_event,
+            self.metadata.traceparent.clone(),
+        );
+        self.bus.publish(&[update]).await;
+    }
+
     async fn append(&mut self, event: Event) -> Result<(), HandlerError> {
         // A store outage hits every pod at once and is nobody's fault: wait it out
         // (until stopped) instead of crashing, so it is charged to no task.
@@ -226,6 +242,7 @@ impl PodContext {
                 Ok(appended) => {
                     self.version = appended.state.version;
                     self.phase = appended.state.phase;
+                    self.announce(&appended).await;
                     return Ok(());
                 }
                 Err(Error::VersionConflict { .. }) => {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use taskpod_core::bus::Publisher;
 use taskpod_core::domain::{EventMetadata, NodeId, TaskId};
 use taskpod_core::store::Store;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +48,7 @@ pub(crate) async fn run(
     slots: Slots,
     node: NodeId,
     stop: CancellationToken,
+    bus: Publisher,
 ) -> PodExit {
     let task = match store.get_task(spec.task_id).await {
         Ok(task) => task,
@@ -57,7 +59,7 @@ pub(crate) async fn run(
         correlation_id: format!("pod:{}:{}", spec.task_id, spec.epoch),
         ..EventMetadata::default()
     };
-    let mut pod = PodContext::new(store, task, spec.epoch, stop.clone(), metadata);
+    let mut pod = PodContext::new(store, task, spec.epoch, stop.clone(), metadata, bus);
 
     let _permit = tokio::select! {
         permit = slots.acquire(spec.priority, spec.created_at) => permit,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
+use taskpod_core::bus::BusSettings;
 use taskpod_core::domain::restart::RestartPolicy;
 use taskpod_core::store::StoreSettings;
 
@@ -34,6 +35,9 @@ pub struct WorkerSettings {
     pub drain_grace_ms: u64,
     pub restart: RestartSettings,
     pub handlers: HandlerSettings,
+    /// Redis, for prompt wake-ups and status fan-out; without it the worker notices
+    /// changes at its next tick.
+    pub bus: BusSettings,
 }
 
 impl Default for WorkerSettings {
@@ -53,6 +57,7 @@ impl Default for WorkerSettings {
             drain_grace_ms: 10_000,
             restart: RestartSettings::default(),
             handlers: HandlerSettings::default(),
+            bus: BusSettings::default(),
         }
     }
 }
@@ -217,6 +222,7 @@ impl WorkerSettings {
                 "drain_grace_ms",
                 "restart",
                 "handlers",
+                "bus",
             ]))
             .extract()
             .map_err(Box::new)?;

@@ -24,6 +24,8 @@ pub enum AppendFence {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Appended {
     pub state: TaskState,
+    /// The type of the last event appended.
+    pub last_event: &'static str,
 }
 
 impl Store {
@@ -97,7 +99,10 @@ impl Store {
         };
         write_changes(&mut tx, &before, &after, events, &metadata).await?;
         tx.commit().await.map_err(from_sqlx)?;
-        Ok(Appended { state: after })
+        Ok(Appended {
+            state: after,
+            last_event: events.last().map(Event::type_name).unwrap_or_default(),
+        })
     }
 
     /// Mints the next pod epoch: one conditional statement that succeeds only while the

@@ -20,6 +20,9 @@ pub struct Executed {
     pub state: TaskState,
     /// The first version the command appended.
     pub first_version: i64,
+    /// The type of the last event it appended.
+    #[serde(default)]
+    pub last_event: String,
     #[serde(skip)]
     pub replayed: bool,
 }
@@ -81,6 +84,10 @@ impl Store {
         };
         write_changes(&mut tx, &before, &after, &events, &metadata).await?;
         let executed = Executed {
+            last_event: events
+                .last()
+                .map(|e| e.type_name().to_owned())
+                .unwrap_or_default(),
             first_version: before.version + 1,
             state: after,
             replayed: false,
