@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The first command on a fresh Debian machine: installs what `taskpod dev` needs and is
-# missing (PostgreSQL's server binaries, a C toolchain for the build), then runs
+# missing (PostgreSQL's server binaries, Redis, a C toolchain for the build), then runs
 # `taskpod dev` with this script's arguments, for example `scripts/dev.sh --once`.
 #
 # It runs from the repository root, so the default data folder is `.taskpod/dev` there
@@ -40,6 +40,7 @@ as_root() {
 
 missing=()
 have_postgres_server || missing+=(postgresql)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 
 if ((${#missing[@]} > 0)); then

@@ -14,6 +14,7 @@
 
 mod postgres;
 mod processes;
+mod redis;
 mod smoke;
 
 use std::path::PathBuf;
@@ -27,6 +28,7 @@ use crate::error::CliError;
 use crate::migrate::{self, MigrateError};
 use postgres::{LocalPostgres, Origin, PostgresError, SUPERUSER};
 use processes::{ClusterConfig, Managed, ProcessError, Replica, Worker};
+use redis::{LocalRedis, RedisError};
 use smoke::SmokeError;
 
 /// How many API replicas and workers the cluster runs.
@@ -67,6 +69,8 @@ pub enum DevError {
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Postgres(#[from] PostgresError),
+    #[error(transparent)]
+    Redis(#[from] RedisError),
     #[error("could not connect to postgres on port {port}")]
     AdminConnect {
         port: u16,
@@ -104,13 +108,24 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
     )?;
     let mut pg = LocalPostgres::start(&bindir, &args.data_dir, args.pg_port).await?;
     announce(&pg, args.pg_port);
+    let redis = match LocalRedis::start(&args.data_dir.join("redis")).await {
+        Ok(redis) => redis,
+        Err(e) => {
+            let _ = pg.stop().await;
+            return Err(e.into());
+        }
+    };
+    println!(
+        "redis: {} (no persistence: the bus carries hints)",
+        redis.url()
+    );
 
     // Owned out here, so a signal or failed step mid-way still stops every child
     // started so far.
     let mut children = Children::default();
     let log_dir = args.data_dir.join("logs");
     let outcome = tokio::select! {
-        ready = prepare(pg.port(), api_bin, worker_bin, log_dir, &mut children) => ready,
+        ready = prepare(pg.port(), api_bin, worker_bin, log_dir, redis.url(), &mut children) => ready,
         signal = signals.recv() => Err(DevError::Interrupted(signal)),
     };
     let outcome = match outcome {
@@ -158,6 +173,8 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
         children.workers.into_iter().map(|w| w.process),
     )
     .await;
+    redis.stop().await;
+    println!("redis: stopped");
     let stopped = pg.stop().await;
     match (&outcome, &stopped) {
         (_, Ok(())) => println!("postgres: stopped"),
@@ -228,6 +245,7 @@ async fn prepare(
     api_bin: PathBuf,
     worker_bin: PathBuf,
     log_dir: PathBuf,
+    bus_url: String,
     children: &mut Children,
 ) -> Result<String, DevError> {
     if ensure_database(port).await? {
@@ -246,6 +264,7 @@ async fn prepare(
         // Fresh each run: tokens from an earlier run's replicas are simply refused.
         page_token_key: uuid::Uuid::new_v4().simple().to_string(),
         log_dir,
+        bus_url,
     };
     // Workers first: the API accepts only the kinds a registered worker offers.
     for index in 1..=WORKERS {

@@ -135,6 +135,8 @@ pub struct ClusterConfig {
     /// accepted by the others.
     pub page_token_key: String,
     pub log_dir: PathBuf,
+    /// The status bus every child announces on and workers wake up from.
+    pub bus_url: String,
 }
 
 /// A ready replica.
@@ -168,6 +170,7 @@ impl ClusterConfig {
             ("TASKPOD_NAME", format!("dev-worker-{index}")),
             ("TASKPOD_STORE__URL", self.database_url.clone()),
             ("TASKPOD_HEALTH_LISTEN", "127.0.0.1:0".to_owned()),
+            ("TASKPOD_BUS__URL", self.bus_url.clone()),
         ];
         let (mut process, line) = self.spawn(&self.worker_bin, name, &env).await?;
         // `taskpod-worker <node> health on <addr>`
@@ -195,6 +198,7 @@ impl ClusterConfig {
                 "TASKPOD_PAGE_TOKENS__CURRENT_KEY",
                 self.page_token_key.clone(),
             ),
+            ("TASKPOD_BUS__URL", self.bus_url.clone()),
         ];
         let (mut process, line) = self.spawn(&self.api_bin, name, &env).await?;
         let addr = line
