@@ -373,6 +373,7 @@ impl Programs {
         );
         write("fail.sh", "echo giving up >&2; exit 3");
         write("retry.sh", "exit 1");
+        write("hang.sh", "while :; do sleep 1; done");
         // A leader and a background child in its process group, both findable by the
         // folder in their command lines: stopping the pod must kill both.
         write(
@@ -400,7 +401,7 @@ impl Programs {
                 "3".to_owned(),
             ),
         ];
-        for name in ["ok", "fail", "retry", "slow"] {
+        for name in ["ok", "fail", "retry", "slow", "hang"] {
             env.push((
                 format!("TASKPOD_HANDLERS__PROGRAMS__{name}__PATH"),
                 self.dir.join(format!("{name}.sh")).display().to_string(),
@@ -409,6 +410,10 @@ impl Programs {
         env.push((
             "TASKPOD_HANDLERS__PROGRAMS__slow__PHASE_TIMEOUT_MS".to_owned(),
             "60000".to_owned(),
+        ));
+        env.push((
+            "TASKPOD_HANDLERS__PROGRAMS__hang__PHASE_TIMEOUT_MS".to_owned(),
+            "300".to_owned(),
         ));
         env
     }
@@ -1030,4 +1035,58 @@ async fn bus_wake_ups_start_and_stop_pods_between_ticks() {
         v1::PodState::None as i32,
         "and stopped it"
     );
+}
+
+#[tokio::test]
+async fn an_exec_phase_past_its_timeout_is_a_crash_and_the_task_can_cap_its_restarts() {
+    let programs = Programs::new();
+    let db = TestDb::create().await.unwrap();
+    let api = ApiProcess::spawn(&db, &[]).await.unwrap();
+    let mut c = api.client().await.unwrap();
+    let env = programs.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let _w = WorkerProcess::spawn(&db, "w", &env).await.unwrap();
+    let id = c
+        .create_task(v1::CreateTaskRequest {
+            task: Some(v1::TaskSpec {
+                title: "hangs".into(),
+                kind: "exec".into(),
+                payload: Some(taskpod_proto::convert::json_to_value(
+                    &serde_json::json!({"program": "hang"}),
+                )),
+                // This task allows no restart, whatever the worker's budget.
+                metadata: taskpod_proto::convert::json_to_struct(
+                    &serde_json::json!({"restart": {"max_restart_attempts": 0}}),
+                ),
+                auto_start: true,
+                ..Default::default()
+            }),
+            meta: meta(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    eventually("the task fails", || {
+        let mut c = c.clone();
+        let id = id.clone();
+        async move { task(&mut c, &id).await.status == v1::TaskStatus::Failed as i32 }
+    })
+    .await;
+    let t = task(&mut c, &id).await;
+    assert!(
+        t.last_error.contains("timed out in spec_clarification"),
+        "{}",
+        t.last_error
+    );
+    let starts = events(&mut c, &id)
+        .await
+        .into_iter()
+        .filter(|e| e.r#type == "pod_started")
+        .count();
+    assert_eq!(starts, 1, "no restart");
+    eventually("the hung program was killed", || async {
+        programs.leftovers() == 0
+    })
+    .await;
 }

@@ -152,3 +152,48 @@ async fn backoff_holds_the_next_pod_and_stale_owners_cannot_record(
         "active without a running pod"
     );
 }
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_task_can_tighten_its_own_restart_budget(_: PgPoolOptions, opts: PgConnectOptions) {
+    use taskpod_core::domain::{NewTask, NodeId};
+    let store = store(opts).await;
+    let task = store
+        .create_task(
+            &NewTask {
+                auto_start: true,
+                metadata: serde_json::json!({"restart": {"max_restart_attempts": 0}}),
+                ..NewTask::new("fragile", "sleep")
+            },
+            &common::ctx("alice"),
+        )
+        .await
+        .unwrap()
+        .task_id()
+        .unwrap();
+    let node = NodeId::new();
+    let partition = store.get_task(task).await.unwrap().partition;
+    let generation = store.claim_partition(partition, node).await.unwrap();
+    let epoch = store.mint_pod(task, 0, node, generation).await.unwrap();
+    let report = CrashReport {
+        task_id: task,
+        epoch,
+        node: Some(node),
+        reason: "boom".into(),
+        kind: CrashKind::Handler,
+    };
+    let outcome = store
+        .record_crash(
+            &report,
+            node,
+            generation,
+            &policy(Duration::ZERO),
+            0.5,
+            &pod_meta(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, CrashOutcome::Failed { .. }),
+        "no restart allowed: {outcome:?}"
+    );
+}

@@ -12,9 +12,10 @@
 //! `taskpod dev` itself is killed, the kernel sends its children SIGTERM; Postgres stays
 //! up and the next run adopts it.
 
-mod postgres;
-mod processes;
-mod redis;
+// `taskpod bench --dev` builds its clusters from the same parts.
+pub(crate) mod postgres;
+pub(crate) mod processes;
+pub(crate) mod redis;
 mod smoke;
 
 use std::path::PathBuf;
@@ -145,6 +146,9 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
             println!(
                 "ready: export TASKPOD_ADDRESS={} TASKPOD_ACTOR={actor}",
                 urls.first().map_or("", String::as_str)
+            );
+            println!(
+                "try: taskpod task create --title hello --kind sleep --auto-start; taskpod task list"
             );
             if !args.once {
                 println!(

@@ -93,6 +93,7 @@ impl Store {
         }];
         let mut outcome = CrashOutcome::Ended;
         let mut delay = None;
+        let policy = &task_policy(&mut tx, report.task_id, policy).await?;
         if before.status == Status::Active && report.kind == CrashKind::Interrupted {
             delay = Some(Duration::ZERO);
         } else if before.status == Status::Active {
@@ -154,6 +155,37 @@ impl Store {
                 .rows_affected(),
         )
     }
+}
+
+/// The worker's policy, with the task's own limits where its metadata sets them:
+/// `{"restart": {"max_restart_attempts": 0, "restart_window_seconds": 600}}`.
+async fn task_policy(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    task_id: TaskId,
+    policy: &RestartPolicy,
+) -> Result<RestartPolicy, Error> {
+    let overrides: Option<serde_json::Value> =
+        sqlx::query_scalar("SELECT metadata->'restart' FROM tasks WHERE task_id = $1")
+            .bind(task_id.as_uuid())
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(from_sqlx)?;
+    let mut policy = policy.clone();
+    if let Some(o) = overrides {
+        if let Some(n) = o
+            .get("max_restart_attempts")
+            .and_then(serde_json::Value::as_u64)
+        {
+            policy.max_restart_attempts = u32::try_from(n).unwrap_or(u32::MAX);
+        }
+        if let Some(s) = o
+            .get("restart_window_seconds")
+            .and_then(serde_json::Value::as_u64)
+        {
+            policy.window = Duration::from_secs(s);
+        }
+    }
+    Ok(policy)
 }
 
 fn clamp(n: i64) -> u32 {
