@@ -4,20 +4,15 @@
 //! each [`TestDb`] is a new database on it, so tests never see each other's tasks.
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use taskpod_proto::v1::task_service_client::TaskServiceClient;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
 /// The page-token key every test replica shares.
 pub const PAGE_KEY: &str = "test-page-key-0123456789abcdef";
-/// How long a replica may take to start.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// A new database with the migrations applied.
 #[derive(Debug, Clone)]
 pub struct TestDb {
@@ -81,46 +76,18 @@ impl ApiProcess {
     /// # Errors
     /// When the binary is missing or the process does not print its address in time.
     pub async fn spawn(db: &TestDb, env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(crate::binary("taskpod-api")?);
-        cmd.env("TASKPOD_LISTEN", "127.0.0.1:0")
-            .env("TASKPOD_STORE__URL", &db.url)
-            .env("TASKPOD_AUTH__ENABLED", "false")
-            .env("TASKPOD_PAGE_TOKENS__CURRENT_KEY", PAGE_KEY)
-            .env("TASKPOD_WATCH__POLL_INTERVAL_MS", "50")
-            .env("TASKPOD_WATCH__HEARTBEAT_INTERVAL_MS", "500")
-            .env("TASKPOD_SHUTDOWN_GRACE_MS", "3000")
-            .env(
-                "RUST_LOG",
-                if crate::test_log_enabled() {
-                    "info"
-                } else {
-                    "warn"
-                },
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(if crate::test_log_enabled() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .kill_on_drop(true);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().context("spawn taskpod-api")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(START_TIMEOUT, lines.next_line())
-            .await
-            .context("taskpod-api did not start in time")??;
-        let Some(addr) = line
-            .as_deref()
-            .and_then(|l| l.strip_prefix("taskpod-api listening on "))
-        else {
-            let status = child.wait().await?;
-            bail!("taskpod-api exited ({status}) before listening; first line {line:?}");
-        };
+        let mut all = vec![
+            ("TASKPOD_LISTEN", "127.0.0.1:0"),
+            ("TASKPOD_STORE__URL", db.url.as_str()),
+            ("TASKPOD_AUTH__ENABLED", "false"),
+            ("TASKPOD_PAGE_TOKENS__CURRENT_KEY", PAGE_KEY),
+            ("TASKPOD_WATCH__POLL_INTERVAL_MS", "50"),
+            ("TASKPOD_WATCH__HEARTBEAT_INTERVAL_MS", "500"),
+            ("TASKPOD_SHUTDOWN_GRACE_MS", "3000"),
+        ];
+        all.extend_from_slice(env);
+        let (child, addr) =
+            crate::spawn_server("taskpod-api", &all, "taskpod-api listening on ").await?;
         let addr = addr.parse().context("unparsable address")?;
         Ok(Self { addr, child })
     }

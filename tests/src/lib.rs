@@ -320,3 +320,40 @@ impl DevProcess {
         Ok((status, self.lines))
     }
 }
+
+/// Spawns a server binary of this workspace with `env` and returns it with the rest of
+/// its first stdout line after `prefix` (how the servers announce where they are). The
+/// child is killed when dropped; its logs show with `TEST_LOG=1`.
+///
+/// # Errors
+/// When the binary is missing, exits first, or says something else first.
+pub async fn spawn_server(
+    binary: &str,
+    env: &[(&str, &str)],
+    prefix: &str,
+) -> anyhow::Result<(Child, String)> {
+    const START_TIMEOUT: Duration = Duration::from_secs(60);
+    let mut cmd = Command::new(self::binary(binary)?);
+    let log = test_log();
+    cmd.env("RUST_LOG", if log { "info" } else { "warn" })
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(if log { Stdio::inherit() } else { Stdio::null() })
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().with_context(|| format!("spawn {binary}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(START_TIMEOUT, lines.next_line())
+        .await
+        .with_context(|| format!("{binary} did not start in time"))??;
+    match line.as_deref().and_then(|l| l.strip_prefix(prefix)) {
+        Some(rest) => Ok((child, rest.trim().to_owned())),
+        None => {
+            let status = child.wait().await?;
+            bail!("{binary} exited ({status}) before announcing itself; first line {line:?}");
+        }
+    }
+}

@@ -1,15 +1,11 @@
 //! Real `taskpod-worker` processes, killed (SIGKILL) when dropped unless stopped.
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use anyhow::Context as _;
 use tokio::process::{Child, Command};
 
 use crate::api::TestDb;
-
-const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
 pub struct WorkerProcess {
@@ -23,46 +19,17 @@ impl WorkerProcess {
     /// # Errors
     /// When the binary is missing or the worker does not register in time.
     pub async fn spawn(db: &TestDb, name: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(crate::binary("taskpod-worker")?);
-        cmd.env("TASKPOD_NAME", name)
-            .env("TASKPOD_STORE__URL", &db.url)
-            .env("TASKPOD_HEALTH_LISTEN", "127.0.0.1:0")
-            .env("TASKPOD_TICK_MS", "100")
-            .env("TASKPOD_CLAIM_INTERVAL_MS", "200")
-            .env("TASKPOD_SETTLE_MS", "500")
-            .env("TASKPOD_HANDLERS__SLEEP_PHASE_MS", "20")
-            .env(
-                "RUST_LOG",
-                if crate::test_log_enabled() {
-                    "info,taskpod_worker=debug"
-                } else {
-                    "warn"
-                },
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(if crate::test_log_enabled() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .kill_on_drop(true);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().context("spawn taskpod-worker")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(START_TIMEOUT, lines.next_line())
-            .await
-            .context("taskpod-worker did not start in time")??;
-        let Some(rest) = line
-            .as_deref()
-            .and_then(|l| l.strip_prefix("taskpod-worker "))
-        else {
-            let status = child.wait().await?;
-            bail!("taskpod-worker exited ({status}) before registering; first line {line:?}");
-        };
+        let mut all = vec![
+            ("TASKPOD_NAME", name),
+            ("TASKPOD_STORE__URL", db.url.as_str()),
+            ("TASKPOD_HEALTH_LISTEN", "127.0.0.1:0"),
+            ("TASKPOD_TICK_MS", "100"),
+            ("TASKPOD_CLAIM_INTERVAL_MS", "200"),
+            ("TASKPOD_SETTLE_MS", "500"),
+            ("TASKPOD_HANDLERS__SLEEP_PHASE_MS", "20"),
+        ];
+        all.extend_from_slice(env);
+        let (child, rest) = crate::spawn_server("taskpod-worker", &all, "taskpod-worker ").await?;
         let node_id = rest
             .split_whitespace()
             .next()

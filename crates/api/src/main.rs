@@ -7,7 +7,6 @@ use anyhow::Context as _;
 use clap::Parser;
 use taskpod_api::ApiSettings;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 /// taskpod's gRPC API server. Settings: defaults, then --config, then TASKPOD_*
 /// variables (`__` nests: TASKPOD_STORE__URL).
@@ -21,7 +20,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_tracing();
+    taskpod_core::process::init_logging("info");
     let settings = match ApiSettings::load(args.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
@@ -52,38 +51,7 @@ async fn run(settings: ApiSettings) -> anyhow::Result<()> {
     // The one line on stdout: tests and `taskpod dev` read the bound address from it.
     println!("taskpod-api listening on {}", listener.local_addr()?);
     let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
+    tokio::spawn(taskpod_core::process::cancel_on_signals(shutdown.clone()));
     taskpod_api::serve(listener, settings, shutdown).await?;
     Ok(())
-}
-
-/// The first SIGTERM or SIGINT drains; a second exits at once.
-async fn watch_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    tracing::info!("signal received, draining");
-    shutdown.cancel();
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    tracing::warn!("second signal, exiting now");
-    std::process::exit(130);
-}
-
-/// Logs to stderr; `TASKPOD_LOG_FORMAT=json` for collectors, `RUST_LOG` for levels.
-fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("TASKPOD_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }

@@ -6,11 +6,26 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use figment::Figment;
-use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use taskpod_core::bus::BusSettings;
+pub use taskpod_core::config::SettingsError;
+use taskpod_core::config::{self, invalid};
 use taskpod_core::store::{Secret, StoreSettings};
+
+/// The top-level keys, so `TASKPOD_*` variables meant for other programs are left alone.
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "listen",
+    "store",
+    "auth",
+    "page_tokens",
+    "tls",
+    "max_message_bytes",
+    "shutdown_grace_ms",
+    "watch",
+    "idempotency_ttl_secs",
+    "pod_wait_ms",
+    "bus",
+];
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -124,18 +139,6 @@ impl Default for WatchSettings {
     }
 }
 
-/// Why the settings cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum SettingsError {
-    #[error("invalid configuration: {0}")]
-    Load(#[from] Box<figment::Error>),
-    #[error("invalid setting {setting}: {reason}")]
-    Invalid {
-        setting: &'static str,
-        reason: String,
-    },
-}
-
 impl ApiSettings {
     /// Loads defaults, then `file` if given, then the environment.
     ///
@@ -143,26 +146,7 @@ impl ApiSettings {
     /// A file or variable that does not parse, an unknown key, or a setting that
     /// cannot work (see [`ApiSettings::check`]).
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
-        let mut figment = Figment::from(Serialized::defaults(ApiSettings::default()));
-        if let Some(file) = file {
-            figment = figment.merge(Toml::file_exact(file));
-        }
-        let settings: ApiSettings = figment
-            .merge(taskpod_core::config::env_layer(&[
-                "listen",
-                "store",
-                "auth",
-                "page_tokens",
-                "tls",
-                "max_message_bytes",
-                "shutdown_grace_ms",
-                "watch",
-                "idempotency_ttl_secs",
-                "pod_wait_ms",
-                "bus",
-            ]))
-            .extract()
-            .map_err(Box::new)?;
+        let settings: Self = config::load(file, TOP_LEVEL_KEYS)?;
         settings.check()?;
         Ok(settings)
     }
@@ -172,12 +156,6 @@ impl ApiSettings {
     /// # Errors
     /// [`SettingsError::Invalid`].
     pub fn check(&self) -> Result<(), SettingsError> {
-        let invalid = |setting, reason: &str| {
-            Err(SettingsError::Invalid {
-                setting,
-                reason: reason.to_owned(),
-            })
-        };
         if self.page_tokens.current_key.expose().len() < 16 {
             return invalid(
                 "page_tokens.current_key",
@@ -301,5 +279,20 @@ mod tests {
             assert!(err.to_string().contains("listne"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn every_top_level_setting_is_reachable_from_the_environment() {
+        let value = serde_json::to_value(ApiSettings::default()).unwrap();
+        let mut fields: Vec<&str> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut keys = TOP_LEVEL_KEYS.to_vec();
+        fields.sort_unstable();
+        keys.sort_unstable();
+        assert_eq!(fields, keys);
     }
 }

@@ -18,3 +18,49 @@ pub fn env_layer(known: &'static [&'static str]) -> Env {
         })
         .split("__")
 }
+
+/// Why a binary's settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("invalid configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid setting {setting}: {reason}")]
+    Invalid {
+        setting: &'static str,
+        reason: String,
+    },
+}
+
+/// Layers `T::default()`, then the TOML `file` if given, then [`env_layer`]`(known)`.
+///
+/// # Errors
+/// A file or variable that does not parse, or an unknown key.
+pub fn load<T>(
+    file: Option<&std::path::Path>,
+    known: &'static [&'static str],
+) -> Result<T, SettingsError>
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + Default,
+{
+    use figment::Figment;
+    use figment::providers::{Format, Serialized, Toml};
+    let mut figment = Figment::from(Serialized::defaults(T::default()));
+    if let Some(file) = file {
+        figment = figment.merge(Toml::file_exact(file));
+    }
+    Ok(figment
+        .merge(env_layer(known))
+        .extract()
+        .map_err(Box::new)?)
+}
+
+/// A refusal naming the setting at fault.
+///
+/// # Errors
+/// Always: that is its purpose.
+pub fn invalid<T>(setting: &'static str, reason: impl Into<String>) -> Result<T, SettingsError> {
+    Err(SettingsError::Invalid {
+        setting,
+        reason: reason.into(),
+    })
+}

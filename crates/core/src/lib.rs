@@ -11,12 +11,14 @@
 //! - [`bus`]: the Redis status bus (publish after commit, reconnecting subscriptions);
 //! - [`config`]: the `TASKPOD_*` environment layer of every binary's settings;
 //! - [`error`]: the one error enum every layer above maps from;
+//! - [`process`]: logging and shutdown signals for the binaries;
 //! - [`store`]: Postgres (sqlx): create, execute, append, read, list, count.
 
 pub mod bus;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod process;
 pub mod store;
 
 pub use error::Error;

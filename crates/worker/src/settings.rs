@@ -6,12 +6,28 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::Figment;
-use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use taskpod_core::bus::BusSettings;
+pub use taskpod_core::config::SettingsError;
+use taskpod_core::config::{self, invalid};
 use taskpod_core::domain::restart::RestartPolicy;
 use taskpod_core::store::StoreSettings;
+
+/// The top-level keys, so `TASKPOD_*` variables meant for other programs are left alone.
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "name",
+    "store",
+    "health_listen",
+    "capacity",
+    "lock",
+    "tick_ms",
+    "claim_interval_ms",
+    "settle_ms",
+    "drain_grace_ms",
+    "restart",
+    "handlers",
+    "bus",
+];
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -189,56 +205,19 @@ fn default_fail_code() -> i32 {
     3
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SettingsError {
-    #[error("invalid configuration: {0}")]
-    Load(#[from] Box<figment::Error>),
-    #[error("invalid setting {setting}: {reason}")]
-    Invalid {
-        setting: &'static str,
-        reason: String,
-    },
-}
-
 impl WorkerSettings {
     /// # Errors
     /// A file or variable that does not parse, an unknown key, or a setting that cannot
     /// work.
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
-        let mut figment = Figment::from(Serialized::defaults(WorkerSettings::default()));
-        if let Some(file) = file {
-            figment = figment.merge(Toml::file_exact(file));
-        }
-        let s: WorkerSettings = figment
-            .merge(taskpod_core::config::env_layer(&[
-                "name",
-                "store",
-                "health_listen",
-                "capacity",
-                "lock",
-                "tick_ms",
-                "claim_interval_ms",
-                "settle_ms",
-                "drain_grace_ms",
-                "restart",
-                "handlers",
-                "bus",
-            ]))
-            .extract()
-            .map_err(Box::new)?;
-        s.check()?;
-        Ok(s)
+        let settings: Self = config::load(file, TOP_LEVEL_KEYS)?;
+        settings.check()?;
+        Ok(settings)
     }
 
     /// # Errors
     /// [`SettingsError::Invalid`] naming the setting.
     pub fn check(&self) -> Result<(), SettingsError> {
-        let invalid = |setting, reason: &str| {
-            Err(SettingsError::Invalid {
-                setting,
-                reason: reason.to_owned(),
-            })
-        };
         if self.capacity == 0 {
             return invalid("capacity", "must be positive");
         }
@@ -253,7 +232,7 @@ impl WorkerSettings {
         }
         for kind in &self.handlers.kinds {
             if !matches!(kind.as_str(), "manual" | "sleep" | "exec") {
-                return invalid("handlers.kinds", &format!("no handler for kind {kind:?}"));
+                return invalid("handlers.kinds", format!("no handler for kind {kind:?}"));
             }
         }
         if self.restart.crash_retention_seconds < self.restart.restart_window_seconds {
@@ -278,5 +257,25 @@ impl WorkerSettings {
                 + crate::handlers::exec::KILL_TIMEOUT_MS
                 + 500,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_top_level_setting_is_reachable_from_the_environment() {
+        let value = serde_json::to_value(WorkerSettings::default()).unwrap();
+        let mut fields: Vec<&str> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut keys = TOP_LEVEL_KEYS.to_vec();
+        fields.sort_unstable();
+        keys.sort_unstable();
+        assert_eq!(fields, keys);
     }
 }
