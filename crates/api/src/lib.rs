@@ -11,10 +11,12 @@
 //! - [`kinds`]: the kinds (and exec programs) some worker offers;
 //! - [`service`]: the `taskpod.v1.TaskService` handlers;
 //! - [`watch`]: WatchTask and WatchTasks relays;
+//! - [`hub`]: one per replica: tells relays when to look again (Redis, or one poll);
 //! - [`server`]: health, reflection, TLS, graceful drain.
 
 pub mod auth;
 pub mod errors;
+pub mod hub;
 pub mod kinds;
 pub mod page_token;
 pub mod pods;

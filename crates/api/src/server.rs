@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::auth::Authenticator;
+use crate::hub::Hub;
 use crate::page_token::PageTokens;
 use crate::service::TaskApi;
 use crate::settings::ApiSettings;
@@ -58,12 +59,21 @@ pub async fn serve(
         shutdown.clone(),
     ));
 
+    let hub = Hub::start(
+        store.clone(),
+        &settings.bus,
+        Duration::from_millis(settings.watch.poll_interval_ms),
+        Duration::from_millis(settings.watch.repair_interval_ms),
+        shutdown.clone(),
+        &tracker,
+    );
     let watches = Watches::new(
         store.clone(),
         tokens.clone(),
         settings.watch.clone(),
         shutdown.clone(),
         tracker.clone(),
+        hub,
     );
     let bus = taskpod_core::bus::Publisher::new(&settings.bus)
         .map_err(|e| ServeError::Bus(e.to_string()))?;

@@ -128,6 +128,9 @@ pub struct WatchSettings {
     pub poll_interval_ms: u64,
     /// How often an idle stream sends a heartbeat.
     pub heartbeat_interval_ms: u64,
+    /// With a bus, how often the replica still reads the change feed once for all its
+    /// watchers, to repair publishes Redis dropped.
+    pub repair_interval_ms: u64,
 }
 
 impl Default for WatchSettings {
@@ -135,6 +138,7 @@ impl Default for WatchSettings {
         Self {
             poll_interval_ms: 250,
             heartbeat_interval_ms: 10_000,
+            repair_interval_ms: 1_000,
         }
     }
 }
@@ -179,7 +183,10 @@ impl ApiSettings {
         if self.max_message_bytes < 64 * 1024 {
             return invalid("max_message_bytes", "must be at least 65536");
         }
-        if self.watch.poll_interval_ms == 0 || self.watch.heartbeat_interval_ms == 0 {
+        if self.watch.poll_interval_ms == 0
+            || self.watch.heartbeat_interval_ms == 0
+            || self.watch.repair_interval_ms == 0
+        {
             return invalid("watch", "intervals must be positive");
         }
         Ok(())

@@ -1,4 +1,4 @@
-//! WatchTask and WatchTasks, served from Postgres.
+//! WatchTask and WatchTasks, served from Postgres, woken by the replica's [`Hub`].
 //!
 //! Each stream is a relay task owned by the server's tracker: it stops when the client
 //! goes away or the server drains, and writes into a bounded channel, so a slow client
@@ -21,7 +21,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 
+use taskpod_core::bus::channels;
+
 use crate::errors::{Fields, to_status};
+use crate::hub::{Follow, Hub};
 use crate::page_token::PageTokens;
 use crate::service::now;
 use crate::settings::WatchSettings;
@@ -30,6 +33,8 @@ use crate::settings::WatchSettings;
 const STREAM_BUFFER: usize = 64;
 /// Events read from the store per round trip.
 const READ_BATCH: usize = 256;
+/// How long a set watch keeps looking at the poll interval after news.
+const NEWS_SETTLE: Duration = Duration::from_secs(2);
 
 type Sender<T> = mpsc::Sender<Result<T, Status>>;
 
@@ -43,6 +48,8 @@ pub struct Watches {
     shutdown: CancellationToken,
     /// Owns every relay task; the server waits on it at shutdown.
     tracker: TaskTracker,
+    /// Says when to look again.
+    hub: Hub,
 }
 
 impl Watches {
@@ -52,8 +59,10 @@ impl Watches {
         settings: WatchSettings,
         shutdown: CancellationToken,
         tracker: TaskTracker,
+        hub: Hub,
     ) -> Self {
         Self {
+            hub,
             store,
             tokens,
             settings,
@@ -105,10 +114,12 @@ impl Watches {
         Duration::from_millis(self.settings.heartbeat_interval_ms)
     }
 
-    /// Waits one poll interval; false when the stream should end instead.
-    async fn idle<T>(&self, tx: &Sender<T>) -> bool {
+    /// Waits for news on `follow`, or at most `limit`; false when the stream should end
+    /// instead (the client left, or the server drains).
+    async fn wait<T>(&self, follow: &mut Follow, limit: Duration, tx: &Sender<T>) -> bool {
         tokio::select! {
-            () = tokio::time::sleep(self.poll()) => true,
+            changed = follow.news.changed() => changed.is_ok(),
+            () = tokio::time::sleep(limit) => true,
             () = self.shutdown.cancelled() => false,
             () = tx.closed() => false,
         }
@@ -124,6 +135,8 @@ struct TaskRelay {
 impl TaskRelay {
     async fn run(mut self, tx: Sender<v1::WatchTaskResponse>) {
         let store = self.watches.store.clone();
+        // Follow first, then read: a change committed in between still wakes us.
+        let mut follow = self.watches.hub.follow(channels::task(self.id));
         let mut last_sent = Instant::now();
         loop {
             let events = match store.read_stream(self.id, self.next, READ_BATCH).await {
@@ -173,7 +186,8 @@ impl TaskRelay {
                     }
                 }
             }
-            if idle && !self.watches.idle(&tx).await {
+            let until_beat = self.watches.heartbeat().saturating_sub(last_sent.elapsed());
+            if idle && !self.watches.wait(&mut follow, until_beat, &tx).await {
                 return;
             }
         }
@@ -203,6 +217,7 @@ impl SetRelay {
     async fn serve(&mut self, tx: &Sender<v1::WatchTasksResponse>) -> Result<(), Status> {
         let store = self.watches.store.clone();
         let plain = |e| to_status(e, Fields::Plain);
+        let mut follow = self.watches.hub.follow(channels::TASKS.to_owned());
         let mut mark = match self.mark {
             Some(mark) => mark,
             None => {
@@ -215,9 +230,22 @@ impl SetRelay {
             }
         };
         let mut last_sent = Instant::now();
+        let mut last_news = Instant::now();
         loop {
-            if !self.watches.idle(tx).await {
+            // A change announced now may still sit above the watermark (an older
+            // transaction is open): keep looking briefly after news, then rest until the
+            // next news or heartbeat.
+            let limit = if last_news.elapsed() < NEWS_SETTLE {
+                self.watches.poll()
+            } else {
+                self.watches.heartbeat().saturating_sub(last_sent.elapsed())
+            };
+            let before = *follow.news.borrow();
+            if !self.watches.wait(&mut follow, limit, tx).await {
                 return Ok(());
+            }
+            if *follow.news.borrow() != before {
+                last_news = Instant::now();
             }
             let next = store.watermark().await.map_err(plain)?;
             let changed = store.changed_tasks(mark, next).await.map_err(plain)?;
