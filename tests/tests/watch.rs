@@ -255,3 +255,181 @@ async fn a_hundred_watchers_of_one_task_see_the_same_sequence() {
         }
     }
 }
+
+#[tokio::test]
+async fn dropped_publishes_are_repaired_without_the_watcher_noticing() {
+    let redis = Redis::start(
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port(),
+    );
+    let url = redis.url();
+    let db = TestDb::create().await.unwrap();
+    // The test hook: every publish is lost, from the API and the worker alike.
+    let lossy = [
+        ("TASKPOD_BUS__URL", url.as_str()),
+        ("TASKPOD_BUS__DROP_PUBLISHES", "true"),
+    ];
+    let api = ApiProcess::spawn(
+        &db,
+        &[
+            lossy[0],
+            lossy[1],
+            ("TASKPOD_WATCH__REPAIR_INTERVAL_MS", "200"),
+        ],
+    )
+    .await
+    .unwrap();
+    let _w = WorkerProcess::spawn(
+        &db,
+        "w",
+        &[
+            lossy[0],
+            lossy[1],
+            ("TASKPOD_HANDLERS__SLEEP_PHASE_MS", "100"),
+        ],
+    )
+    .await
+    .unwrap();
+    let mut c = api.client().await.unwrap();
+    let id = create_sleep(&mut c).await;
+    let seen = collect(api.client().await.unwrap(), id).await;
+    assert_gapless(&seen);
+}
+
+#[tokio::test]
+async fn a_cancel_through_one_replica_is_read_back_on_another() {
+    let db = TestDb::create().await.unwrap();
+    db.offer_kinds(&["manual"], &[]).await.unwrap();
+    let a = ApiProcess::spawn(&db, &[("TASKPOD_POD_WAIT_MS", "0")])
+        .await
+        .unwrap();
+    let b = ApiProcess::spawn(&db, &[]).await.unwrap();
+    let mut ca = a.client().await.unwrap();
+    let mut cb = b.client().await.unwrap();
+    let id = ca
+        .create_task(v1::CreateTaskRequest {
+            task: Some(v1::TaskSpec {
+                title: "t".into(),
+                kind: "manual".into(),
+                ..Default::default()
+            }),
+            meta: meta(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    ca.cancel_task(v1::CancelTaskRequest {
+        task_id: id.clone(),
+        reason: "no".into(),
+        meta: meta(),
+    })
+    .await
+    .unwrap();
+    let t = cb
+        .get_task(v1::GetTaskRequest { task_id: id })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(
+        t.status,
+        v1::TaskStatus::Cancelled as i32,
+        "read-your-writes on any replica"
+    );
+}
+
+#[tokio::test]
+async fn a_resumed_task_set_watch_misses_no_late_commit() {
+    let db = TestDb::create().await.unwrap();
+    db.offer_kinds(&["manual"], &[]).await.unwrap();
+    let api = ApiProcess::spawn(&db, &[("TASKPOD_POD_WAIT_MS", "0")])
+        .await
+        .unwrap();
+    let mut c = api.client().await.unwrap();
+    let create = |title: &str| v1::CreateTaskRequest {
+        task: Some(v1::TaskSpec {
+            title: title.into(),
+            kind: "manual".into(),
+            ..Default::default()
+        }),
+        meta: meta(),
+    };
+    let late = c
+        .create_task(create("late"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    let mut stream = c
+        .watch_tasks(v1::WatchTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut token = String::new();
+    loop {
+        let m = stream.next().await.unwrap().unwrap();
+        token = if m.resume_token.is_empty() {
+            token
+        } else {
+            m.resume_token.clone()
+        };
+        if matches!(
+            m.kind,
+            Some(v1::watch_tasks_response::Kind::SnapshotDone(_))
+        ) {
+            break;
+        }
+    }
+    // A transaction takes its id now, writes to `late`, and commits only after the
+    // stream was dropped and another change committed.
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let mut held = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    let quick = c
+        .create_task(create("quick"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(stream);
+    sqlx::query("UPDATE tasks SET priority = 7 WHERE task_id = $1")
+        .bind(uuid::Uuid::parse_str(&late).unwrap())
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO events (stream_id, version, type, data, metadata) VALUES ($1, 99, 'late_write', '{}', '{}')")
+        .bind(uuid::Uuid::parse_str(&late).unwrap())
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    held.commit().await.unwrap();
+
+    let mut resumed = c
+        .watch_tasks(v1::WatchTasksRequest {
+            resume_token: token,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = std::collections::HashMap::new();
+    while !(got.contains_key(&quick) && got.get(&late) == Some(&7)) {
+        let m = tokio::time::timeout(Duration::from_secs(20), resumed.next())
+            .await
+            .expect("both changes arrive")
+            .unwrap()
+            .unwrap();
+        if let Some(v1::watch_tasks_response::Kind::Task(t)) = m.kind {
+            got.insert(t.task_id.clone(), t.priority);
+        }
+    }
+}

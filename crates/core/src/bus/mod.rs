@@ -52,6 +52,9 @@ pub struct BusSettings {
     pub url: Secret,
     /// How long a connect or a publish may take before it counts as failed.
     pub timeout_ms: u64,
+    /// Test hook: publish nothing, as if Redis dropped every message (readers must
+    /// repair from the store). Never set it in production.
+    pub drop_publishes: bool,
 }
 
 impl BusSettings {
@@ -59,6 +62,7 @@ impl BusSettings {
         Self {
             url: Secret::new(url),
             timeout_ms: 1_000,
+            drop_publishes: false,
         }
     }
 

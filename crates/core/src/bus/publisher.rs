@@ -40,7 +40,7 @@ impl Publisher {
     /// # Errors
     /// [`BusError::InvalidUrl`].
     pub fn new(settings: &BusSettings) -> Result<Self, BusError> {
-        if !settings.enabled() {
+        if !settings.enabled() || settings.drop_publishes {
             return Ok(Self::disabled());
         }
         let client = redis::Client::open(settings.url.expose())
