@@ -421,3 +421,45 @@ async fn replaying_a_stored_stream_gives_the_head_state(_: PgPoolOptions, opts: 
     let replayed = TaskState::replay(task, &events).unwrap();
     assert_eq!(replayed, store.state(task).await.unwrap());
 }
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn checkpoints_are_fenced_by_epoch_and_survive_the_pod(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let store = store(opts).await;
+    let (task, epoch, node) = running_pod(&store, "sleep").await;
+    assert_eq!(store.load_checkpoint(task).await.unwrap(), None);
+    let v = store.state(task).await.unwrap().version;
+    store
+        .save_checkpoint(task, epoch, v, &serde_json::json!({"step": 3}))
+        .await
+        .unwrap();
+    let err = store
+        .save_checkpoint(task, epoch + 1, v, &serde_json::json!({"step": 4}))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::StaleEpoch { .. }), "{err:?}");
+    // The next pod loads the checkpoint plus the events after it.
+    store
+        .append(
+            task,
+            v,
+            AppendFence::Pod { epoch },
+            &[Event::PodStopped {
+                epoch,
+                reason: "restart".into(),
+            }],
+            &pod_meta(),
+        )
+        .await
+        .unwrap();
+    let partition = store.get_task(task).await.unwrap().partition;
+    let generation = store.claim_partition(partition, node).await.unwrap();
+    store.mint_pod(task, epoch, node, generation).await.unwrap();
+    let cp = store.load_checkpoint(task).await.unwrap().unwrap();
+    assert_eq!((cp.version, cp.state), (v, serde_json::json!({"step": 3})));
+    let after = store.read_stream(task, cp.version + 1, 100).await.unwrap();
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].event.type_name(), "pod_stopped");
+}

@@ -33,7 +33,8 @@ use futures::future::BoxFuture;
 use taskpod_core::Error;
 use taskpod_core::bus::{Publisher, TaskUpdate};
 use taskpod_core::domain::{Event, EventMetadata, Phase, Status, Task};
-use taskpod_core::store::{AppendFence, Appended, Store};
+use taskpod_core::store::checkpoint::Checkpoint;
+use taskpod_core::store::{AppendFence, Appended, RecordedEvent, Store};
 use tokio_util::sync::CancellationToken;
 
 /// How a handler run ended, other than by completing the task.
@@ -72,6 +73,8 @@ pub struct PodContext {
     metadata: EventMetadata,
     /// Every append is announced on the bus after it commits.
     bus: Publisher,
+    /// What an earlier pod of this task saved, and the events written after it.
+    restored: Option<(Checkpoint, Vec<RecordedEvent>)>,
 }
 
 impl PodContext {
@@ -85,6 +88,7 @@ impl PodContext {
     ) -> Self {
         Self {
             bus,
+            restored: None,
             version: task.version,
             phase: task.phase,
             store,
@@ -98,6 +102,45 @@ impl PodContext {
     /// The store, for handlers that write beside the event stream (output chunks).
     pub(crate) fn store_handle(&self) -> Store {
         self.store.clone()
+    }
+
+    /// Loads the last checkpoint and the events after it (at pod start).
+    pub(crate) async fn restore(&mut self) -> Result<(), HandlerError> {
+        let Some(cp) = self
+            .store
+            .load_checkpoint(self.task.task_id)
+            .await
+            .map_err(store_error)?
+        else {
+            return Ok(());
+        };
+        let since = self
+            .store
+            .read_stream(self.task.task_id, cp.version + 1, usize::MAX)
+            .await
+            .map_err(store_error)?;
+        self.restored = Some((cp, since));
+        Ok(())
+    }
+
+    /// The state an earlier pod of this task saved with [`PodContext::save_checkpoint`],
+    /// and the events written since: where to resume instead of starting over.
+    pub fn checkpoint(&self) -> Option<(&serde_json::Value, &[RecordedEvent])> {
+        self.restored
+            .as_ref()
+            .map(|(cp, since)| (&cp.state, since.as_slice()))
+    }
+
+    /// Saves the handler's state as of the pod's current version, so a later pod of this
+    /// task resumes from it.
+    ///
+    /// # Errors
+    /// [`HandlerError::Fenced`] when another pod owns the task now.
+    pub async fn save_checkpoint(&self, state: &serde_json::Value) -> Result<(), HandlerError> {
+        self.store
+            .save_checkpoint(self.task.task_id, self.epoch, self.version, state)
+            .await
+            .map_err(store_error)
     }
 
     /// The task as it was when the pod started.

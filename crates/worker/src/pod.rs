@@ -60,6 +60,12 @@ pub(crate) async fn run(
         ..EventMetadata::default()
     };
     let mut pod = PodContext::new(store, task, spec.epoch, stop.clone(), metadata, bus);
+    if let Err(e) = pod.restore().await {
+        return match e {
+            HandlerError::Fenced => PodExit::Fenced,
+            other => PodExit::Crashed(format!("loading the checkpoint: {other}")),
+        };
+    }
 
     let _permit = tokio::select! {
         permit = slots.acquire(spec.priority, spec.created_at) => permit,

@@ -14,10 +14,12 @@
 //! - [`query`]: get, list (keyset pages), count, read a stream;
 //! - `changes`: commit-order-safe change feeds (watermarks) for watch streams;
 //! - [`nodes`]: worker membership, partition rows, the per-tick pod check;
-//! - [`crashes`]: crash records and the restart decision.
+//! - [`crashes`]: crash records and the restart decision;
+//! - [`checkpoint`]: handler state saved on the head, fenced by epoch.
 
 pub mod append;
 mod changes;
+pub mod checkpoint;
 pub mod crashes;
 pub mod create;
 mod errors;

@@ -1,0 +1,76 @@
+//! Handler checkpoints: a pod saves its handler's state on the head, so the next pod of
+//! the task loads the checkpoint plus the events after it instead of replaying the
+//! whole stream. Fenced by epoch; the update touches no indexed column (HOT).
+
+use super::Store;
+use super::errors::from_sqlx;
+use crate::domain::TaskId;
+use crate::error::Error;
+
+/// A saved handler state and the stream version it reflects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub version: i64,
+    pub state: serde_json::Value,
+}
+
+impl Store {
+    /// Saves `state` as of `version` for the pod holding `epoch`.
+    ///
+    /// # Errors
+    /// [`Error::StaleEpoch`] when another pod owns the task now;
+    /// [`Error::StoreUnavailable`].
+    pub async fn save_checkpoint(
+        &self,
+        task_id: TaskId,
+        epoch: i64,
+        version: i64,
+        state: &serde_json::Value,
+    ) -> Result<(), Error> {
+        let n = sqlx::query(
+            "UPDATE task_heads SET handler_state = jsonb_build_object('version', $3::bigint, 'state', $4::jsonb) \
+             WHERE task_id = $1 AND pod_epoch = $2",
+        )
+        .bind(task_id.as_uuid())
+        .bind(epoch)
+        .bind(version)
+        .bind(state)
+        .execute(&self.pool)
+        .await
+        .map_err(from_sqlx)?
+        .rows_affected();
+        if n == 1 {
+            return Ok(());
+        }
+        let current = self.state(task_id).await?.pod_epoch;
+        Err(Error::StaleEpoch {
+            held: epoch,
+            current,
+        })
+    }
+
+    /// The task's last checkpoint, if a handler saved one.
+    ///
+    /// # Errors
+    /// [`Error::TaskNotFound`]; [`Error::StoreUnavailable`].
+    pub async fn load_checkpoint(&self, task_id: TaskId) -> Result<Option<Checkpoint>, Error> {
+        let row: Option<Option<serde_json::Value>> =
+            sqlx::query_scalar("SELECT handler_state FROM task_heads WHERE task_id = $1")
+                .bind(task_id.as_uuid())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(from_sqlx)?;
+        let Some(saved) = row.ok_or(Error::TaskNotFound(task_id))? else {
+            return Ok(None);
+        };
+        let version = saved
+            .get("version")
+            .and_then(serde_json::Value::as_i64)
+            .unwrap_or(0);
+        let state = saved
+            .get("state")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null);
+        Ok(Some(Checkpoint { version, state }))
+    }
+}
