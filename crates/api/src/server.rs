@@ -20,7 +20,7 @@ use crate::watch::Watches;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot reach the store: {0}")]
+    #[error("cannot reach the store")]
     Store(#[from] taskpod_core::Error),
     #[error("cannot read TLS {what} from {path}: {source}")]
     TlsFile {

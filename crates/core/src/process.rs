@@ -36,3 +36,40 @@ pub async fn cancel_on_signals(shutdown: CancellationToken) {
     tracing::warn!("second signal, exiting now");
     std::process::exit(130);
 }
+
+/// The shape every server's `main` shares: settings that failed to load exit with 2, a
+/// runtime runs `serve`, and its error exits with 1; both print to stderr.
+pub fn run_server<S, E, F, R>(settings: Result<S, E>, serve: F) -> std::process::ExitCode
+where
+    E: std::fmt::Display,
+    F: FnOnce(S) -> R,
+    R: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
+{
+    use std::process::ExitCode;
+    let settings = match settings {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            let mut source = e.source();
+            while let Some(cause) = source {
+                eprintln!("  caused by: {cause}");
+                source = cause.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -21,27 +21,10 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     taskpod_core::process::init_logging("info");
-    let settings = match WorkerSettings::load(args.config.as_deref()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(settings)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    taskpod_core::process::run_server(
+        WorkerSettings::load(args.config.as_deref()),
+        |settings| async move { run(settings).await.map_err(Into::into) },
+    )
 }
 
 async fn run(settings: WorkerSettings) -> anyhow::Result<()> {
