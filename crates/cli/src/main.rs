@@ -9,8 +9,10 @@
 //! - [`config`], [`client`], [`output`], [`error`]: flags and profiles, the connection,
 //!   the output formats, errors and exit codes;
 //! - [`migrate`]: `taskpod migrate`, also the first step of `taskpod dev`;
-//! - [`dev`]: `taskpod dev`, a whole local cluster from one command.
+//! - [`dev`]: `taskpod dev`, a whole local cluster from one command;
+//! - [`bench`]: `taskpod bench <scenario>`, the load generator behind BENCHMARKS.md.
 
+mod bench;
 mod client;
 mod commands;
 mod config;
@@ -65,6 +67,9 @@ enum Command {
     /// Runs a local taskpod cluster: a private PostgreSQL in a data folder, migrated,
     /// two API replicas, smoke-checked through the API.
     Dev(dev::DevArgs),
+    /// Measures a running cluster, or a local one (--dev): StartPod latency, failover,
+    /// idle pods. See BENCHMARKS.md.
+    Bench(bench::BenchArgs),
 }
 
 #[tokio::main]
@@ -114,6 +119,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{report}");
         }
         Command::Dev(args) => dev::run(args).await.context("taskpod dev failed")?,
+        Command::Bench(args) => bench::run(args, cli.global)
+            .await
+            .map_err(|err| match err {
+                // Exit codes of their own: 2 for usage, the RPC's for a refused call.
+                bench::BenchError::Usage(message) => anyhow::Error::new(CliError::Usage(message)),
+                bench::BenchError::Cli(err) => anyhow::Error::new(err),
+                other => anyhow::Error::new(other).context("taskpod bench failed"),
+            })?,
     }
     Ok(())
 }

@@ -301,6 +301,12 @@ async fn wait_serving(mut replica: Replica) -> Result<Replica, ProcessError> {
 }
 
 impl Managed {
+    /// The process id until it is reaped (`taskpod bench` reads a worker's memory and
+    /// kills workers).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     fn timeout(&self, what: &'static str) -> ProcessError {
         ProcessError::Timeout {
             name: self.name.clone(),

@@ -1,0 +1,523 @@
+//! `taskpod bench <scenario>`: the load generator behind BENCHMARKS.md.
+//!
+//! Every scenario runs against a cluster that is already up (`--address`, as the other
+//! commands, plus `--database-url` where it reads Postgres directly) or, with `--dev`, a
+//! local one it starts first and tears down at the end ([`cluster`]): a private
+//! PostgreSQL with its durable defaults (fsync on: these are benchmarks), N workers
+//! and one API replica, in a temporary data folder. Each scenario prints one
+//! [`Report`](report::Report): latencies from HDR histograms (count, rate, p50, p90,
+//! p99, p99.9, max), taken after a warm-up, and named figures; `--json` prints it as one
+//! JSON object. A progress line runs on stderr meanwhile.
+//!
+//! Scenarios (one module each, the same shape: arguments flattening [`CommonArgs`],
+//! [`Needs`] checked before anything starts, `run(&mut Target, args) -> Report`):
+//! - [`start`]: StartPod until the pod runs;
+//! - [`failover`]: SIGKILL the worker holding the most of N pods, time until all run
+//!   again and until its partitions are claimed (dev only);
+//! - [`pods`]: N idle pods on one worker: its memory per pod, its idle CPU, and the
+//!   advisory locks Postgres holds at N/10 and N (dev only).
+
+mod cluster;
+mod failover;
+mod load;
+mod pods;
+mod procfs;
+mod progress;
+mod report;
+mod start;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+use crate::config::GlobalArgs;
+use crate::dev::postgres::PostgresError;
+use crate::dev::processes::ProcessError;
+use crate::error::CliError;
+use crate::migrate::MigrateError;
+use cluster::Target;
+use report::Report;
+
+/// Attributed on every event the bench writes, unless `--actor` names another actor.
+pub const ACTOR: &str = "taskpod-bench";
+
+/// A worker's default `capacity`: the most pods one dev worker runs.
+const WORKER_CAPACITY: u64 = 10_000;
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Runs against --address (or TASKPOD_ADDRESS, a profile) unless --dev \
+    starts a local cluster in a temporary folder first. The report goes to stdout \
+    (--json: one JSON object), progress to stderr. See BENCHMARKS.md."
+)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Scenario {
+    /// StartPod -> running latency: creates manual tasks, then starts their pods
+    Start(start::StartArgs),
+    /// SIGKILL the worker holding the most pods; time until every pod runs again (--dev)
+    Failover(failover::FailoverArgs),
+    /// N idle pods on one worker: memory per pod, idle CPU, advisory locks (--dev)
+    Pods(pods::PodsArgs),
+}
+
+/// What every scenario accepts.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct CommonArgs {
+    /// Start a local cluster first (Postgres, workers, one API replica in a temporary
+    /// folder) and tear it down at the end
+    #[arg(long)]
+    pub dev: bool,
+    /// The cluster's PostgreSQL, for scenarios that read it directly (not with --dev,
+    /// which has its own)
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Print the report as one JSON object (as does -o json)
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub dev_options: DevOptions,
+}
+
+/// How `--dev` builds its cluster.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DevOptions {
+    /// --dev: worker processes to run [default: the scenario's]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub workers: Option<u16>,
+    /// --dev: the cluster's folder [default: a new folder under the system's temporary
+    /// folder, removed afterwards unless the run failed]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// --dev: keep the data folder (and the servers' logs in it) after a successful run
+    #[arg(long)]
+    pub keep_data: bool,
+    /// --dev: the folder with initdb, pg_ctl and postgres [default: as taskpod dev]
+    #[arg(long, value_name = "DIR", env = "TASKPOD_PG_BINDIR")]
+    pub pg_bindir: Option<PathBuf>,
+    /// --dev: the taskpod-api binary [default: beside this taskpod, else on PATH]
+    #[arg(long, value_name = "FILE")]
+    pub api_bin: Option<PathBuf>,
+    /// --dev: the taskpod-worker binary [default: beside this taskpod, else on PATH]
+    #[arg(long, value_name = "FILE")]
+    pub worker_bin: Option<PathBuf>,
+}
+
+impl DevOptions {
+    /// The flags that mean something only with `--dev`.
+    fn given(&self) -> Vec<&'static str> {
+        let mut given = Vec::new();
+        if self.workers.is_some() {
+            given.push("--workers");
+        }
+        if self.data_dir.is_some() {
+            given.push("--data-dir");
+        }
+        if self.keep_data {
+            given.push("--keep-data");
+        }
+        if self.api_bin.is_some() {
+            given.push("--api-bin");
+        }
+        if self.worker_bin.is_some() {
+            given.push("--worker-bin");
+        }
+        // --pg-bindir is left out: it may come from TASKPOD_PG_BINDIR, set for `dev`.
+        given
+    }
+}
+
+/// Whether a scenario reads Postgres itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Database {
+    /// Never.
+    No,
+    /// When it has one (--dev, or --database-url), for extra figures.
+    Optional,
+}
+
+/// How many workers a dev cluster runs for a scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    /// Any number; this many unless --workers says otherwise.
+    Default(u16),
+    /// Exactly this many: the scenario is defined on it.
+    Exactly(u16),
+}
+
+/// What a scenario needs from the cluster, checked before anything starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Needs {
+    /// Only on a cluster the bench started (it kills or inspects local processes).
+    pub dev_only: bool,
+    pub database: Database,
+    pub workers: Workers,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Flags that do not fit together; exits with 2, like clap's own errors.
+    #[error("{0}")]
+    Usage(String),
+    /// Settings, connection and other client errors, with their own exit codes.
+    #[error(transparent)]
+    Cli(#[from] CliError),
+    #[error("could not {step}")]
+    Rpc {
+        step: String,
+        #[source]
+        source: CliError,
+    },
+    #[error(transparent)]
+    Postgres(#[from] PostgresError),
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
+    #[error("database: could not {step}")]
+    Database {
+        step: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("could not read {what} from /proc")]
+    Proc {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gave up after {after:?} waiting for {what}")]
+    Timeout { what: String, after: Duration },
+    #[error("could not {0}")]
+    Failed(String),
+    #[error("could not listen for SIGINT and SIGTERM")]
+    Signals(#[source] std::io::Error),
+    #[error("interrupted by {0}")]
+    Interrupted(&'static str),
+}
+
+impl BenchError {
+    /// For `.map_err`: a failed call in `step`.
+    pub fn rpc(step: impl Into<String>) -> impl FnOnce(tonic::Status) -> Self {
+        let step = step.into();
+        move |status| Self::Rpc {
+            step,
+            source: CliError::from(status),
+        }
+    }
+
+    /// For `.map_err`: a failed query in `step`.
+    pub fn db(step: &'static str) -> impl FnOnce(sqlx::Error) -> Self {
+        move |source| Self::Database { step, source }
+    }
+}
+
+impl Scenario {
+    fn common(&self) -> &CommonArgs {
+        match self {
+            Scenario::Start(a) => &a.common,
+            Scenario::Failover(a) => &a.common,
+            Scenario::Pods(a) => &a.common,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Scenario::Start(_) => "start",
+            Scenario::Failover(_) => "failover",
+            Scenario::Pods(_) => "pods",
+        }
+    }
+
+    fn needs(&self) -> Needs {
+        match self {
+            Scenario::Start(_) => start::NEEDS,
+            Scenario::Failover(_) => failover::NEEDS,
+            Scenario::Pods(_) => pods::NEEDS,
+        }
+    }
+
+    /// The scenario's own argument checks.
+    fn check(&self) -> Result<(), String> {
+        match self {
+            Scenario::Start(a) => a.check(),
+            Scenario::Failover(a) => a.check(),
+            Scenario::Pods(a) => a.check(),
+        }
+    }
+}
+
+/// Checks the flags against each other and the scenario's needs; returns the number
+/// of workers a dev cluster runs (0 without --dev).
+///
+/// # Errors
+/// A message for people, shown as a usage error.
+pub fn validate(scenario: &Scenario, global: &GlobalArgs) -> Result<u16, String> {
+    let name = scenario.name();
+    let common = scenario.common();
+    let needs = scenario.needs();
+    scenario.check()?;
+    if !common.dev {
+        if needs.dev_only {
+            return Err(format!(
+                "bench {name} runs only on a cluster it starts itself: add --dev"
+            ));
+        }
+        let given = common.dev_options.given();
+        if let Some(first) = given.first() {
+            return Err(format!("{first} applies only with --dev"));
+        }
+        if common.database_url.is_some() && needs.database == Database::No {
+            return Err(format!(
+                "bench {name} does not read Postgres: drop --database-url"
+            ));
+        }
+        return Ok(0);
+    }
+    if global.address.is_some() {
+        return Err("--dev starts its own cluster: drop --address".into());
+    }
+    if common.database_url.is_some() {
+        return Err("--dev starts its own database: drop --database-url".into());
+    }
+    match (needs.workers, common.dev_options.workers) {
+        (Workers::Default(n), None) | (Workers::Exactly(n), None) => Ok(n),
+        (Workers::Default(_), Some(n)) => Ok(n),
+        (Workers::Exactly(n), Some(given)) if given == n => Ok(n),
+        (Workers::Exactly(n), Some(given)) => Err(format!(
+            "bench {name} runs on exactly {n} worker(s), not {given}: drop --workers"
+        )),
+    }
+}
+
+/// Runs a scenario and prints its report.
+///
+/// # Errors
+/// Usage errors first (nothing started), then the first step that failed. A dev
+/// cluster is torn down in every case.
+pub async fn run(args: BenchArgs, global: GlobalArgs) -> Result<(), BenchError> {
+    let workers = validate(&args.scenario, &global).map_err(BenchError::Usage)?;
+    let common = args.scenario.common().clone();
+    let json = common.json || global.output.is_json();
+    // Installed first: from here on Ctrl-C means "stop, tear down, exit".
+    let mut signals = Signals::install().map_err(BenchError::Signals)?;
+
+    let mut target = if common.dev {
+        let mut dev = cluster::DevCluster::boot(&common.dev_options).await?;
+        let started = tokio::select! {
+            started = dev.start_servers(workers) => started,
+            signal = signals.recv() => Err(BenchError::Interrupted(signal)),
+        };
+        match started {
+            Ok(()) => match Target::dev(dev, &global).await {
+                Ok(target) => target,
+                Err((dev, err)) => {
+                    dev.teardown(false).await;
+                    return Err(err);
+                }
+            },
+            Err(err) => {
+                dev.teardown(false).await;
+                return Err(err);
+            }
+        }
+    } else {
+        Target::remote(&global, common.database_url.as_deref()).await?
+    };
+
+    let scenario = args.scenario;
+    let outcome = tokio::select! {
+        report = run_scenario(&mut target, scenario) => report,
+        signal = signals.recv() => Err(BenchError::Interrupted(signal)),
+    };
+    target.close(outcome.is_ok()).await;
+    let report = outcome?;
+    let text = if json {
+        report.to_json() + "\n"
+    } else {
+        report.to_text()
+    };
+    crate::output::emit(&text)?;
+    Ok(())
+}
+
+async fn run_scenario(target: &mut Target, scenario: Scenario) -> Result<Report, BenchError> {
+    match scenario {
+        Scenario::Start(args) => start::run(target, args).await,
+        Scenario::Failover(args) => failover::run(target, args).await,
+        Scenario::Pods(args) => pods::run(target, args).await,
+    }
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM both mean "stop and tear down".
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        global: GlobalArgs,
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    #[derive(Debug, clap::Subcommand)]
+    enum Command {
+        Bench(BenchArgs),
+    }
+
+    fn parse(args: &str) -> Result<(Scenario, GlobalArgs), clap::Error> {
+        let cli = Cli::try_parse_from(
+            ["taskpod", "bench"]
+                .into_iter()
+                .chain(args.split_whitespace()),
+        )?;
+        let Command::Bench(bench) = cli.command;
+        Ok((bench.scenario, cli.global))
+    }
+
+    fn check(args: &str) -> Result<u16, String> {
+        let (scenario, global) = parse(args).map_err(|e| e.to_string())?;
+        validate(&scenario, &global)
+    }
+
+    #[test]
+    fn start_defaults_and_flags() {
+        let (scenario, _) = parse("start").unwrap();
+        let Scenario::Start(a) = scenario else {
+            panic!("not start")
+        };
+        assert_eq!((a.tasks, a.concurrency, a.warmup), (2000, 8, 200));
+        assert!(!a.common.dev && !a.common.json);
+        let (scenario, global) =
+            parse("start --tasks 50 --concurrency 4 --warmup 0 --json --address h:1").unwrap();
+        let Scenario::Start(a) = scenario else {
+            panic!("not start")
+        };
+        assert_eq!((a.tasks, a.concurrency, a.warmup), (50, 4, 0));
+        assert!(a.common.json);
+        assert_eq!(global.address.as_deref(), Some("h:1"));
+    }
+
+    #[test]
+    fn start_runs_remote_or_dev_with_any_number_of_workers() {
+        assert_eq!(check("start"), Ok(0));
+        assert_eq!(check("start --dev"), Ok(2));
+        assert_eq!(check("start --dev --workers 3"), Ok(3));
+        assert_eq!(check("start --database-url postgres://x/y"), Ok(0));
+    }
+
+    #[test]
+    fn idle_pods_need_a_database_to_wait_on() {
+        let err = check("start --idle-pods 10").unwrap_err();
+        assert!(err.contains("--database-url"), "{err}");
+        assert_eq!(check("start --idle-pods 10 --dev"), Ok(2));
+        assert_eq!(
+            check("start --idle-pods 10 --database-url postgres://x/y"),
+            Ok(0)
+        );
+    }
+
+    #[test]
+    fn keep_is_for_remote_clusters() {
+        assert_eq!(check("start --keep"), Ok(0));
+        let err = check("start --keep --dev").unwrap_err();
+        assert!(err.contains("--keep"), "{err}");
+    }
+
+    #[test]
+    fn zero_counts_are_refused_by_the_parser() {
+        assert!(parse("start --tasks 0").is_err());
+        assert!(parse("start --concurrency 0").is_err());
+        assert!(parse("failover --dev --pods 0").is_err());
+        assert!(parse("start --dev --workers 0").is_err());
+    }
+
+    #[test]
+    fn dev_only_flags_need_dev() {
+        let err = check("start --workers 2").unwrap_err();
+        assert!(err.contains("--workers applies only with --dev"), "{err}");
+        let err = check("start --keep-data").unwrap_err();
+        assert!(err.contains("--keep-data"), "{err}");
+    }
+
+    #[test]
+    fn dev_conflicts_with_an_address_or_a_database() {
+        let err = check("start --dev --address h:1").unwrap_err();
+        assert!(err.contains("drop --address"), "{err}");
+        let err = check("start --dev --database-url postgres://x/y").unwrap_err();
+        assert!(err.contains("drop --database-url"), "{err}");
+    }
+
+    #[test]
+    fn failover_needs_dev_and_two_workers() {
+        let err = check("failover").unwrap_err();
+        assert!(err.contains("add --dev"), "{err}");
+        assert_eq!(check("failover --dev"), Ok(2));
+        assert_eq!(check("failover --dev --workers 2"), Ok(2));
+        let err = check("failover --dev --workers 3").unwrap_err();
+        assert!(err.contains("exactly 2 worker(s), not 3"), "{err}");
+        let (scenario, _) = parse("failover --dev").unwrap();
+        let Scenario::Failover(a) = scenario else {
+            panic!("not failover")
+        };
+        assert_eq!(a.pods, 1000);
+    }
+
+    #[test]
+    fn pods_needs_dev_and_one_worker() {
+        assert!(check("pods").unwrap_err().contains("add --dev"));
+        assert_eq!(check("pods --dev"), Ok(1));
+        assert!(check("pods --dev --workers 2").is_err());
+        let (scenario, _) = parse("pods --dev").unwrap();
+        let Scenario::Pods(a) = scenario else {
+            panic!("not pods")
+        };
+        assert_eq!(a.pods, 10_000);
+    }
+
+    #[test]
+    fn pod_counts_are_bounded_by_what_one_worker_runs() {
+        assert!(check("pods --dev --pods 10000").is_ok());
+        let err = check("pods --dev --pods 10001").unwrap_err();
+        assert!(err.contains("10000"), "{err}");
+        let err = check("pods --dev --pods 5").unwrap_err();
+        assert!(err.contains("at least 10"), "{err}");
+        let err = check("failover --dev --pods 20000").unwrap_err();
+        assert!(err.contains("10000"), "{err}");
+    }
+
+    #[test]
+    fn failover_and_pods_take_no_database_url() {
+        let err = check("failover --database-url postgres://x/y").unwrap_err();
+        assert!(err.contains("add --dev"), "{err}");
+    }
+}
