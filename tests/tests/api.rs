@@ -1083,3 +1083,52 @@ async fn tls_is_served_when_configured() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test]
+async fn watch_tasks_shows_every_status_change_even_when_they_land_together() {
+    let (_db, api, mut c) = setup().await;
+    let id = create(&mut c, "flicker", "manual").await;
+    let mut stream = c
+        .watch_tasks(v1::WatchTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        if matches!(
+            next(&mut stream).await.kind,
+            Some(v1::watch_tasks_response::Kind::SnapshotDone(_))
+        ) {
+            break;
+        }
+    }
+    // Two changes within one poll: active, then cancelled.
+    let mut writer = api.client().await.unwrap();
+    writer
+        .start_pod(v1::StartPodRequest {
+            task_id: id.clone(),
+            meta: meta("a"),
+        })
+        .await
+        .unwrap();
+    writer
+        .cancel_task(v1::CancelTaskRequest {
+            task_id: id.clone(),
+            reason: "r".into(),
+            meta: meta("a"),
+        })
+        .await
+        .unwrap();
+    let mut statuses = Vec::new();
+    while statuses.last() != Some(&(v1::TaskStatus::Cancelled as i32)) {
+        if let Some(v1::watch_tasks_response::Kind::Task(t)) = next(&mut stream).await.kind {
+            statuses.push(t.status);
+        }
+    }
+    assert_eq!(
+        statuses,
+        [
+            v1::TaskStatus::Active as i32,
+            v1::TaskStatus::Cancelled as i32
+        ]
+    );
+}

@@ -7,10 +7,10 @@
 //! WatchTasks lists, then follows the commit-order-safe change feed
 //! (`Store::changed_tasks` below a watermark), and its resume token is a watermark.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use taskpod_core::domain::{Event, TaskId};
+use taskpod_core::domain::{Event, PodInfo, Task, TaskId, TaskState};
 use taskpod_core::store::{ListQuery, SortDirection, SortField, Store, TaskFilter, TaskOrder};
 use taskpod_proto::convert;
 use taskpod_proto::v1::{self, watch_task_response, watch_tasks_response};
@@ -100,6 +100,7 @@ impl Watches {
             // After a resume the client's set is unknown: every non-matching change is
             // reported as `left`.
             known: resume.is_none().then(HashSet::new),
+            versions: HashMap::new(),
             mark: resume,
         };
         self.tracker.spawn(relay.run(tx));
@@ -200,6 +201,8 @@ struct SetRelay {
     fingerprint: String,
     /// Tasks this stream has shown as matching; `None` after a resume.
     known: Option<HashSet<TaskId>>,
+    /// The version this stream last accounted for, per task it has seen.
+    versions: HashMap<TaskId, i64>,
     mark: Option<u64>,
 }
 
@@ -250,7 +253,11 @@ impl SetRelay {
             let next = store.watermark().await.map_err(plain)?;
             let changed = store.changed_tasks(mark, next).await.map_err(plain)?;
             if !changed.is_empty() {
-                let tasks = store.get_tasks(&changed).await.map_err(plain)?;
+                let rows = store.get_tasks(&changed).await.map_err(plain)?;
+                let mut tasks = Vec::with_capacity(rows.len());
+                for row in rows {
+                    tasks.extend(self.changes_of(row).await.map_err(plain)?);
+                }
                 let last = tasks.len().saturating_sub(1);
                 for (i, task) in tasks.iter().enumerate() {
                     // Until the whole batch is out, resuming must replay it: only the
@@ -290,6 +297,35 @@ impl SetRelay {
         }
     }
 
+    /// The task as it stood after each status or phase change since the version this
+    /// stream last showed, ending with its current state. Without an earlier version
+    /// (after a resume) only the current state.
+    async fn changes_of(&mut self, row: Task) -> Result<Vec<Task>, taskpod_core::Error> {
+        let previous = self.versions.insert(row.task_id, row.version);
+        let Some(previous) = previous.filter(|p| row.version > p + 1) else {
+            return Ok(vec![row]);
+        };
+        let events: Vec<Event> = self
+            .watches
+            .store
+            .read_stream(row.task_id, 1, row.version as usize)
+            .await?
+            .into_iter()
+            .map(|e| e.event)
+            .collect();
+        let mut out = Vec::new();
+        let mut shown = TaskState::replay(row.task_id, &events[..previous as usize])?;
+        for v in previous + 1..row.version {
+            let state = TaskState::replay(row.task_id, &events[..v as usize])?;
+            if (state.status, state.phase) != (shown.status, shown.phase) {
+                out.push(at_state(&row, &state));
+                shown = state;
+            }
+        }
+        out.push(row);
+        Ok(out)
+    }
+
     /// Sends every matching task, then `snapshot_done`. False when the client left.
     async fn snapshot(
         &mut self,
@@ -317,6 +353,7 @@ impl SetRelay {
                 if let Some(known) = &mut self.known {
                     known.insert(task.task_id);
                 }
+                self.versions.insert(task.task_id, task.version);
                 let kind = watch_tasks_response::Kind::Task(convert::task(task));
                 if tx.send(Ok(msg(kind, token.clone()))).await.is_err() {
                     return Ok(false);
@@ -329,6 +366,24 @@ impl SetRelay {
         }
         let done = watch_tasks_response::Kind::SnapshotDone(v1::SnapshotDone {});
         Ok(tx.send(Ok(msg(done, token))).await.is_ok())
+    }
+}
+
+/// `row` as it stood at `state` (an earlier version): the lifecycle and pod fields from
+/// the replayed state, the rest from the row.
+fn at_state(row: &Task, state: &TaskState) -> Task {
+    Task {
+        status: state.status,
+        phase: state.phase,
+        version: state.version,
+        last_error: state.last_error.clone(),
+        pod: state.has_pod().then(|| PodInfo {
+            state: state.pod_state,
+            epoch: state.pod_epoch,
+            node: state.owner_node,
+            started_at: state.pod_started_at,
+        }),
+        ..row.clone()
     }
 }
 
