@@ -377,7 +377,7 @@ fn at_state(row: &Task, state: &TaskState) -> Task {
         phase: state.phase,
         version: state.version,
         last_error: state.last_error.clone(),
-        pod: state.has_pod().then(|| PodInfo {
+        pod: state.has_pod().then_some(PodInfo {
             state: state.pod_state,
             epoch: state.pod_epoch,
             node: state.owner_node,
