@@ -92,6 +92,16 @@ impl ApiProcess {
         Ok(Self { addr, child })
     }
 
+    /// The process's resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }

@@ -433,3 +433,46 @@ async fn a_resumed_task_set_watch_misses_no_late_commit() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_does_not_grow_server_memory() {
+    let db = TestDb::create().await.unwrap();
+    db.offer_kinds(&["manual"], &[]).await.unwrap();
+    let api = ApiProcess::spawn(&db, &[]).await.unwrap();
+    let mut c = api.client().await.unwrap();
+    // Enough tasks that an unbounded buffer of their snapshot would take tens of MiB
+    // (each carries a 1 KiB description).
+    let description = "x".repeat(1024);
+    for batch in 0..40 {
+        let tasks = (0..1000)
+            .map(|i| v1::TaskSpec {
+                title: format!("t{batch}-{i}"),
+                kind: "manual".into(),
+                description: description.clone(),
+                ..Default::default()
+            })
+            .collect();
+        c.create_tasks(v1::CreateTasksRequest {
+            tasks,
+            meta: meta(),
+        })
+        .await
+        .unwrap();
+    }
+    let before = api.rss_kib().unwrap();
+    // Open a watch of all 40,000 and never read it.
+    let stalled = c
+        .watch_tasks(v1::WatchTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = api.rss_kib().unwrap();
+    assert!(
+        after.saturating_sub(before) < 16 * 1024,
+        "server memory grew from {before} KiB to {after} KiB for a client that does not read"
+    );
+    // The stream still works once the client reads again.
+    let mut stalled = stalled;
+    assert!(stalled.next().await.unwrap().is_ok());
+}
