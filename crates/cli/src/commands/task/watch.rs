@@ -243,8 +243,18 @@ pub async fn follow_task(
                     {
                         return Ok(Ended::AlreadyFinished(Box::new(task.clone())));
                     }
+                    // A replica that is going away may answer this read with anything a
+                    // dying connection says (UNAVAILABLE, CANCELLED, ...): retry those.
                     if let Err(CliError::Rpc(err)) = &task
-                        && !matches!(err.code, Code::Unavailable | Code::DeadlineExceeded)
+                        && !matches!(
+                            err.code,
+                            Code::Unavailable
+                                | Code::DeadlineExceeded
+                                | Code::Cancelled
+                                | Code::Unknown
+                                | Code::Aborted
+                                | Code::Internal
+                        )
                     {
                         return Err(CliError::Rpc(err.clone()));
                     }
