@@ -7,12 +7,16 @@
 use std::time::Duration;
 
 use taskpod_core::Error;
+use taskpod_core::bus::channels;
 use taskpod_core::domain::{PodState, Status, TaskId};
 use taskpod_core::store::Store;
 use tonic::metadata::MetadataMap;
 
-/// How often a waiting call re-reads the head (one primary-key read).
-const POLL: Duration = Duration::from_millis(20);
+use crate::hub::Hub;
+
+/// How often a waiting call re-reads the head when no news wakes it first (without a
+/// bus, or when a publish was lost).
+const POLL: Duration = Duration::from_millis(100);
 /// Left for the answer to travel back before the client's deadline.
 const MARGIN: Duration = Duration::from_millis(50);
 
@@ -29,11 +33,18 @@ pub enum Until {
 pub struct PodWaits {
     store: Store,
     max_wait: Duration,
+    /// Wakes a waiting call when the task's channel has news (the pod's `pod_started`
+    /// or `pod_stopped`), so the answer does not wait for the next poll.
+    hub: Hub,
 }
 
 impl PodWaits {
-    pub fn new(store: Store, max_wait: Duration) -> Self {
-        Self { store, max_wait }
+    pub fn new(store: Store, max_wait: Duration, hub: Hub) -> Self {
+        Self {
+            store,
+            max_wait,
+            hub,
+        }
     }
 
     /// Waits until `until` holds or the limit passes; either way returns normally.
@@ -50,6 +61,8 @@ impl PodWaits {
             d.saturating_sub(MARGIN).min(self.max_wait)
         });
         let started = tokio::time::Instant::now();
+        // Follow before the first read: news committed in between still wakes us.
+        let mut follow = self.hub.follow(channels::task(id));
         loop {
             let state = self.store.state(id).await?;
             let done = match until {
@@ -61,10 +74,14 @@ impl PodWaits {
                     state.pod_state == PodState::None || state.status == Status::Active
                 }
             };
-            if done || started.elapsed() + POLL > limit {
+            let left = limit.saturating_sub(started.elapsed());
+            if done || left.is_zero() {
                 return Ok(());
             }
-            tokio::time::sleep(POLL).await;
+            tokio::select! {
+                _ = follow.news.changed() => {}
+                () = tokio::time::sleep(POLL.min(left)) => {}
+            }
         }
     }
 }

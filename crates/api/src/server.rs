@@ -73,7 +73,7 @@ pub async fn serve(
         settings.watch.clone(),
         shutdown.clone(),
         tracker.clone(),
-        hub,
+        hub.clone(),
     );
     let bus = taskpod_core::bus::Publisher::new(&settings.bus)
         .map_err(|e| ServeError::Bus(e.to_string()))?;
@@ -83,6 +83,7 @@ pub async fn serve(
         watches,
         Duration::from_millis(settings.pod_wait_ms),
         bus,
+        hub,
     );
     let auth = Authenticator::new(&settings.auth);
     let service = TaskServiceServer::new(api)

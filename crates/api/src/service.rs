@@ -22,6 +22,7 @@ use taskpod_core::bus::{Publisher, TaskUpdate};
 use taskpod_core::domain::NewTask;
 use taskpod_core::store::Created;
 
+use crate::hub::Hub;
 use crate::kinds::KindCatalog;
 use crate::page_token::{PageTokens, fingerprint};
 use crate::pods::{PodWaits, Until};
@@ -59,10 +60,11 @@ impl TaskApi {
         watches: Watches,
         pod_wait: std::time::Duration,
         bus: Publisher,
+        hub: Hub,
     ) -> Self {
         Self {
             bus,
-            pods: PodWaits::new(store.clone(), pod_wait),
+            pods: PodWaits::new(store.clone(), pod_wait, hub),
             kinds: KindCatalog::new(store.clone()),
             store,
             tokens,
