@@ -476,3 +476,84 @@ async fn a_client_that_stops_reading_does_not_grow_server_memory() {
     let mut stalled = stalled;
     assert!(stalled.next().await.unwrap().is_ok());
 }
+
+#[tokio::test]
+async fn every_update_carries_the_fields_a_filter_can_name() {
+    use taskpod_core::bus::{BusEvent, BusSettings, Subscription, TaskUpdate, channels};
+    let redis = Redis::start(
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port(),
+    );
+    let url = redis.url();
+    let db = TestDb::create().await.unwrap();
+    db.offer_kinds(&["manual"], &[]).await.unwrap();
+    let api = ApiProcess::spawn(
+        &db,
+        &[
+            ("TASKPOD_BUS__URL", url.as_str()),
+            ("TASKPOD_POD_WAIT_MS", "0"),
+        ],
+    )
+    .await
+    .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (sub, mut rx, _task) =
+        Subscription::start(&BusSettings::with_url(url.clone()), stop.clone()).unwrap();
+    sub.set_channels([channels::TASKS.to_owned()].into());
+    assert_eq!(rx.recv().await, Some(BusEvent::Connected));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut c = api.client().await.unwrap();
+    let id = c
+        .create_task(v1::CreateTaskRequest {
+            task: Some(v1::TaskSpec {
+                title: "t".into(),
+                kind: "manual".into(),
+                priority: 4,
+                ..Default::default()
+            }),
+            meta: meta(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    c.cancel_task(v1::CancelTaskRequest {
+        task_id: id.clone(),
+        reason: "r".into(),
+        meta: meta(),
+    })
+    .await
+    .unwrap();
+    let mut updates: Vec<TaskUpdate> = Vec::new();
+    while updates.len() < 2 {
+        if let Some(BusEvent::Message { payload, .. }) =
+            tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .unwrap()
+        {
+            updates.push(serde_json::from_slice(&payload).unwrap());
+        }
+    }
+    for u in &updates {
+        assert_eq!(u.task_id.to_string(), id);
+        assert_eq!(
+            (u.kind.as_str(), u.priority, u.created_by.as_deref()),
+            ("manual", 4, Some("watcher-test"))
+        );
+        assert!(u.created_at.is_some() && u.updated_at.is_some(), "{u:?}");
+    }
+    assert_eq!(
+        (updates[0].version, updates[0].event_type.as_str()),
+        (1, "task_created")
+    );
+    assert_eq!(
+        (updates[1].version, updates[1].event_type.as_str()),
+        (2, "task_cancelled")
+    );
+    assert!(updates[1].updated_at >= updates[0].updated_at);
+    stop.cancel();
+}

@@ -81,7 +81,16 @@ impl TaskApi {
             .task_ids
             .iter()
             .zip(tasks)
-            .map(|(id, task)| TaskUpdate::created(*id, task, count, ctx.traceparent.clone()))
+            .map(|(id, task)| {
+                TaskUpdate::created(
+                    *id,
+                    task,
+                    count,
+                    &ctx.actor_id,
+                    created.created_at,
+                    ctx.traceparent.clone(),
+                )
+            })
             .collect();
         self.bus.publish(&updates).await;
     }
@@ -102,13 +111,11 @@ impl TaskApi {
     ) -> Result<v1::Task, Status> {
         let id = convert::task_id("task_id", task_id).map_err(plain)?;
         let executed = self.store.execute(id, &command, ctx).await.map_err(plain)?;
+        // The row read back serves the answer and fills every field of the update.
+        let mut task = self.store.get_task(id).await.map_err(plain)?;
         if !executed.replayed {
-            let update = TaskUpdate::of(
-                &executed.state,
-                self.store.partition_count(),
-                &executed.last_event,
-                ctx.traceparent.clone(),
-            );
+            let update =
+                TaskUpdate::from_task(&task, &executed.last_event, ctx.traceparent.clone());
             self.bus.publish(&[update]).await;
         }
         if let Some(until) = until {
@@ -119,8 +126,8 @@ impl TaskApi {
                 .wait(id, until(before), metadata)
                 .await
                 .map_err(plain)?;
+            task = self.store.get_task(id).await.map_err(plain)?;
         }
-        let task = self.store.get_task(id).await.map_err(plain)?;
         Ok(convert::task(&task))
     }
 

@@ -71,6 +71,9 @@ fn update(task: TaskId, version: i64) -> TaskUpdate {
         partition: 7,
         kind: "sleep".into(),
         priority: 0,
+        created_by: Some("alice".into()),
+        created_at: None,
+        updated_at: None,
         traceparent: None,
     }
 }

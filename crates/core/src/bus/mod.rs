@@ -20,7 +20,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::partition::partition_of;
-use crate::domain::{NewTask, Phase, Status, TaskId, TaskState};
+use chrono::{DateTime, Utc};
+
+use crate::domain::{NewTask, Phase, Status, Task, TaskId, TaskState};
 use crate::store::Secret;
 
 pub use publisher::Publisher;
@@ -93,6 +95,14 @@ pub struct TaskUpdate {
     pub partition: i32,
     pub kind: String,
     pub priority: i32,
+    /// The remaining fields a WatchTasks filter can name, where the writer knows them
+    /// (a pod does not know the new `updated_at`; readers take rows from the store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<DateTime<Utc>>,
     /// W3C trace context of the writer, so consumers can link their spans.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
@@ -116,15 +126,41 @@ impl TaskUpdate {
             partition: partition_of(state.task_id, partition_count) as i32,
             kind: state.kind.clone(),
             priority: state.priority,
+            created_by: None,
+            created_at: None,
+            updated_at: None,
             traceparent,
         }
     }
 
-    /// The update for a task just created.
+    /// The update for a change whose committed row the writer has read back: every
+    /// field filled.
+    pub fn from_task(task: &Task, event_type: &str, traceparent: Option<String>) -> Self {
+        Self {
+            task_id: task.task_id,
+            version: task.version,
+            status: task.status,
+            phase: task.phase,
+            event_type: event_type.to_owned(),
+            epoch: task.pod.as_ref().map_or(0, |p| p.epoch),
+            partition: task.partition,
+            kind: task.kind.clone(),
+            priority: task.priority,
+            created_by: Some(task.created_by.clone()),
+            created_at: Some(task.created_at),
+            updated_at: Some(task.updated_at),
+            traceparent,
+        }
+    }
+
+    /// The update for a task just created by `created_by` in a transaction that began
+    /// at `created_at` (its rows' `created_at` and `updated_at`).
     pub fn created(
         task_id: TaskId,
         task: &NewTask,
         partition_count: u32,
+        created_by: &str,
+        created_at: Option<DateTime<Utc>>,
         traceparent: Option<String>,
     ) -> Self {
         let (status, version, event_type) = if task.auto_start {
@@ -142,6 +178,9 @@ impl TaskUpdate {
             partition: partition_of(task_id, partition_count) as i32,
             kind: task.kind.clone(),
             priority: task.priority,
+            created_by: Some(created_by.to_owned()),
+            created_at,
+            updated_at: created_at,
             traceparent,
         }
     }

@@ -24,6 +24,9 @@ use crate::error::Error;
 pub struct Created {
     /// In the order the tasks were given.
     pub task_ids: Vec<TaskId>,
+    /// When the creating transaction began: the tasks' `created_at`.
+    #[serde(default)]
+    pub created_at: Option<chrono::DateTime<chrono::Utc>>,
     #[serde(skip)]
     pub replayed: bool,
 }
@@ -123,7 +126,7 @@ impl Store {
             epoch: None,
         })?;
         let rows = TaskColumns::build(tasks, self.partition_count, &metadata)?;
-        sqlx::query(
+        let created_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
             r#"
             WITH new_tasks AS (
                 INSERT INTO tasks (task_id, title, description, kind, payload, metadata,
@@ -134,9 +137,11 @@ impl Store {
             ), new_heads AS (
                 INSERT INTO task_heads (task_id, version, status, phase)
                 SELECT * FROM UNNEST($1::uuid[], $12::int8[], $9::text[], $10::text[])
+            ), new_events AS (
+                INSERT INTO events (stream_id, version, type, data, metadata)
+                SELECT * FROM UNNEST($13::uuid[], $14::int8[], $15::text[], $16::jsonb[], $17::jsonb[])
             )
-            INSERT INTO events (stream_id, version, type, data, metadata)
-            SELECT * FROM UNNEST($13::uuid[], $14::int8[], $15::text[], $16::jsonb[], $17::jsonb[])
+            SELECT now()
             "#,
         )
         .bind(&rows.ids)
@@ -156,12 +161,13 @@ impl Store {
         .bind(&rows.events.types)
         .bind(&rows.events.data)
         .bind(&rows.events.metadata)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await
         .map_err(from_sqlx)?;
 
         let created = Created {
             task_ids: rows.ids.iter().copied().map(TaskId).collect(),
+            created_at: Some(created_at),
             replayed: false,
         };
         if let Some(key) = &key {
