@@ -641,9 +641,9 @@ async fn a_drained_workers_pods_move_without_a_crash() {
     assert_epochs_never_go_back(&pool).await;
 }
 
-/// Settings that make a silent worker lose its lock session within about a second.
+/// Settings that make a silent worker lose its lock session within a few seconds.
 const FAST_FENCE: [(&str, &str); 2] = [
-    ("TASKPOD_LOCK__IDLE_SESSION_TIMEOUT_MS", "1500"),
+    ("TASKPOD_LOCK__IDLE_SESSION_TIMEOUT_MS", "3000"),
     ("TASKPOD_HANDLERS__SLEEP_PHASE_MS", "400"),
 ];
 

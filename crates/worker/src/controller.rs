@@ -98,6 +98,8 @@ pub struct Controller {
     /// were most likely lost to the same interruption (a Postgres restart ends every
     /// session at once), which is charged to no task.
     last_fence: Option<Instant>,
+    /// The last time the lock session answered a ping.
+    last_ping: Instant,
 }
 
 impl std::fmt::Debug for Controller {
@@ -150,6 +152,7 @@ impl Controller {
             last_heartbeat: Instant::now(),
             last_prune: Instant::now(),
             last_fence: None,
+            last_ping: Instant::now(),
             bus: Publisher::new(&settings.bus).map_err(|e| WorkerError::Settings(e.to_string()))?,
             subscription: None,
             settings,
@@ -249,9 +252,7 @@ impl Controller {
         if self.lock.is_none() {
             self.connect().await?;
         }
-        if let Some(lock) = &mut self.lock {
-            lock.ping().await?;
-        }
+        self.keep_lock_alive(true).await?;
         let claim_due = self
             .last_claim
             .is_none_or(|t| t.elapsed() >= Duration::from_millis(self.settings.claim_interval_ms));
@@ -272,6 +273,21 @@ impl Controller {
                 tracing::info!(pruned = n, "crash history pruned");
             }
             self.last_prune = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Pings the lock session when a ping interval has passed (or always, with `now`).
+    /// Long steps (adopting thousands of pods) call it as they go: a session left idle
+    /// past `idle_session_timeout` is ended by Postgres, and the node would lose every
+    /// lock in the middle of its own work.
+    async fn keep_lock_alive(&mut self, now: bool) -> Result<(), WorkerError> {
+        let due = now
+            || self.last_ping.elapsed()
+                >= Duration::from_millis(self.settings.lock.ping_interval_ms);
+        if let (true, Some(lock)) = (due, &mut self.lock) {
+            lock.ping().await?;
+            self.last_ping = Instant::now();
         }
         Ok(())
     }
@@ -431,7 +447,10 @@ impl Controller {
                 }
                 // A pod minted elsewhere (or by an earlier incarnation of this node)
                 // whose owner no longer holds the partition: its node is lost.
-                _ => self.record_node_lost(&c).await,
+                _ => {
+                    self.keep_lock_alive(false).await?;
+                    self.record_node_lost(&c).await;
+                }
             }
         }
         to_start.sort_by(|a, b| {
@@ -443,6 +462,7 @@ impl Controller {
             if self.pods.len() >= self.settings.capacity as usize {
                 break;
             }
+            self.keep_lock_alive(false).await?;
             let Some(&generation) = self.owned.get(&c.partition) else {
                 continue;
             };
