@@ -3,7 +3,7 @@
 //!
 //! A dev cluster is a private PostgreSQL (started with its durable defaults: fsync and
 //! synchronous commit stay on, since these are benchmarks), a private Redis, N workers
-//! and one API replica, in a fresh `taskpod_bench` database. Its folder is a new one
+//! and one API replica (two for `watch`), in a fresh `taskpod_bench` database. Its folder is a new one
 //! under the system's temporary folder unless `--data-dir` names one; the servers' logs
 //! are in its `logs/`. Teardown stops the replica (SIGTERM), kills the workers (SIGKILL:
 //! the data is thrown away, so a drain of thousands of pods would only cost time), then
@@ -38,7 +38,10 @@ const POOL_SIZE: u32 = 4;
 /// Where a scenario sends its calls, and what it may inspect.
 #[derive(Debug)]
 pub struct Target {
+    /// The first replica.
     pub client: Client,
+    /// One client per replica, the first being `client` (remote: just `client`).
+    pub replicas: Vec<Client>,
     pub info: ClusterInfo,
     /// The cluster's database, when the bench has one (--dev, or --database-url).
     pub pool: Option<PgPool>,
@@ -85,6 +88,7 @@ impl Target {
             None => None,
         };
         Ok(Self {
+            replicas: vec![client.clone()],
             client,
             info: ClusterInfo {
                 mode: "remote",
@@ -120,12 +124,24 @@ impl Target {
             Ok(client) => client,
             Err(e) => return Err((dev, e.into())),
         };
+        let mut replicas = vec![client.clone()];
+        for replica in dev.replicas.iter().skip(1) {
+            let settings = Settings {
+                address: replica.url(),
+                ..settings.clone()
+            };
+            match Client::connect(&settings, global.call_timeout()) {
+                Ok(client) => replicas.push(client),
+                Err(e) => return Err((dev, e.into())),
+            }
+        }
         let pool = match connect_pool(&dev.database_url).await {
             Ok(pool) => pool,
             Err(e) => return Err((dev, e)),
         };
         Ok(Self {
             client,
+            replicas,
             info: ClusterInfo {
                 mode: "dev",
                 address,
@@ -242,12 +258,12 @@ impl DevCluster {
         })
     }
 
-    /// Creates and migrates the database, then starts `workers` workers and one API
-    /// replica (each kept in `self` as it comes up, so teardown stops it).
+    /// Creates and migrates the database, then starts `workers` workers and `replicas`
+    /// API replicas (each kept in `self` as it comes up, so teardown stops it).
     ///
     /// # Errors
     /// The first step that failed.
-    pub async fn start_servers(&mut self, workers: u16) -> Result<(), BenchError> {
+    pub async fn start_servers(&mut self, workers: u16, replicas: u16) -> Result<(), BenchError> {
         self.create_database().await?;
         let report = migrate::run(&self.database_url).await?;
         say(format!("database {DATABASE}: {report}"));
@@ -269,9 +285,11 @@ impl DevCluster {
             ));
             self.workers.push(worker);
         }
-        let replica = config.start_replica(1).await?;
-        say(format!("api: {}", replica.url()));
-        self.replicas.push(replica);
+        for index in 1..=usize::from(replicas.max(1)) {
+            let replica = config.start_replica(index).await?;
+            say(format!("api {index}: {}", replica.url()));
+            self.replicas.push(replica);
+        }
         Ok(())
     }
 

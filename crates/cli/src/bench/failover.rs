@@ -32,6 +32,7 @@ pub const NEEDS: Needs = Needs {
     dev_only: true,
     database: Database::Optional,
     workers: Workers::Exactly(2),
+    replicas: 1,
 };
 
 /// How often the store is read after the kill: the resolution of the figures.

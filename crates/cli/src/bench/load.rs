@@ -49,6 +49,12 @@ impl Created {
             self.elapsed,
         )
     }
+
+    fn add(&mut self, other: Created) {
+        self.ids.extend(other.ids);
+        self.batches.merge(&other.batches);
+        self.elapsed += other.elapsed;
+    }
 }
 
 /// Creates `count` `manual` tasks through CreateTasks in batches of 1000, one call
@@ -110,6 +116,46 @@ pub async fn create_manual_tasks(
         batches: latencies,
         elapsed,
     })
+}
+
+/// A table of `tasks` `manual` tasks to read, `active` of them started (`auto_start`,
+/// created first) and the rest inactive. With a database, waits until the started
+/// pods run, so they are active while the scenario measures.
+///
+/// # Errors
+/// A refused batch, or the pods not running within five minutes.
+pub async fn fill_table(
+    client: &Client,
+    pool: Option<&PgPool>,
+    scenario: &'static str,
+    tasks: usize,
+    active: usize,
+) -> Result<Created, BenchError> {
+    let mut all = Created {
+        ids: Vec::with_capacity(tasks),
+        batches: Latencies::new(),
+        elapsed: Duration::ZERO,
+    };
+    if active > 0 {
+        let before = match pool {
+            Some(pool) => running_pods(pool).await?,
+            None => 0,
+        };
+        all.add(create_manual_tasks(client, scenario, active, true).await?);
+        if let Some(pool) = pool {
+            let expected = before + i64::try_from(active).unwrap_or(i64::MAX);
+            let took = wait_running(pool, scenario, expected, Duration::from_secs(300)).await?;
+            say(format!(
+                "{scenario}: {active} pods running {:.2}s after the last batch",
+                took.as_secs_f64()
+            ));
+        }
+    }
+    let rest = tasks.saturating_sub(active);
+    if rest > 0 {
+        all.add(create_manual_tasks(client, scenario, rest, false).await?);
+    }
+    Ok(all)
 }
 
 /// Cancels `ids` with `concurrency` calls in flight; returns how many failed. Used to

@@ -11,7 +11,11 @@
 //!
 //! Scenarios (one module each, the same shape: arguments flattening [`CommonArgs`],
 //! [`Needs`] checked before anything starts, `run(&mut Target, args) -> Report`):
+//! - [`get`]: GetTask on random tasks of a table of N, with P pods running;
+//! - [`list`]: ListTasks pages of 1000, per ordering and filter;
 //! - [`start`]: StartPod until the pod runs;
+//! - [`watch`]: commit -> watcher latency across two API replicas at a set update
+//!   rate (dev only);
 //! - [`failover`]: SIGKILL the worker holding the most of N pods, time until all run
 //!   again and until its partitions are claimed (dev only);
 //! - [`pods`]: N idle pods on one worker: its memory per pod, its idle CPU, and the
@@ -19,12 +23,16 @@
 
 mod cluster;
 mod failover;
+mod get;
+mod list;
 mod load;
 mod pods;
 mod procfs;
 mod progress;
 mod report;
 mod start;
+mod timed;
+mod watch;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -58,8 +66,14 @@ pub struct BenchArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Scenario {
+    /// GetTask latency on random tasks of a table of N (P of them with running pods)
+    Get(get::GetArgs),
+    /// ListTasks latency, pages of 1000, per ordering and filter
+    List(list::ListArgs),
     /// StartPod -> running latency: creates manual tasks, then starts their pods
     Start(start::StartArgs),
+    /// Commit -> watcher latency across two API replicas at R updates/s (--dev)
+    Watch(watch::WatchArgs),
     /// SIGKILL the worker holding the most pods; time until every pod runs again (--dev)
     Failover(failover::FailoverArgs),
     /// N idle pods on one worker: memory per pod, idle CPU, advisory locks (--dev)
@@ -157,6 +171,8 @@ pub struct Needs {
     pub dev_only: bool,
     pub database: Database,
     pub workers: Workers,
+    /// API replicas a dev cluster runs.
+    pub replicas: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -220,7 +236,10 @@ impl BenchError {
 impl Scenario {
     fn common(&self) -> &CommonArgs {
         match self {
+            Scenario::Get(a) => &a.common,
+            Scenario::List(a) => &a.common,
             Scenario::Start(a) => &a.common,
+            Scenario::Watch(a) => &a.common,
             Scenario::Failover(a) => &a.common,
             Scenario::Pods(a) => &a.common,
         }
@@ -228,7 +247,10 @@ impl Scenario {
 
     fn name(&self) -> &'static str {
         match self {
+            Scenario::Get(_) => "get",
+            Scenario::List(_) => "list",
             Scenario::Start(_) => "start",
+            Scenario::Watch(_) => "watch",
             Scenario::Failover(_) => "failover",
             Scenario::Pods(_) => "pods",
         }
@@ -236,7 +258,10 @@ impl Scenario {
 
     fn needs(&self) -> Needs {
         match self {
+            Scenario::Get(_) => get::NEEDS,
+            Scenario::List(_) => list::NEEDS,
             Scenario::Start(_) => start::NEEDS,
+            Scenario::Watch(_) => watch::NEEDS,
             Scenario::Failover(_) => failover::NEEDS,
             Scenario::Pods(_) => pods::NEEDS,
         }
@@ -245,7 +270,10 @@ impl Scenario {
     /// The scenario's own argument checks.
     fn check(&self) -> Result<(), String> {
         match self {
+            Scenario::Get(a) => a.check(),
+            Scenario::List(a) => a.check(),
             Scenario::Start(a) => a.check(),
+            Scenario::Watch(a) => a.check(),
             Scenario::Failover(a) => a.check(),
             Scenario::Pods(a) => a.check(),
         }
@@ -310,7 +338,7 @@ pub async fn run(args: BenchArgs, global: GlobalArgs) -> Result<(), BenchError> 
     let mut target = if common.dev {
         let mut dev = cluster::DevCluster::boot(&common.dev_options).await?;
         let started = tokio::select! {
-            started = dev.start_servers(workers) => started,
+            started = dev.start_servers(workers, args.scenario.needs().replicas) => started,
             signal = signals.recv() => Err(BenchError::Interrupted(signal)),
         };
         match started {
@@ -348,7 +376,10 @@ pub async fn run(args: BenchArgs, global: GlobalArgs) -> Result<(), BenchError> 
 
 async fn run_scenario(target: &mut Target, scenario: Scenario) -> Result<Report, BenchError> {
     match scenario {
+        Scenario::Get(args) => get::run(target, args).await,
+        Scenario::List(args) => list::run(target, args).await,
         Scenario::Start(args) => start::run(target, args).await,
+        Scenario::Watch(args) => watch::run(target, args).await,
         Scenario::Failover(args) => failover::run(target, args).await,
         Scenario::Pods(args) => pods::run(target, args).await,
     }
@@ -513,6 +544,39 @@ mod tests {
         assert!(err.contains("at least 10"), "{err}");
         let err = check("failover --dev --pods 20000").unwrap_err();
         assert!(err.contains("10000"), "{err}");
+    }
+
+    #[test]
+    fn get_and_list_run_anywhere_with_their_defaults() {
+        assert_eq!(check("get"), Ok(0));
+        assert_eq!(check("get --dev"), Ok(1));
+        assert_eq!(check("list --dev --workers 2"), Ok(2));
+        let (scenario, _) = parse("get --active-pods 5 --concurrency 2").unwrap();
+        let Scenario::Get(a) = scenario else {
+            panic!("not get")
+        };
+        assert_eq!(
+            (a.tasks, a.active_pods, a.concurrency, a.duration, a.warmup),
+            (100_000, 5, 2, 20, 3)
+        );
+        let err = check("list --tasks 10 --active-pods 11").unwrap_err();
+        assert!(err.contains("more than --tasks"), "{err}");
+        assert!(check("get --tasks 10 --active-pods 11").is_err());
+    }
+
+    #[test]
+    fn watch_needs_dev_and_two_replicas() {
+        assert!(check("watch").unwrap_err().contains("add --dev"));
+        assert_eq!(check("watch --dev"), Ok(1));
+        let (scenario, _) = parse("watch --dev").unwrap();
+        assert_eq!(scenario.needs().replicas, 2);
+        let Scenario::Watch(a) = scenario else {
+            panic!("not watch")
+        };
+        assert_eq!((a.rate, a.tasks), (1000, 1000));
+        let (scenario, _) = parse("start --dev").unwrap();
+        assert_eq!(scenario.needs().replicas, 1);
+        assert!(parse("watch --dev --rate 0").is_err());
     }
 
     #[test]

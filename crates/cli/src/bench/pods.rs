@@ -28,6 +28,7 @@ pub const NEEDS: Needs = Needs {
     dev_only: true,
     database: Database::Optional,
     workers: Workers::Exactly(1),
+    replicas: 1,
 };
 
 #[derive(Debug, clap::Args)]

@@ -29,6 +29,7 @@ pub const NEEDS: Needs = Needs {
     dev_only: false,
     database: Database::Optional,
     workers: Workers::Default(2),
+    replicas: 1,
 };
 
 #[derive(Debug, clap::Args)]
