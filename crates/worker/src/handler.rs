@@ -257,12 +257,14 @@ impl PodContext {
     }
 
     async fn announce(&self, appended: &Appended) {
-        let update = TaskUpdate::of(
+        let mut update = TaskUpdate::of(
             &appended.state,
             self.store.partition_count(),
             appended.last_event,
             self.metadata.traceparent.clone(),
         );
+        update.created_by = Some(self.task.created_by.clone());
+        update.created_at = Some(self.task.created_at);
         self.bus.publish(&[update]).await;
     }
 
