@@ -10,6 +10,8 @@ use crate::api::TestDb;
 #[derive(Debug)]
 pub struct WorkerProcess {
     pub node_id: String,
+    /// Where `GET /metrics` is served.
+    pub metrics_addr: String,
     child: Child,
 }
 
@@ -30,12 +32,40 @@ impl WorkerProcess {
         ];
         all.extend_from_slice(env);
         let (child, rest) = crate::spawn_server("taskpod-worker", &all, "taskpod-worker ").await?;
+        // `<node> health on <addr> metrics on <addr>`
         let node_id = rest
             .split_whitespace()
             .next()
             .unwrap_or_default()
             .to_owned();
-        Ok(Self { node_id, child })
+        let metrics_addr = rest
+            .split_whitespace()
+            .last()
+            .unwrap_or_default()
+            .to_owned();
+        Ok(Self {
+            node_id,
+            metrics_addr,
+            child,
+        })
+    }
+
+    /// The Prometheus text the worker serves.
+    ///
+    /// # Errors
+    /// When the endpoint does not answer.
+    pub async fn scrape(&self) -> anyhow::Result<String> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut conn = tokio::net::TcpStream::connect(&self.metrics_addr).await?;
+        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
+            .await?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body).await?;
+        anyhow::ensure!(
+            body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
+            "{body}"
+        );
+        Ok(body)
     }
 
     pub fn pid(&self) -> Option<u32> {

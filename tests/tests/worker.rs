@@ -1090,3 +1090,36 @@ async fn an_exec_phase_past_its_timeout_is_a_crash_and_the_task_can_cap_its_rest
     })
     .await;
 }
+
+/// The value of `metric` (with its labels, as printed) in Prometheus text.
+fn gauge(text: &str, metric: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(metric) && l[metric.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn a_gauge_reports_tasks_waiting_for_a_pod() {
+    let db = TestDb::create().await.unwrap();
+    let api = ApiProcess::spawn(&db, &[]).await.unwrap();
+    let mut c = api.client().await.unwrap();
+    // Room for one pod: the other two tasks wait.
+    let w = WorkerProcess::spawn(&db, "small", &[("TASKPOD_CAPACITY", "1")])
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        create(&mut c, "manual", serde_json::Value::Null, true).await;
+    }
+    eventually(
+        "the gauges show one pod running and two waiting",
+        || async {
+            let text = w.scrape().await.unwrap_or_default();
+            gauge(&text, "taskpod_pods_running{node=\"small\"}") == Some(1.0)
+                && gauge(&text, "taskpod_pods_pending") == Some(2.0)
+                && gauge(&text, "taskpod_pods_pending_oldest_seconds").is_some_and(|s| s > 0.0)
+                && gauge(&text, "taskpod_partitions_owned{node=\"small\"}") == Some(256.0)
+        },
+    )
+    .await;
+}

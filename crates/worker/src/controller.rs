@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::handler::Handler;
 use crate::lock::{LockSession, NODE_NAMESPACE, PARTITION_NAMESPACE};
+use crate::metrics::Metrics;
 use crate::pod::{self, PodExit, PodSpec};
 use crate::settings::WorkerSettings;
 use crate::slots::Slots;
@@ -48,6 +49,9 @@ pub enum WorkerError {
     #[error("{0}")]
     Settings(String),
 }
+
+/// How often the cluster-wide pending-pod gauges are refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// How long a wake-up waits for others to arrive before the check it triggers.
 const WAKE_DELAY: Duration = Duration::from_millis(2);
@@ -100,6 +104,9 @@ pub struct Controller {
     last_fence: Option<Instant>,
     /// The last time the lock session answered a ping.
     last_ping: Instant,
+    /// Gauges served at /metrics; set here, read by the endpoint.
+    metrics: Arc<Metrics>,
+    last_gauge: Option<Instant>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -117,7 +124,10 @@ impl Controller {
     ///
     /// # Errors
     /// When the store or the lock session cannot be reached.
-    pub async fn start(settings: WorkerSettings) -> Result<Self, WorkerError> {
+    pub async fn start(
+        settings: WorkerSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, WorkerError> {
         let store = Store::connect(&settings.store).await?;
         let handlers = crate::handlers::registry(&settings.handlers);
         let slots = handlers
@@ -153,6 +163,8 @@ impl Controller {
             last_prune: Instant::now(),
             last_fence: None,
             last_ping: Instant::now(),
+            metrics,
+            last_gauge: None,
             bus: Publisher::new(&settings.bus).map_err(|e| WorkerError::Settings(e.to_string()))?,
             subscription: None,
             settings,
@@ -261,6 +273,18 @@ impl Controller {
             self.last_claim = Some(Instant::now());
         }
         self.pass().await?;
+        self.metrics.pods_running.set(self.pods.len() as i64);
+        self.metrics.partitions_owned.set(self.owned.len() as i64);
+        // A scan of the active tasks: often enough for a gauge, not every tick.
+        if self
+            .last_gauge
+            .is_none_or(|t| t.elapsed() >= GAUGE_INTERVAL)
+        {
+            let (pending, oldest) = self.store.pending_pods().await?;
+            self.metrics.pods_pending.set(pending);
+            self.metrics.pods_pending_oldest_seconds.set(oldest);
+            self.last_gauge = Some(Instant::now());
+        }
         if self.last_heartbeat.elapsed() >= Duration::from_secs(5) {
             self.store.heartbeat_node(self.node).await?;
             self.last_heartbeat = Instant::now();

@@ -10,15 +10,19 @@
 //! - [`pod`]: one pod's life: slot, start, handler, stop;
 //! - [`slots`]: per-kind handler slots granted by priority, then age;
 //! - [`handler`]: the `Handler` trait and the `PodContext` handlers act through;
-//! - [`handlers`]: `manual`, `sleep`, `exec`.
+//! - [`handlers`]: `manual`, `sleep`, `exec`;
+//! - [`metrics`]: the gauges, served as Prometheus text.
 
 pub mod controller;
 pub mod handler;
 pub mod handlers;
 pub mod lock;
+pub mod metrics;
 pub mod pod;
 pub mod settings;
 pub mod slots;
+
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -34,11 +38,18 @@ pub use settings::WorkerSettings;
 pub async fn run(
     settings: WorkerSettings,
     health: TcpListener,
+    metrics: TcpListener,
     shutdown: CancellationToken,
     ready: impl FnOnce(taskpod_core::domain::NodeId),
 ) -> Result<(), WorkerError> {
-    let controller = Controller::start(settings).await?;
+    let gauges = Arc::new(
+        metrics::Metrics::new(&settings.name)
+            .map_err(|e| WorkerError::Settings(format!("metrics: {e}")))?,
+    );
+    let controller = Controller::start(settings, gauges.clone()).await?;
     ready(controller.node());
+    let metrics_stop = CancellationToken::new();
+    let metrics_server = tokio::spawn(metrics::serve(metrics, gauges, metrics_stop.clone()));
     let (reporter, service) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -67,6 +78,8 @@ pub async fn run(
         }
     };
     tokio::join!(controller.run(shutdown.clone()), drain_watch);
+    metrics_stop.cancel();
+    let _ = metrics_server.await;
     serving.cancel();
     let _ = health_server.await;
     Ok(())

@@ -37,11 +37,20 @@ async fn run(settings: WorkerSettings) -> anyhow::Result<()> {
             )
         })?;
     let addr = health.local_addr()?;
+    let metrics = tokio::net::TcpListener::bind(settings.metrics_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (setting metrics_listen)",
+                settings.metrics_listen
+            )
+        })?;
+    let metrics_addr = metrics.local_addr()?;
     let shutdown = CancellationToken::new();
     tokio::spawn(taskpod_core::process::cancel_on_signals(shutdown.clone()));
-    taskpod_worker::run(settings, health, shutdown, |node| {
+    taskpod_worker::run(settings, health, metrics, shutdown, |node| {
         // The one line on stdout: tests and `taskpod dev` read it.
-        println!("taskpod-worker {node} health on {addr}");
+        println!("taskpod-worker {node} health on {addr} metrics on {metrics_addr}");
     })
     .await?;
     Ok(())

@@ -18,6 +18,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "name",
     "store",
     "health_listen",
+    "metrics_listen",
     "capacity",
     "lock",
     "tick_ms",
@@ -37,6 +38,8 @@ pub struct WorkerSettings {
     pub store: StoreSettings,
     /// gRPC health for probes; port 0 picks one (printed at start).
     pub health_listen: SocketAddr,
+    /// Prometheus text at `GET /metrics`; port 0 picks one (printed at start).
+    pub metrics_listen: SocketAddr,
     /// Pods this node runs at once, all kinds together; also its weight in shares.
     pub capacity: u32,
     pub lock: LockSettings,
@@ -65,6 +68,7 @@ impl Default for WorkerSettings {
                 ..StoreSettings::default()
             },
             health_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             capacity: 10_000,
             lock: LockSettings::default(),
             tick_ms: 250,
