@@ -1123,3 +1123,48 @@ async fn a_gauge_reports_tasks_waiting_for_a_pod() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_retried_start_pod_resumes_waiting_for_the_same_pod() {
+    let db = TestDb::create().await.unwrap();
+    db.offer_kinds(&["manual"], &[]).await.unwrap();
+    let api = ApiProcess::spawn(&db, &[]).await.unwrap();
+    let mut c = api.client().await.unwrap();
+    let id = create(&mut c, "manual", serde_json::Value::Null, false).await;
+    let start = || {
+        let mut req = tonic::Request::new(v1::StartPodRequest {
+            task_id: id.clone(),
+            meta: Some(v1::RequestMeta {
+                actor_id: "tester".into(),
+                request_id: "start-1".into(),
+                ..Default::default()
+            }),
+        });
+        req.set_timeout(Duration::from_millis(500));
+        req
+    };
+    // No worker yet: the call's deadline passes before any pod runs.
+    match c.start_pod(start()).await {
+        Ok(r) => assert_ne!(
+            r.into_inner().task.unwrap().pod_status,
+            v1::PodStatus::Running as i32
+        ),
+        Err(s) => assert_eq!(s.code(), tonic::Code::DeadlineExceeded),
+    }
+    let _w = WorkerProcess::spawn(&db, "late", &[]).await.unwrap();
+    // The retry gets the first answer and waits for that pod, without a second request.
+    let mut retry = start();
+    retry.set_timeout(Duration::from_secs(30));
+    let task = c.start_pod(retry).await.unwrap().into_inner().task.unwrap();
+    assert_eq!(task.pod_status, v1::PodStatus::Running as i32);
+    let kinds: Vec<_> = events(&mut c, &id)
+        .await
+        .into_iter()
+        .map(|e| e.r#type)
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "pod_requested").count(),
+        1,
+        "{kinds:?}"
+    );
+}
