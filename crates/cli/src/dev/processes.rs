@@ -371,7 +371,7 @@ impl Managed {
 /// `taskpod dev` killed with SIGKILL leaves no server behind. The spawning thread is a
 /// runtime worker (or the main thread), which lives as long as the process.
 #[allow(unsafe_code)]
-fn die_with_parent(command: &mut Command) {
+pub(crate) fn die_with_parent(command: &mut Command) {
     let parent = rustix::process::getpid();
     // SAFETY: the closure runs in the forked child before exec, where only
     // async-signal-safe work is allowed: it makes two syscalls (prctl, getppid) and

@@ -45,7 +45,10 @@ impl LocalRedis {
             .port();
         std::fs::create_dir_all(dir).map_err(RedisError::Spawn)?;
         let log = dir.join("redis.log");
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        // A `taskpod dev` killed with SIGKILL must not leave its Redis behind.
+        super::processes::die_with_parent(&mut command);
+        let child = command
             .args([
                 "--port",
                 &port.to_string(),
