@@ -471,39 +471,36 @@ async fn bad_input_names_the_field_and_refusals_name_the_reason() {
         (err.code(), reason(&err).as_str()),
         (Code::FailedPrecondition, "PHASE_OWNED_BY_HANDLER")
     );
-    let err = c
-        .list_tasks(v1::ListTasksRequest {
-            page_size: -1,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (err.code(), violation(&err).as_str()),
-        (Code::InvalidArgument, "page_size")
-    );
-    let err = c
-        .list_tasks(v1::ListTasksRequest {
-            filter: "colour = red".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (err.code(), violation(&err).as_str()),
-        (Code::InvalidArgument, "filter")
-    );
-    let err = c
-        .list_tasks(v1::ListTasksRequest {
-            order_by: "title".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (err.code(), violation(&err).as_str()),
-        (Code::InvalidArgument, "order_by")
-    );
+    let bad_lists = [
+        (
+            v1::ListTasksRequest {
+                page_size: -1,
+                ..Default::default()
+            },
+            "page_size",
+        ),
+        (
+            v1::ListTasksRequest {
+                filter: "colour = red".into(),
+                ..Default::default()
+            },
+            "filter",
+        ),
+        (
+            v1::ListTasksRequest {
+                order_by: "title".into(),
+                ..Default::default()
+            },
+            "order_by",
+        ),
+    ];
+    for (req, field) in bad_lists {
+        let err = c.list_tasks(req).await.unwrap_err();
+        assert_eq!(
+            (err.code(), violation(&err).as_str()),
+            (Code::InvalidArgument, field)
+        );
+    }
 }
 
 #[tokio::test]

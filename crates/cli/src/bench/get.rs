@@ -13,7 +13,7 @@ use futures::FutureExt as _;
 use taskpod_proto::v1;
 
 use super::cluster::Target;
-use super::load;
+use super::load::TableArgs;
 use super::report::{Figure, Report};
 use super::timed::{self, Call};
 use super::{BenchError, CommonArgs, Database, Needs, Workers};
@@ -30,14 +30,8 @@ const SEED: u64 = 0x0067_6574_7461_736b;
 
 #[derive(Debug, clap::Args)]
 pub struct GetArgs {
-    /// Tasks in the table the reads pick from
-    #[arg(long, value_name = "N", default_value_t = 100_000,
-          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
-    pub tasks: u64,
-    /// Of those, tasks created with auto_start whose pods run while reads are timed
-    #[arg(long, value_name = "P", default_value_t = 0,
-          value_parser = clap::value_parser!(u64).range(0..=100_000))]
-    pub active_pods: u64,
+    #[command(flatten)]
+    pub table: TableArgs,
     /// Seconds of timed reads
     #[arg(long, value_name = "S", default_value_t = 20,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -58,13 +52,7 @@ impl GetArgs {
     /// # Errors
     /// Flags that do not fit together.
     pub fn check(&self) -> Result<(), String> {
-        if self.active_pods > self.tasks {
-            return Err(format!(
-                "--active-pods {} is more than --tasks {}",
-                self.active_pods, self.tasks
-            ));
-        }
-        Ok(())
+        self.table.check()
     }
 }
 
@@ -73,10 +61,10 @@ impl GetArgs {
 /// # Errors
 /// When the table cannot be filled, or every timed call failed.
 pub async fn run(target: &mut Target, args: GetArgs) -> Result<Report, BenchError> {
-    let tasks = usize::try_from(args.tasks).unwrap_or(usize::MAX);
-    let active = usize::try_from(args.active_pods).unwrap_or(usize::MAX);
-    let created =
-        load::fill_table(&target.client, target.pool.as_ref(), "get", tasks, active).await?;
+    let created = args
+        .table
+        .fill(&target.client, target.pool.as_ref(), "get")
+        .await?;
     let ids = Arc::new(created.ids.clone());
     let call: Call = {
         let (client, ids) = (target.client.clone(), Arc::clone(&ids));
@@ -119,13 +107,15 @@ pub async fn run(target: &mut Target, args: GetArgs) -> Result<Report, BenchErro
     }
     Ok(Report {
         scenario: "get",
-        parameters: vec![
-            ("tasks", args.tasks.into()),
-            ("active_pods", args.active_pods.into()),
-            ("duration_s", args.duration.into()),
-            ("warmup_s", args.warmup.into()),
-            ("concurrency", args.concurrency.into()),
-        ],
+        parameters: [
+            args.table.parameters().as_slice(),
+            &[
+                ("duration_s", args.duration.into()),
+                ("warmup_s", args.warmup.into()),
+                ("concurrency", args.concurrency.into()),
+            ],
+        ]
+        .concat(),
         cluster: target.info.clone(),
         latencies: vec![
             timed.latencies.summary(

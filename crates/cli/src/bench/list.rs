@@ -13,7 +13,7 @@ use futures::FutureExt as _;
 use taskpod_proto::v1;
 
 use super::cluster::Target;
-use super::load;
+use super::load::TableArgs;
 use super::report::{Figure, Report, Unit};
 use super::timed::{self, Call};
 use super::{BenchError, CommonArgs, Database, Needs, Workers};
@@ -86,14 +86,8 @@ pub const VARIANTS: [Variant; 5] = [
 
 #[derive(Debug, clap::Args)]
 pub struct ListArgs {
-    /// Tasks in the table
-    #[arg(long, value_name = "N", default_value_t = 100_000,
-          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
-    pub tasks: u64,
-    /// Of those, tasks created with auto_start whose pods run while lists are timed
-    #[arg(long, value_name = "P", default_value_t = 0,
-          value_parser = clap::value_parser!(u64).range(0..=100_000))]
-    pub active_pods: u64,
+    #[command(flatten)]
+    pub table: TableArgs,
     /// Seconds of timed calls per variant
     #[arg(long, value_name = "S", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -110,13 +104,7 @@ impl ListArgs {
     /// # Errors
     /// Flags that do not fit together.
     pub fn check(&self) -> Result<(), String> {
-        if self.active_pods > self.tasks {
-            return Err(format!(
-                "--active-pods {} is more than --tasks {}",
-                self.active_pods, self.tasks
-            ));
-        }
-        Ok(())
+        self.table.check()
     }
 }
 
@@ -125,10 +113,10 @@ impl ListArgs {
 /// # Errors
 /// When the table cannot be filled, or every call of a variant failed.
 pub async fn run(target: &mut Target, args: ListArgs) -> Result<Report, BenchError> {
-    let tasks = usize::try_from(args.tasks).unwrap_or(usize::MAX);
-    let active = usize::try_from(args.active_pods).unwrap_or(usize::MAX);
-    let created =
-        load::fill_table(&target.client, target.pool.as_ref(), "list", tasks, active).await?;
+    let created = args
+        .table
+        .fill(&target.client, target.pool.as_ref(), "list")
+        .await?;
     let mut latencies = Vec::new();
     let mut figures = Vec::new();
     let mut notes = Vec::new();
@@ -188,13 +176,15 @@ pub async fn run(target: &mut Target, args: ListArgs) -> Result<Report, BenchErr
     latencies.push(created.summary());
     Ok(Report {
         scenario: "list",
-        parameters: vec![
-            ("tasks", args.tasks.into()),
-            ("active_pods", args.active_pods.into()),
-            ("duration_s", args.duration.into()),
-            ("warmup_s", args.warmup.into()),
-            ("page_size", u64::from(PAGE_SIZE.unsigned_abs()).into()),
-        ],
+        parameters: [
+            args.table.parameters().as_slice(),
+            &[
+                ("duration_s", args.duration.into()),
+                ("warmup_s", args.warmup.into()),
+                ("page_size", u64::from(PAGE_SIZE.unsigned_abs()).into()),
+            ],
+        ]
+        .concat(),
         cluster: target.info.clone(),
         latencies,
         figures,

@@ -361,3 +361,53 @@ mod tests {
         assert!(!spread(0, &[]).is_even(0));
     }
 }
+
+/// The table `get` and `list` read: N tasks, P of them with running pods.
+#[derive(Debug, clap::Args)]
+pub struct TableArgs {
+    /// Tasks in the table
+    #[arg(long, value_name = "N", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub tasks: u64,
+    /// Of those, tasks created with auto_start whose pods run while calls are timed
+    #[arg(long, value_name = "P", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    pub active_pods: u64,
+}
+
+impl TableArgs {
+    /// # Errors
+    /// More active pods than tasks.
+    pub fn check(&self) -> Result<(), String> {
+        if self.active_pods > self.tasks {
+            return Err(format!(
+                "--active-pods {} is more than --tasks {}",
+                self.active_pods, self.tasks
+            ));
+        }
+        Ok(())
+    }
+
+    /// Fills the table (see [`fill_table`]).
+    ///
+    /// # Errors
+    /// As [`fill_table`].
+    pub async fn fill(
+        &self,
+        client: &Client,
+        pool: Option<&PgPool>,
+        scenario: &'static str,
+    ) -> Result<Created, BenchError> {
+        let tasks = usize::try_from(self.tasks).unwrap_or(usize::MAX);
+        let active = usize::try_from(self.active_pods).unwrap_or(usize::MAX);
+        fill_table(client, pool, scenario, tasks, active).await
+    }
+
+    /// The report's parameters for the table.
+    pub fn parameters(&self) -> [(&'static str, serde_json::Value); 2] {
+        [
+            ("tasks", self.tasks.into()),
+            ("active_pods", self.active_pods.into()),
+        ]
+    }
+}

@@ -556,7 +556,13 @@ mod tests {
             panic!("not get")
         };
         assert_eq!(
-            (a.tasks, a.active_pods, a.concurrency, a.duration, a.warmup),
+            (
+                a.table.tasks,
+                a.table.active_pods,
+                a.concurrency,
+                a.duration,
+                a.warmup
+            ),
             (100_000, 5, 2, 20, 3)
         );
         let err = check("list --tasks 10 --active-pods 11").unwrap_err();
