@@ -66,6 +66,8 @@ impl TestDb {
 #[derive(Debug)]
 pub struct ApiProcess {
     pub addr: SocketAddr,
+    /// Where `GET /metrics` is served, when asked for.
+    pub metrics_addr: Option<String>,
     child: Child,
 }
 
@@ -86,10 +88,35 @@ impl ApiProcess {
             ("TASKPOD_SHUTDOWN_GRACE_MS", "3000"),
         ];
         all.extend_from_slice(env);
-        let (child, addr) =
+        let (child, rest) =
             crate::spawn_server("taskpod-api", &all, "taskpod-api listening on ").await?;
-        let addr = addr.parse().context("unparsable address")?;
-        Ok(Self { addr, child })
+        // `<addr>[ metrics on <addr>]`
+        let mut words = rest.split_whitespace();
+        let addr = words
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .context("unparsable address")?;
+        let metrics_addr = rest
+            .split_once(" metrics on ")
+            .map(|(_, m)| m.trim().to_owned());
+        Ok(Self {
+            addr,
+            metrics_addr,
+            child,
+        })
+    }
+
+    /// The OpenMetrics text the replica serves (with `TASKPOD_METRICS_LISTEN` set).
+    ///
+    /// # Errors
+    /// When the replica serves no metrics or the endpoint does not answer.
+    pub async fn scrape(&self) -> anyhow::Result<String> {
+        let addr = self
+            .metrics_addr
+            .as_deref()
+            .context("started without TASKPOD_METRICS_LISTEN")?;
+        crate::scrape_metrics(addr).await
     }
 
     /// The process's resident memory in KiB, from /proc.

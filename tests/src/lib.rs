@@ -10,6 +10,7 @@
 //! - [`api`]: a fresh database per test and real `taskpod-api` processes on it
 //!   ([`spawn_api`] for a database given by URL);
 //! - [`worker`]: real `taskpod-worker` processes;
+//! - [`otlp`]: an OTLP receiver the binaries export traces and metrics to;
 //! - [`cli`]: the `taskpod` client commands run against them, on a database migrated by
 //!   `taskpod migrate`.
 //!
@@ -17,6 +18,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod otlp;
 pub mod worker;
 
 /// Starts a `taskpod-api` on a free loopback port over the database at `db_url` (auth
@@ -356,4 +358,22 @@ pub async fn spawn_server(
             bail!("{binary} exited ({status}) before announcing itself; first line {line:?}");
         }
     }
+}
+
+/// `GET /metrics` at `addr`: the whole response, status line and headers included.
+///
+/// # Errors
+/// When the endpoint does not answer 200.
+pub async fn scrape_metrics(addr: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await?;
+    anyhow::ensure!(
+        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
+        "{body}"
+    );
+    Ok(body)
 }

@@ -50,22 +50,12 @@ impl WorkerProcess {
         })
     }
 
-    /// The Prometheus text the worker serves.
+    /// The OpenMetrics text the worker serves.
     ///
     /// # Errors
     /// When the endpoint does not answer.
     pub async fn scrape(&self) -> anyhow::Result<String> {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut conn = tokio::net::TcpStream::connect(&self.metrics_addr).await?;
-        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
-            .await?;
-        let mut body = String::new();
-        conn.read_to_string(&mut body).await?;
-        anyhow::ensure!(
-            body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
-            "{body}"
-        );
-        Ok(body)
+        crate::scrape_metrics(&self.metrics_addr).await
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -243,6 +243,28 @@ async fn a_sigkilled_workers_pods_are_adopted_and_node_lost_recorded_once() {
         "node_lost once per adopted task"
     );
     assert!(lost.iter().all(|(t, n)| *n == 1 && on_victim.contains(t)));
+    // The survivor counted each adoption: a node_lost crash, a restart, a failover time.
+    let adopted = on_victim.len() as f64;
+    let text = survivor.scrape().await.unwrap();
+    assert_eq!(
+        gauge(
+            &text,
+            r#"taskpod_pod_crashes_total{node="survivor",cause="node_lost"}"#
+        ),
+        Some(adopted),
+        "{text}"
+    );
+    assert_eq!(
+        gauge(&text, r#"taskpod_pod_restarts_total{node="survivor"}"#),
+        Some(adopted)
+    );
+    assert_eq!(
+        gauge(
+            &text,
+            r#"taskpod_failover_adoption_seconds_count{node="survivor"}"#
+        ),
+        Some(adopted)
+    );
     // No event lost or written twice: versions are gapless and epochs strictly increase.
     for id in &ids {
         let evs = events(&mut c, id).await;
@@ -1045,7 +1067,7 @@ async fn an_exec_phase_past_its_timeout_is_a_crash_and_the_task_can_cap_its_rest
     let mut c = api.client().await.unwrap();
     let env = programs.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let _w = WorkerProcess::spawn(&db, "w", &env).await.unwrap();
+    let w = WorkerProcess::spawn(&db, "w", &env).await.unwrap();
     let id = c
         .create_task(v1::CreateTaskRequest {
             task: Some(v1::TaskSpec {
@@ -1085,6 +1107,26 @@ async fn an_exec_phase_past_its_timeout_is_a_crash_and_the_task_can_cap_its_rest
         .filter(|e| e.r#type == "pod_started")
         .count();
     assert_eq!(starts, 1, "no restart");
+    let text = w.scrape().await.unwrap();
+    assert_eq!(
+        gauge(
+            &text,
+            r#"taskpod_pod_crashes_total{node="w",cause="handler"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        gauge(
+            &text,
+            r#"taskpod_tasks_finished_total{status="failed",kind="exec"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        gauge(&text, r#"taskpod_pod_restarts_total{node="w"}"#),
+        None
+    );
     eventually("the hung program was killed", || async {
         programs.leftovers() == 0
     })

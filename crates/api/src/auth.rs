@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
 use taskpod_core::domain::RequestContext;
+use taskpod_core::telemetry::context::traceparent_or;
 use taskpod_proto::v1::RequestMeta;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Status};
@@ -140,10 +141,10 @@ pub fn request_context(
         actor_id,
         correlation_id: meta.and_then(|m| non_empty(&m.correlation_id)),
         causation_id: None,
-        traceparent: metadata
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
+        // The server span's context, so the events (and the pods that act on them)
+        // continue this call's trace; the caller's own when this process does not
+        // trace.
+        traceparent: traceparent_or(metadata.get("traceparent").and_then(|v| v.to_str().ok())),
         request_id: meta.and_then(|m| non_empty(&m.request_id)),
     })
 }

@@ -12,7 +12,8 @@
 //! - [`service`]: the `taskpod.v1.TaskService` handlers;
 //! - [`watch`]: WatchTask and WatchTasks relays;
 //! - [`hub`]: one per replica: tells relays when to look again (Redis, or one poll);
-//! - [`server`]: health, reflection, TLS, graceful drain.
+//! - [`rpc_telemetry`]: the server span and duration metric of every call;
+//! - [`server`]: health, reflection, TLS, `/metrics`, graceful drain.
 
 pub mod auth;
 pub mod errors;
@@ -20,6 +21,7 @@ pub mod hub;
 pub mod kinds;
 pub mod page_token;
 pub mod pods;
+pub mod rpc_telemetry;
 pub mod server;
 pub mod service;
 pub mod settings;

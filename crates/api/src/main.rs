@@ -20,8 +20,8 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    taskpod_core::process::init_logging("info");
     taskpod_core::process::run_server(
+        "taskpod-api",
         ApiSettings::load(args.config.as_deref()),
         |settings| async move { run(settings).await.map_err(Into::into) },
     )
@@ -31,10 +31,26 @@ async fn run(settings: ApiSettings) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {} (setting listen)", settings.listen))?;
-    // The one line on stdout: tests and `taskpod dev` read the bound address from it.
-    println!("taskpod-api listening on {}", listener.local_addr()?);
+    let metrics = match settings.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (setting metrics_listen)"))?,
+        ),
+        None => None,
+    };
+    // The one line on stdout (whoever reads it may close the pipe after it): tests and
+    // `taskpod dev` read the bound addresses from it.
+    let metrics_note = match &metrics {
+        Some(m) => format!(" metrics on {}", m.local_addr()?),
+        None => String::new(),
+    };
+    println!(
+        "taskpod-api listening on {}{metrics_note}",
+        listener.local_addr()?
+    );
     let shutdown = CancellationToken::new();
     tokio::spawn(taskpod_core::process::cancel_on_signals(shutdown.clone()));
-    taskpod_api::serve(listener, settings, shutdown).await?;
+    taskpod_api::serve(listener, metrics, settings, shutdown).await?;
     Ok(())
 }

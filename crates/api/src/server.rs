@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use taskpod_core::store::Store;
+use taskpod_core::telemetry::{Role, exposition};
 use taskpod_proto::v1::task_service_server::TaskServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -14,6 +15,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use crate::auth::Authenticator;
 use crate::hub::Hub;
 use crate::page_token::PageTokens;
+use crate::rpc_telemetry::RpcTelemetryLayer;
 use crate::service::TaskApi;
 use crate::settings::ApiSettings;
 use crate::watch::Watches;
@@ -38,13 +40,15 @@ pub enum ServeError {
 }
 
 /// Serves until `shutdown` is cancelled, then drains: health turns NOT_SERVING at once,
-/// watch streams end, in-flight calls get `shutdown_grace_ms` to finish.
+/// watch streams end, in-flight calls get `shutdown_grace_ms` to finish. With
+/// `metrics`, serves `GET /metrics` there until the drain ends.
 ///
 /// # Errors
 /// When the store is unreachable at start, TLS files cannot be read, or the transport
 /// fails.
 pub async fn serve(
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     settings: ApiSettings,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
@@ -53,6 +57,9 @@ pub async fn serve(
     let tokens = PageTokens::new(&settings.page_tokens);
     // Owns every task this server starts (watch relays, maintenance).
     let tracker = TaskTracker::new();
+    if let Some(metrics) = metrics {
+        tracker.spawn(exposition::serve(metrics, Role::Api, shutdown.clone()));
+    }
     tracker.spawn(prune_idempotency_keys(
         store.clone(),
         Duration::from_secs(settings.idempotency_ttl_secs),
@@ -127,6 +134,7 @@ pub async fn serve(
     };
     let grace = Duration::from_millis(settings.shutdown_grace_ms);
     let serving = builder
+        .layer(RpcTelemetryLayer)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)

@@ -14,7 +14,6 @@ use taskpod_proto::v1::task_service_server::TaskService;
 use taskpod_proto::v1::{self, RequestMeta};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::instrument;
 
 use crate::auth::{Caller, request_context};
 use crate::errors::{Fields, to_status};
@@ -26,6 +25,7 @@ use crate::hub::Hub;
 use crate::kinds::KindCatalog;
 use crate::page_token::{PageTokens, fingerprint};
 use crate::pods::{PodWaits, Until};
+use crate::rpc_telemetry::record_task;
 use crate::watch::Watches;
 
 /// The service's shared state; cheap to clone.
@@ -110,6 +110,7 @@ impl TaskApi {
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<v1::Task, Status> {
         let id = convert::task_id("task_id", task_id).map_err(plain)?;
+        record_task(&id);
         let executed = self.store.execute(id, &command, ctx).await.map_err(plain)?;
         // The row read back serves the answer and fills every field of the update.
         let mut task = self.store.get_task(id).await.map_err(plain)?;
@@ -242,7 +243,6 @@ struct EventsCursor {
 
 #[tonic::async_trait]
 impl TaskService for TaskApi {
-    #[instrument(name = "taskpod.v1.TaskService/CreateTask", skip_all)]
     async fn create_task(
         &self,
         req: Request<v1::CreateTaskRequest>,
@@ -270,10 +270,10 @@ impl TaskService for TaskApi {
             .task_id()
             .map(|id| id.to_string())
             .unwrap_or_default();
+        record_task(&task_id);
         Ok(Response::new(v1::CreateTaskResponse { task_id }))
     }
 
-    #[instrument(name = "taskpod.v1.TaskService/CreateTasks", skip_all)]
     async fn create_tasks(
         &self,
         req: Request<v1::CreateTasksRequest>,
@@ -308,16 +308,15 @@ impl TaskService for TaskApi {
         }))
     }
 
-    #[instrument(name = "taskpod.v1.TaskService/GetTask", skip_all)]
     async fn get_task(&self, req: Request<v1::GetTaskRequest>) -> Reply<v1::GetTaskResponse> {
         let id = convert::task_id("task_id", &req.get_ref().task_id).map_err(plain)?;
+        record_task(&id);
         let task = self.store.get_task(id).await.map_err(plain)?;
         Ok(Response::new(v1::GetTaskResponse {
             task: Some(convert::task(&task)),
         }))
     }
 
-    #[instrument(name = "taskpod.v1.TaskService/ListTasks", skip_all)]
     async fn list_tasks(&self, req: Request<v1::ListTasksRequest>) -> Reply<v1::ListTasksResponse> {
         let r = req.get_ref();
         let filter = task_filter(&r.filter, r.criteria.as_ref()).map_err(plain)?;
@@ -331,7 +330,6 @@ impl TaskService for TaskApi {
         }))
     }
 
-    #[instrument(name = "taskpod.v1.TaskService/CountTasks", skip_all)]
     async fn count_tasks(
         &self,
         req: Request<v1::CountTasksRequest>,
@@ -342,7 +340,6 @@ impl TaskService for TaskApi {
         Ok(Response::new(v1::CountTasksResponse { count }))
     }
 
-    #[instrument(name = "taskpod.v1.TaskService/StartPod", skip_all)]
     async fn start_pod(&self, req: Request<v1::StartPodRequest>) -> Reply<v1::StartPodResponse> {
         let ctx = Self::context(&req, req.get_ref().meta.as_ref())?;
         let task = self
@@ -357,7 +354,6 @@ impl TaskService for TaskApi {
         Ok(Response::new(v1::StartPodResponse { task: Some(task) }))
     }
 
-    #[instrument(name = "taskpod.v1.TaskService/StopPod", skip_all)]
     async fn stop_pod(&self, req: Request<v1::StopPodRequest>) -> Reply<v1::StopPodResponse> {
         let r = req.get_ref();
         let ctx = Self::context(&req, r.meta.as_ref())?;
@@ -374,7 +370,6 @@ impl TaskService for TaskApi {
         Ok(Response::new(v1::StopPodResponse { task: Some(task) }))
     }
 
-    #[instrument(name = "taskpod.v1.TaskService/RestartPod", skip_all)]
     async fn restart_pod(
         &self,
         req: Request<v1::RestartPodRequest>,
@@ -392,7 +387,6 @@ impl TaskService for TaskApi {
         Ok(Response::new(v1::RestartPodResponse { task: Some(task) }))
     }
 
-    #[instrument(name = "taskpod.v1.TaskService/ListActivePods", skip_all)]
     async fn list_active_pods(
         &self,
         req: Request<v1::ListActivePodsRequest>,
@@ -415,7 +409,6 @@ impl TaskService for TaskApi {
         }))
     }
 
-    #[instrument(name = "taskpod.v1.TaskService/CompleteTask", skip_all)]
     async fn complete_task(
         &self,
         req: Request<v1::CompleteTaskRequest>,
@@ -433,7 +426,6 @@ impl TaskService for TaskApi {
         Ok(Response::new(v1::CompleteTaskResponse { task: Some(task) }))
     }
 
-    #[instrument(name = "taskpod.v1.TaskService/CancelTask", skip_all)]
     async fn cancel_task(
         &self,
         req: Request<v1::CancelTaskRequest>,
@@ -449,7 +441,6 @@ impl TaskService for TaskApi {
         Ok(Response::new(v1::CancelTaskResponse { task: Some(task) }))
     }
 
-    #[instrument(name = "taskpod.v1.TaskService/TransitionPhase", skip_all)]
     async fn transition_phase(
         &self,
         req: Request<v1::TransitionPhaseRequest>,
@@ -471,13 +462,13 @@ impl TaskService for TaskApi {
         }))
     }
 
-    #[instrument(name = "taskpod.v1.TaskService/ListTaskEvents", skip_all)]
     async fn list_task_events(
         &self,
         req: Request<v1::ListTaskEventsRequest>,
     ) -> Reply<v1::ListTaskEventsResponse> {
         let r = req.get_ref();
         let id = convert::task_id("task_id", &r.task_id).map_err(plain)?;
+        record_task(&id);
         let size = taskpod_core::store::query::page_size(i64::from(r.page_size)).map_err(plain)?;
         let fp = fingerprint(&(id, r.from_version));
         let from = if r.page_token.is_empty() {
@@ -509,10 +500,10 @@ impl TaskService for TaskApi {
 
     type WatchTaskStream = ReceiverStream<Result<v1::WatchTaskResponse, Status>>;
 
-    #[instrument(name = "taskpod.v1.TaskService/WatchTask", skip_all)]
     async fn watch_task(&self, req: Request<v1::WatchTaskRequest>) -> Reply<Self::WatchTaskStream> {
         let r = req.get_ref();
         let id = convert::task_id("task_id", &r.task_id).map_err(plain)?;
+        record_task(&id);
         // Fail fast on an unknown task rather than in the stream.
         self.store.state(id).await.map_err(plain)?;
         Ok(Response::new(self.watches.watch_task(id, r.from_version)))
@@ -520,7 +511,6 @@ impl TaskService for TaskApi {
 
     type WatchTasksStream = ReceiverStream<Result<v1::WatchTasksResponse, Status>>;
 
-    #[instrument(name = "taskpod.v1.TaskService/WatchTasks", skip_all)]
     async fn watch_tasks(
         &self,
         req: Request<v1::WatchTasksRequest>,

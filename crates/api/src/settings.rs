@@ -15,6 +15,7 @@ use taskpod_core::store::{Secret, StoreSettings};
 /// The top-level keys, so `TASKPOD_*` variables meant for other programs are left alone.
 const TOP_LEVEL_KEYS: &[&str] = &[
     "listen",
+    "metrics_listen",
     "store",
     "auth",
     "page_tokens",
@@ -32,6 +33,9 @@ const TOP_LEVEL_KEYS: &[&str] = &[
 pub struct ApiSettings {
     /// Where to listen for gRPC; port 0 picks a free one (printed at start).
     pub listen: SocketAddr,
+    /// Where to serve `GET /metrics` (OpenMetrics text with exemplars); unset serves
+    /// none. Port 0 picks a free one (printed at start).
+    pub metrics_listen: Option<SocketAddr>,
     pub store: StoreSettings,
     pub auth: AuthSettings,
     pub page_tokens: PageTokenSettings,
@@ -55,6 +59,7 @@ impl Default for ApiSettings {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_listen: None,
             store: StoreSettings {
                 application_name: "taskpod-api".into(),
                 ..StoreSettings::default()

@@ -22,6 +22,9 @@ use tokio_util::task::TaskTracker;
 use tonic::Status;
 
 use taskpod_core::bus::channels;
+use taskpod_core::telemetry::metrics::metrics;
+use taskpod_core::telemetry::spans::{Destination, process_span};
+use tracing::Instrument as _;
 
 use crate::errors::{Fields, to_status};
 use crate::hub::{Follow, Hub};
@@ -82,7 +85,9 @@ impl Watches {
             id,
             next: from_version.max(1),
         };
-        self.tracker.spawn(relay.run(tx));
+        // The relay outlives the handler: it carries the call's span itself.
+        self.tracker
+            .spawn(relay.run(tx).instrument(tracing::Span::current()));
         ReceiverStream::new(rx)
     }
 
@@ -103,7 +108,8 @@ impl Watches {
             versions: HashMap::new(),
             mark: resume,
         };
-        self.tracker.spawn(relay.run(tx));
+        self.tracker
+            .spawn(relay.run(tx).instrument(tracing::Span::current()));
         ReceiverStream::new(rx)
     }
 
@@ -135,6 +141,7 @@ struct TaskRelay {
 
 impl TaskRelay {
     async fn run(mut self, tx: Sender<v1::WatchTaskResponse>) {
+        let _open = metrics().watch_stream("task");
         let store = self.watches.store.clone();
         // Follow first, then read: a change committed in between still wakes us.
         let mut follow = self.watches.hub.follow(channels::task(self.id));
@@ -159,7 +166,19 @@ impl TaskRelay {
                 let msg = v1::WatchTaskResponse {
                     kind: Some(watch_task_response::Kind::Event(convert::event(&e))),
                 };
-                if tx.send(Ok(msg)).await.is_err() || terminal {
+                // Delivering the event is consuming the writer's update: its span
+                // continues the writer's trace (from the event, so it holds even when
+                // Redis dropped the announcement).
+                let task_id = e.task_id.to_string();
+                let delivery = process_span(
+                    Destination::Task,
+                    &task_id,
+                    e.metadata.traceparent.as_deref(),
+                );
+                let sent = tx.send(Ok(msg)).instrument(delivery.clone()).await;
+                let lag = (chrono::Utc::now() - e.recorded_at).as_seconds_f64();
+                delivery.in_scope(|| metrics().watch_lag(lag));
+                if sent.is_err() || terminal {
                     return;
                 }
                 last_sent = Instant::now();
@@ -212,6 +231,7 @@ impl SetRelay {
     }
 
     async fn run(mut self, tx: Sender<v1::WatchTasksResponse>) {
+        let _open = metrics().watch_stream("tasks");
         if let Err(status) = self.serve(&tx).await {
             let _ = tx.send(Err(status)).await;
         }

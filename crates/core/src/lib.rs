@@ -11,8 +11,9 @@
 //! - [`bus`]: the Redis status bus (publish after commit, reconnecting subscriptions);
 //! - [`config`]: the `TASKPOD_*` environment layer of every binary's settings;
 //! - [`error`]: the one error enum every layer above maps from;
-//! - [`process`]: logging and shutdown signals for the binaries;
-//! - [`store`]: Postgres (sqlx): create, execute, append, read, list, count.
+//! - [`process`]: the shape of every server's `main`: telemetry, runtime, signals;
+//! - [`store`]: Postgres (sqlx): create, execute, append, read, list, count;
+//! - [`telemetry`]: logs, OTLP traces and metrics, `/metrics`, span conventions.
 
 pub mod bus;
 pub mod config;
@@ -20,5 +21,6 @@ pub mod domain;
 pub mod error;
 pub mod process;
 pub mod store;
+pub mod telemetry;
 
 pub use error::Error;

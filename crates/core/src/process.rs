@@ -1,22 +1,9 @@
-//! What every taskpod binary does at the top of `main`: logging and shutdown signals.
+//! What every taskpod server does at the top of `main`: telemetry, the runtime, and
+//! shutdown signals.
 
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
-/// Logs to stderr (stdout stays the program's own output); `RUST_LOG` sets levels,
-/// `TASKPOD_LOG_FORMAT=json` switches to JSON lines for collectors.
-pub fn init_logging(default_filter: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("TASKPOD_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
+use crate::telemetry::{self, TelemetryConfig};
 
 /// The first SIGTERM or SIGINT cancels `shutdown` (a graceful drain); a second exits
 /// the process at once.
@@ -37,9 +24,15 @@ pub async fn cancel_on_signals(shutdown: CancellationToken) {
     std::process::exit(130);
 }
 
-/// The shape every server's `main` shares: settings that failed to load exit with 2, a
-/// runtime runs `serve`, and its error exits with 1; both print to stderr.
-pub fn run_server<S, E, F, R>(settings: Result<S, E>, serve: F) -> std::process::ExitCode
+/// The shape every server's `main` shares: settings or telemetry variables that cannot
+/// be used exit with 2; then, on a runtime, telemetry starts (logs to stderr, OTLP when
+/// configured: see [`telemetry`]), `serve` runs, and its error exits with 1. Whatever
+/// telemetry still buffers is exported before the process exits.
+pub fn run_server<S, E, F, R>(
+    service: &str,
+    settings: Result<S, E>,
+    serve: F,
+) -> std::process::ExitCode
 where
     E: std::fmt::Display,
     F: FnOnce(S) -> R,
@@ -53,6 +46,13 @@ where
             return ExitCode::from(2);
         }
     };
+    let config = match TelemetryConfig::from_env(service) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -60,7 +60,17 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(settings)) {
+    // The gRPC exporters are built on the runtime they will export from.
+    let telemetry = match runtime.block_on(async { telemetry::init(&config, "info") }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(serve(settings));
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -29,13 +29,16 @@ use taskpod_core::domain::{EventMetadata, NodeId, PodState, Status, TaskId};
 use taskpod_core::store::Store;
 use taskpod_core::store::crashes::{CrashOutcome, CrashReport};
 use taskpod_core::store::nodes::PodCandidate;
+use taskpod_core::telemetry::context::{continue_trace, traceparent_of};
+use taskpod_core::telemetry::metrics::metrics;
+use taskpod_core::telemetry::spans::{Destination, process_span};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::handler::Handler;
 use crate::lock::{LockSession, NODE_NAMESPACE, PARTITION_NAMESPACE};
-use crate::metrics::Metrics;
 use crate::pod::{self, PodExit, PodSpec};
 use crate::settings::WorkerSettings;
 use crate::slots::Slots;
@@ -67,6 +70,8 @@ struct PodHandle {
     partition: i32,
     /// Cancelled by the controller when the pod must stop.
     stop: CancellationToken,
+    /// The trace the pod continues, for the span of its crash.
+    trace: Option<String>,
 }
 
 /// The controller's state; see the module docs for the loop.
@@ -104,9 +109,11 @@ pub struct Controller {
     last_fence: Option<Instant>,
     /// The last time the lock session answered a ping.
     last_ping: Instant,
-    /// Gauges served at /metrics; set here, read by the endpoint.
-    metrics: Arc<Metrics>,
     last_gauge: Option<Instant>,
+    /// Tasks whose next pod is a restart after a crash (`taskpod_pod_restarts_total`).
+    restarting: HashSet<TaskId>,
+    /// When a dead peer was last found: adopted pods count their failover from it.
+    peer_lost_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -124,10 +131,7 @@ impl Controller {
     ///
     /// # Errors
     /// When the store or the lock session cannot be reached.
-    pub async fn start(
-        settings: WorkerSettings,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self, WorkerError> {
+    pub async fn start(settings: WorkerSettings) -> Result<Self, WorkerError> {
         let store = Store::connect(&settings.store).await?;
         let handlers = crate::handlers::registry(&settings.handlers);
         let slots = handlers
@@ -163,8 +167,9 @@ impl Controller {
             last_prune: Instant::now(),
             last_fence: None,
             last_ping: Instant::now(),
-            metrics,
             last_gauge: None,
+            restarting: HashSet::new(),
+            peer_lost_at: None,
             bus: Publisher::new(&settings.bus).map_err(|e| WorkerError::Settings(e.to_string()))?,
             subscription: None,
             settings,
@@ -179,8 +184,7 @@ impl Controller {
 
     /// Registers a fresh incarnation and takes its node key on a new lock session.
     async fn connect(&mut self) -> Result<(), WorkerError> {
-        let mut lock =
-            LockSession::connect(self.settings.store.url.expose(), &self.settings.lock).await?;
+        let mut lock = LockSession::connect(self.settings.lock_url(), &self.settings.lock).await?;
         let node = NodeId::new();
         let programs: Vec<String> = self.settings.handlers.programs.keys().cloned().collect();
         let lock_key = self
@@ -233,9 +237,10 @@ impl Controller {
                     // A change in an owned partition, or a reconnect after which anything
                     // may have been missed: check soon. Messages arriving together share
                     // one check.
-                    if matches!(event, BusEvent::Connected | BusEvent::Message { .. }) {
-                        tick.reset_after(WAKE_DELAY);
+                    if let BusEvent::Message { payload, .. } = &event {
+                        consumed(payload);
                     }
+                    tick.reset_after(WAKE_DELAY);
                     continue;
                 }
                 Some(joined) = self.joins.join_next(), if !self.joins.is_empty() => {
@@ -273,16 +278,18 @@ impl Controller {
             self.last_claim = Some(Instant::now());
         }
         self.pass().await?;
-        self.metrics.pods_running.set(self.pods.len() as i64);
-        self.metrics.partitions_owned.set(self.owned.len() as i64);
+        metrics().node_load(
+            &self.settings.name,
+            self.pods.len() as i64,
+            self.owned.len() as i64,
+        );
         // A scan of the active tasks: often enough for a gauge, not every tick.
         if self
             .last_gauge
             .is_none_or(|t| t.elapsed() >= GAUGE_INTERVAL)
         {
             let (pending, oldest) = self.store.pending_pods().await?;
-            self.metrics.pods_pending.set(pending);
-            self.metrics.pods_pending_oldest_seconds.set(oldest);
+            metrics().pods_pending(pending, oldest);
             self.last_gauge = Some(Instant::now());
         }
         if self.last_heartbeat.elapsed() >= Duration::from_secs(5) {
@@ -334,6 +341,7 @@ impl Controller {
                 offered.extend(n.kinds.iter().cloned());
             } else {
                 tracing::info!(node = %n.node_id, name = %n.name, "peer is gone");
+                self.peer_lost_at = Some(Instant::now());
                 self.store.deregister_node(n.node_id).await?;
             }
         }
@@ -439,7 +447,10 @@ impl Controller {
         if partitions.is_empty() && running.is_empty() {
             return Ok(());
         }
-        let candidates = self.store.pod_candidates(&partitions, &running).await?;
+        let candidates = self
+            .store
+            .pod_candidates(self.node, &partitions, &running)
+            .await?;
         let now = chrono::Utc::now();
         let mut to_start: Vec<PodCandidate> = Vec::new();
         for c in candidates {
@@ -490,12 +501,25 @@ impl Controller {
             let Some(&generation) = self.owned.get(&c.partition) else {
                 continue;
             };
+            // The claim continues the trace of the change that asked for the pod.
+            let claim = tracing::info_span!(
+                "taskpod.pod.claim",
+                task_id = %c.task_id,
+                taskpod.partition = c.partition,
+                taskpod.epoch = tracing::field::Empty,
+            );
+            continue_trace(&claim, c.traceparent.as_deref());
             match self
                 .store
                 .mint_pod(c.task_id, c.pod_epoch, self.node, generation)
+                .instrument(claim.clone())
                 .await
             {
-                Ok(epoch) => self.spawn_pod(&c, epoch),
+                Ok(epoch) => {
+                    claim.record("taskpod.epoch", epoch);
+                    let trace = traceparent_of(&claim).or_else(|| c.traceparent.clone());
+                    self.spawn_pod(&c, epoch, trace);
+                }
                 Err(Error::StaleGeneration { .. }) => {
                     tracing::warn!(partition = c.partition, "claim lost under us");
                     self.owned.remove(&c.partition);
@@ -510,6 +534,16 @@ impl Controller {
     async fn record_node_lost(&mut self, c: &PodCandidate) {
         let Some(&generation) = self.owned.get(&c.partition) else {
             return;
+        };
+        let span = tracing::info_span!(
+            "taskpod.pod.node_lost",
+            task_id = %c.task_id,
+            taskpod.epoch = c.pod_epoch,
+        );
+        continue_trace(&span, c.traceparent.as_deref());
+        let metadata = EventMetadata {
+            traceparent: traceparent_of(&span).or_else(|| c.traceparent.clone()),
+            ..self.metadata()
         };
         let interrupted = self
             .last_fence
@@ -542,22 +576,37 @@ impl Controller {
                 generation,
                 &self.policy,
                 jitter,
-                &self.metadata(),
+                &metadata,
             )
+            .instrument(span.clone())
             .await
         {
             Ok(outcome) => {
                 self.adopted.insert(c.task_id);
                 tracing::info!(task.id = %c.task_id, ?outcome, "pod of a lost node recorded");
+                self.crash_recorded(c.task_id, report.kind, &outcome);
                 if outcome != CrashOutcome::AlreadyRecorded {
-                    self.announce(c.task_id, "pod_crashed").await;
+                    self.announce(c.task_id, "pod_crashed", metadata.traceparent)
+                        .instrument(span)
+                        .await;
                 }
             }
             Err(e) => tracing::debug!(task.id = %c.task_id, error = %e, "node loss not recorded"),
         }
     }
 
-    fn spawn_pod(&mut self, c: &PodCandidate, epoch: i64) {
+    /// Counts a crash this node recorded, and remembers a coming restart.
+    fn crash_recorded(&mut self, task: TaskId, kind: CrashKind, outcome: &CrashOutcome) {
+        if *outcome == CrashOutcome::AlreadyRecorded {
+            return;
+        }
+        metrics().pod_crashed(&self.settings.name, kind.as_str());
+        if matches!(outcome, CrashOutcome::Restart { .. }) {
+            self.restarting.insert(task);
+        }
+    }
+
+    fn spawn_pod(&mut self, c: &PodCandidate, epoch: i64, trace: Option<String>) {
         let Some(handler) = self.handlers.get(&c.kind).cloned() else {
             return;
         };
@@ -565,12 +614,20 @@ impl Controller {
             return;
         };
         let adopted = self.adopted.remove(&c.task_id);
+        if self.restarting.remove(&c.task_id) {
+            metrics().pod_restarted(&self.settings.name);
+        }
         let spec = PodSpec {
             task_id: c.task_id,
             epoch,
             priority: c.priority,
             created_at: c.created_at,
             fence_margin: (adopted && c.kind == "exec").then(|| self.settings.fence_margin()),
+            trace: trace.clone(),
+            adopted: adopted
+                .then_some(self.peer_lost_at)
+                .flatten()
+                .map(|at| (at, self.settings.name.clone())),
         };
         let stop = CancellationToken::new();
         self.pods.insert(
@@ -579,15 +636,18 @@ impl Controller {
                 epoch,
                 partition: c.partition,
                 stop: stop.clone(),
+                trace,
             },
         );
         let store = self.store.clone();
         let bus = self.bus.clone();
         let node = self.node;
         let task_id = c.task_id;
+        let span = pod::span(&spec, node);
         self.joins.spawn(async move {
             let exit = AssertUnwindSafe(pod::run(store, spec, handler, slots, node, stop, bus))
                 .catch_unwind()
+                .instrument(span.clone())
                 .await
                 .unwrap_or_else(|panic| {
                     let what = panic
@@ -597,6 +657,7 @@ impl Controller {
                         .unwrap_or_default();
                     PodExit::Crashed(format!("handler panicked: {what}"))
                 });
+            span.record("taskpod.exit", exit.name());
             (task_id, epoch, exit)
         });
     }
@@ -610,6 +671,7 @@ impl Controller {
             return;
         }
         let partition = handle.partition;
+        let trace = handle.trace.clone();
         self.pods.remove(&task);
         tracing::debug!(task.id = %task, epoch, ?exit, "pod ended");
         if let PodExit::Crashed(reason) = exit {
@@ -623,8 +685,20 @@ impl Controller {
                 reason,
                 kind: CrashKind::Handler,
             };
+            let span = tracing::info_span!(
+                "taskpod.pod.crash",
+                task_id = %task,
+                taskpod.epoch = epoch,
+                taskpod.reason = %report.reason,
+                otel.status_code = "ERROR",
+            );
+            continue_trace(&span, trace.as_deref());
+            let metadata = EventMetadata {
+                traceparent: traceparent_of(&span).or(trace),
+                ..self.metadata()
+            };
             let jitter = rand::random::<f64>();
-            match self
+            let recorded = self
                 .store
                 .record_crash(
                     &report,
@@ -632,18 +706,26 @@ impl Controller {
                     generation,
                     &self.policy,
                     jitter,
-                    &self.metadata(),
+                    &metadata,
                 )
-                .await
-            {
+                .instrument(span.clone())
+                .await;
+            if let Ok(outcome) = &recorded {
+                self.crash_recorded(task, CrashKind::Handler, outcome);
+            }
+            match recorded {
                 Ok(CrashOutcome::Failed { error }) => {
                     tracing::info!(task.id = %task, %error, "restart budget spent");
-                    self.announce(task, "task_failed").await;
+                    self.announce(task, "task_failed", metadata.traceparent)
+                        .instrument(span)
+                        .await;
                 }
                 Ok(outcome) => {
                     tracing::info!(task.id = %task, ?outcome, "pod crashed");
                     if outcome != CrashOutcome::AlreadyRecorded {
-                        self.announce(task, "pod_crashed").await;
+                        self.announce(task, "pod_crashed", metadata.traceparent)
+                            .instrument(span)
+                            .await;
                     }
                 }
                 Err(e) => tracing::warn!(task.id = %task, error = %e, "crash not recorded"),
@@ -705,9 +787,14 @@ impl Controller {
     }
 
     /// Announces a change this node recorded (best effort, after the commit).
-    async fn announce(&self, task: TaskId, event_type: &str) {
+    async fn announce(&self, task: TaskId, event_type: &str, traceparent: Option<String>) {
         if let Ok(state) = self.store.state(task).await {
-            let update = TaskUpdate::of(&state, self.store.partition_count(), event_type, None);
+            let update = TaskUpdate::of(
+                &state,
+                self.store.partition_count(),
+                event_type,
+                traceparent,
+            );
             self.bus.publish(&[update]).await;
         }
     }
@@ -718,5 +805,22 @@ impl Controller {
             correlation_id: format!("worker:{}", self.node),
             ..EventMetadata::default()
         }
+    }
+}
+
+/// A wake-up is the consumption of a writer's update: when spans are exported, it is
+/// a CONSUMER span in the writer's trace (the check it triggers follows at once).
+fn consumed(payload: &[u8]) {
+    if !taskpod_core::telemetry::traces_exported() {
+        return;
+    }
+    if let Ok(update) = serde_json::from_slice::<TaskUpdate>(payload) {
+        let task_id = update.task_id.to_string();
+        let _span = process_span(
+            Destination::Partition,
+            &task_id,
+            update.traceparent.as_deref(),
+        )
+        .entered();
     }
 }

@@ -32,10 +32,12 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use taskpod_core::Error;
 use taskpod_core::bus::{Publisher, TaskUpdate};
-use taskpod_core::domain::{Event, EventMetadata, Phase, Status, Task};
+use taskpod_core::domain::{Event, EventMetadata, MANUAL_KIND, Phase, Status, Task};
 use taskpod_core::store::checkpoint::Checkpoint;
 use taskpod_core::store::{AppendFence, Appended, RecordedEvent, Store};
+use taskpod_core::telemetry::context::traceparent_of;
 use tokio_util::sync::CancellationToken;
+use tracing::{Instrument as _, Span};
 
 /// How a handler run ended, other than by completing the task.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -75,9 +77,16 @@ pub struct PodContext {
     bus: Publisher,
     /// What an earlier pod of this task saved, and the events written after it.
     restored: Option<(Checkpoint, Vec<RecordedEvent>)>,
+    /// The pod's `taskpod.pod` span.
+    span: Span,
+    /// The span of the phase the handler is in (kinds whose handler walks the phases).
+    phase_span: Option<Span>,
+    /// The trace context events carry when this process does not trace.
+    origin: Option<String>,
 }
 
 impl PodContext {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         store: Store,
         task: Task,
@@ -85,10 +94,15 @@ impl PodContext {
         stop: CancellationToken,
         metadata: EventMetadata,
         bus: Publisher,
+        span: Span,
+        origin: Option<String>,
     ) -> Self {
         Self {
             bus,
             restored: None,
+            span,
+            phase_span: None,
+            origin,
             version: task.version,
             phase: task.phase,
             store,
@@ -195,8 +209,42 @@ impl PodContext {
                 return Err(HandlerError::Stopped);
             }
         };
-        self.append(event).await?;
+        let within = self.phase_span.clone().unwrap_or_else(|| self.span.clone());
+        let span = if matches!(event, Event::TaskCompleted { .. }) {
+            tracing::info_span!(parent: &within, "taskpod.task.complete", task_id = %self.task.task_id)
+        } else {
+            within
+        };
+        self.append_in(event, &span).await?;
+        drop(span);
+        self.enter_phase();
         Ok(self.phase)
+    }
+
+    /// Ends the current phase's span and, for a handler that walks the phases, starts
+    /// the next one's, so a trace shows how long each phase took.
+    fn enter_phase(&mut self) {
+        self.phase_span = None;
+        if self.task.kind == MANUAL_KIND || self.phase.is_terminal() {
+            return;
+        }
+        let span = tracing::info_span!(
+            parent: &self.span,
+            "phase",
+            otel.name = phase_span_name(self.phase),
+            task_id = %self.task.task_id,
+            taskpod.phase = self.phase.as_str(),
+        );
+        self.phase_span = Some(span);
+    }
+
+    /// The metadata of an event written in `span`: its trace context, else the one
+    /// this pod was handed.
+    fn metadata_in(&self, span: &Span) -> EventMetadata {
+        EventMetadata {
+            traceparent: traceparent_of(span).or_else(|| self.origin.clone()),
+            ..self.metadata.clone()
+        }
     }
 
     /// Ends the task as failed.
@@ -208,7 +256,8 @@ impl PodContext {
             error: error.to_owned(),
             from_phase: self.phase,
         };
-        self.append(event).await
+        let span = self.phase_span.take().unwrap_or_else(|| self.span.clone());
+        self.append_in(event, &span).await
     }
 
     /// Tells the store the pod stopped; best effort (a fenced pod has nothing to say).
@@ -217,6 +266,9 @@ impl PodContext {
             epoch: self.epoch,
             reason: reason.to_owned(),
         };
+        self.phase_span = None;
+        let span = tracing::info_span!(parent: &self.span, "taskpod.pod.stop", task_id = %self.task.task_id, taskpod.reason = reason);
+        let metadata = self.metadata_in(&span);
         for _ in 0..3 {
             match self
                 .store
@@ -225,13 +277,14 @@ impl PodContext {
                     self.version,
                     AppendFence::Pod { epoch: self.epoch },
                     std::slice::from_ref(&event),
-                    &self.metadata,
+                    &metadata,
                 )
+                .instrument(span.clone())
                 .await
             {
                 Ok(a) => {
                     self.version = a.state.version;
-                    self.announce(&a).await;
+                    self.announce(&a, &metadata).instrument(span.clone()).await;
                     return;
                 }
                 Err(Error::VersionConflict { actual, .. }) => self.version = actual,
@@ -253,22 +306,28 @@ impl PodContext {
             node,
             started_at: chrono::Utc::now(),
         };
-        self.append(event).await
+        let span = self.span.clone();
+        self.append_in(event, &span).await?;
+        self.enter_phase();
+        Ok(())
     }
 
-    async fn announce(&self, appended: &Appended) {
+    async fn announce(&self, appended: &Appended, metadata: &EventMetadata) {
         let mut update = TaskUpdate::of(
             &appended.state,
             self.store.partition_count(),
             appended.last_event,
-            self.metadata.traceparent.clone(),
+            metadata.traceparent.clone(),
         );
         update.created_by = Some(self.task.created_by.clone());
         update.created_at = Some(self.task.created_at);
         self.bus.publish(&[update]).await;
     }
 
-    async fn append(&mut self, event: Event) -> Result<(), HandlerError> {
+    /// Appends `event` (with its publish) inside `span`, whose trace context the event
+    /// records.
+    async fn append_in(&mut self, event: Event, span: &Span) -> Result<(), HandlerError> {
+        let metadata = self.metadata_in(span);
         // A store outage hits every pod at once and is nobody's fault: wait it out
         // (until stopped) instead of crashing, so it is charged to no task.
         let mut backoff = Duration::from_millis(100);
@@ -280,20 +339,24 @@ impl PodContext {
                     self.version,
                     AppendFence::Pod { epoch: self.epoch },
                     std::slice::from_ref(&event),
-                    &self.metadata,
+                    &metadata,
                 )
+                .instrument(span.clone())
                 .await;
             match res {
                 Ok(appended) => {
                     self.version = appended.state.version;
                     self.phase = appended.state.phase;
-                    self.announce(&appended).await;
+                    self.announce(&appended, &metadata)
+                        .instrument(span.clone())
+                        .await;
                     return Ok(());
                 }
                 Err(Error::VersionConflict { .. }) => {
                     let state = self
                         .store
                         .state(self.task.task_id)
+                        .instrument(span.clone())
                         .await
                         .map_err(store_error)?;
                     if state.pod_epoch != self.epoch {
@@ -320,6 +383,19 @@ impl PodContext {
                 Err(e) => return Err(store_error(e)),
             }
         }
+    }
+}
+
+/// Span names must be literals to stay low-cardinality; a phase names its own.
+fn phase_span_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::SpecClarification => "phase spec_clarification",
+        Phase::Planning => "phase planning",
+        Phase::Development => "phase development",
+        Phase::Review => "phase review",
+        Phase::Completed => "phase completed",
+        Phase::Cancelled => "phase cancelled",
+        Phase::Failed => "phase failed",
     }
 }
 

@@ -10,19 +10,18 @@
 //! - [`pod`]: one pod's life: slot, start, handler, stop;
 //! - [`slots`]: per-kind handler slots granted by priority, then age;
 //! - [`handler`]: the `Handler` trait and the `PodContext` handlers act through;
-//! - [`handlers`]: `manual`, `sleep`, `exec`;
-//! - [`metrics`]: the gauges, served as Prometheus text.
+//! - [`handlers`]: `manual`, `sleep`, `exec`.
+//!
+//! Metrics and spans are `taskpod_core::telemetry`'s; the worker serves `/metrics` on
+//! `metrics_listen`.
 
 pub mod controller;
 pub mod handler;
 pub mod handlers;
 pub mod lock;
-pub mod metrics;
 pub mod pod;
 pub mod settings;
 pub mod slots;
-
-use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -42,14 +41,14 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: impl FnOnce(taskpod_core::domain::NodeId),
 ) -> Result<(), WorkerError> {
-    let gauges = Arc::new(
-        metrics::Metrics::new(&settings.name)
-            .map_err(|e| WorkerError::Settings(format!("metrics: {e}")))?,
-    );
-    let controller = Controller::start(settings, gauges.clone()).await?;
+    let controller = Controller::start(settings).await?;
     ready(controller.node());
     let metrics_stop = CancellationToken::new();
-    let metrics_server = tokio::spawn(metrics::serve(metrics, gauges, metrics_stop.clone()));
+    let metrics_server = tokio::spawn(taskpod_core::telemetry::exposition::serve(
+        metrics,
+        taskpod_core::telemetry::Role::Worker,
+        metrics_stop.clone(),
+    ));
     let (reporter, service) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)

@@ -20,8 +20,8 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    taskpod_core::process::init_logging("info");
     taskpod_core::process::run_server(
+        "taskpod-worker",
         WorkerSettings::load(args.config.as_deref()),
         |settings| async move { run(settings).await.map_err(Into::into) },
     )

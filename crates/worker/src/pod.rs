@@ -11,6 +11,10 @@ use taskpod_core::domain::{EventMetadata, NodeId, TaskId};
 use taskpod_core::store::Store;
 use tokio_util::sync::CancellationToken;
 
+use taskpod_core::telemetry::context::continue_trace;
+use taskpod_core::telemetry::metrics::metrics;
+use tracing::Span;
+
 use crate::handler::{Handler, HandlerError, PodContext};
 use crate::slots::Slots;
 
@@ -24,6 +28,12 @@ pub(crate) struct PodSpec {
     /// Wait this long before running the handler: an adopted `exec` pod gives the old
     /// owner time to fence itself and kill its children.
     pub fence_margin: Option<Duration>,
+    /// The trace this pod continues: its claim's span, or (when this worker does not
+    /// trace) the context the request left on the task, passed on unchanged.
+    pub trace: Option<String>,
+    /// For a pod adopted from a dead node: when that node was found dead, and this
+    /// node's name (`taskpod_failover_adoption_seconds` counts until the pod runs).
+    pub adopted: Option<(tokio::time::Instant, String)>,
 }
 
 /// How a pod ended.
@@ -41,6 +51,33 @@ pub(crate) enum PodExit {
     Fenced,
 }
 
+impl PodExit {
+    /// For the pod span's `taskpod.exit`.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::Stopped => "stopped",
+            Self::Failed(_) => "failed",
+            Self::Crashed(_) => "crashed",
+            Self::Fenced => "fenced",
+        }
+    }
+}
+
+/// The `taskpod.pod` span a pod runs in, continuing the trace its spec names.
+pub(crate) fn span(spec: &PodSpec, node: NodeId) -> Span {
+    let span = tracing::info_span!(
+        "taskpod.pod",
+        task_id = %spec.task_id,
+        taskpod.epoch = spec.epoch,
+        taskpod.node = %node,
+        taskpod.exit = tracing::field::Empty,
+    );
+    continue_trace(&span, spec.trace.as_deref());
+    span
+}
+
+/// Runs the pod; call it inside its [`span`].
 pub(crate) async fn run(
     store: Store,
     spec: PodSpec,
@@ -59,7 +96,16 @@ pub(crate) async fn run(
         correlation_id: format!("pod:{}:{}", spec.task_id, spec.epoch),
         ..EventMetadata::default()
     };
-    let mut pod = PodContext::new(store, task, spec.epoch, stop.clone(), metadata, bus);
+    let mut pod = PodContext::new(
+        store,
+        task,
+        spec.epoch,
+        stop.clone(),
+        metadata,
+        bus,
+        Span::current(),
+        spec.trace.clone(),
+    );
     if let Err(e) = pod.restore().await {
         return match e {
             HandlerError::Fenced => PodExit::Fenced,
@@ -93,6 +139,9 @@ pub(crate) async fn run(
         }
     }
     tracing::debug!(task.id = %spec.task_id, epoch = spec.epoch, "pod running");
+    if let Some((found_dead, name)) = &spec.adopted {
+        metrics().failover_adoption(name, found_dead.elapsed().as_secs_f64());
+    }
     match handler.run(&mut pod).await {
         Ok(()) => {
             pod.stopped_cleanly("completed").await;

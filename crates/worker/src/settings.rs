@@ -11,7 +11,7 @@ use taskpod_core::bus::BusSettings;
 pub use taskpod_core::config::SettingsError;
 use taskpod_core::config::{self, invalid};
 use taskpod_core::domain::restart::RestartPolicy;
-use taskpod_core::store::StoreSettings;
+use taskpod_core::store::{Secret, StoreSettings};
 
 /// The top-level keys, so `TASKPOD_*` variables meant for other programs are left alone.
 const TOP_LEVEL_KEYS: &[&str] = &[
@@ -87,6 +87,10 @@ impl Default for WorkerSettings {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LockSettings {
+    /// The database URL of the lock session; empty uses `store.url`. Set it when the
+    /// pool goes through a transaction-mode pooler (PgBouncer): session advisory locks
+    /// need a direct connection that no one else's transaction ever shares.
+    pub url: Secret,
     pub ping_interval_ms: u64,
     pub ping_timeout_ms: u64,
     /// Server-side TCP keepalive and user timeout on this session (user-settable, so
@@ -104,6 +108,7 @@ pub struct LockSettings {
 impl Default for LockSettings {
     fn default() -> Self {
         Self {
+            url: Secret::default(),
             ping_interval_ms: 300,
             ping_timeout_ms: 1_000,
             keepalive_idle_secs: 5,
@@ -248,6 +253,14 @@ impl WorkerSettings {
         Ok(())
     }
 
+    /// Where the lock session connects: `lock.url`, else `store.url`.
+    pub fn lock_url(&self) -> &str {
+        match self.lock.url.expose() {
+            "" => self.store.url.expose(),
+            url => url,
+        }
+    }
+
     pub fn tick(&self) -> Duration {
         Duration::from_millis(self.tick_ms)
     }
@@ -267,6 +280,15 @@ impl WorkerSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lock_session_uses_its_own_url_when_set() {
+        let mut s = WorkerSettings::default();
+        s.store.url = Secret::new("postgres://pooler:6432/taskpod");
+        assert_eq!(s.lock_url(), "postgres://pooler:6432/taskpod");
+        s.lock.url = Secret::new("postgres://primary:5432/taskpod");
+        assert_eq!(s.lock_url(), "postgres://primary:5432/taskpod");
+    }
 
     #[test]
     fn every_top_level_setting_is_reachable_from_the_environment() {

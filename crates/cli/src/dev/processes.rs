@@ -201,9 +201,11 @@ impl ClusterConfig {
             ("TASKPOD_BUS__URL", self.bus_url.clone()),
         ];
         let (mut process, line) = self.spawn(&self.api_bin, name, &env).await?;
+        // `taskpod-api listening on <addr>[ metrics on <addr>]`
         let addr = line
             .strip_prefix("taskpod-api listening on ")
-            .and_then(|addr| addr.trim().parse().ok());
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|addr| addr.parse().ok());
         let Some(addr) = addr else {
             return Err(process.unexpected(line).await);
         };

@@ -9,7 +9,11 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use tracing::Instrument as _;
+
 use super::{BusError, BusSettings, TaskUpdate, channels};
+use crate::telemetry::metrics::metrics;
+use crate::telemetry::spans::{DbSystem, db_call, publish_span};
 
 /// A wait between reconnect attempts, so a Redis outage costs each write nothing but a
 /// check of this clock.
@@ -68,16 +72,29 @@ impl Publisher {
     }
 
     /// Publishes each update on its task's channel, its partition's channel and
-    /// `tasks`, in one pipelined round trip. Never fails: a lost publish is repaired by
-    /// the readers' paths to Postgres.
+    /// `tasks`, in one pipelined round trip, inside a PRODUCER span (a child of the
+    /// writer's span). Never fails: a lost publish is repaired by the readers' paths to
+    /// Postgres, and counted in `taskpod_bus_publish_failures_total`.
     pub async fn publish(&self, updates: &[TaskUpdate]) {
         let Some(inner) = &self.inner else { return };
         if updates.is_empty() {
             return;
         }
-        let Some(mut conn) = inner.connection().await else {
+        let span = publish_span(updates.len());
+        if !inner.publish(updates).instrument(span.clone()).await {
+            span.record("error.type", "publish_failed");
             inner.failures.fetch_add(1, Ordering::Relaxed);
-            return;
+            metrics().bus_publish_failed();
+            tracing::debug!("bus publish failed; readers repair from the store");
+        }
+    }
+}
+
+impl Inner {
+    /// Whether every message went out.
+    async fn publish(&self, updates: &[TaskUpdate]) -> bool {
+        let Some(mut conn) = self.connection().await else {
+            return false;
         };
         let mut pipe = redis::pipe();
         for u in updates {
@@ -89,16 +106,24 @@ impl Publisher {
                 .ignore();
             pipe.publish(channels::TASKS, &payload).ignore();
         }
-        let sent = tokio::time::timeout(inner.timeout, pipe.query_async::<()>(&mut conn)).await;
-        if !matches!(sent, Ok(Ok(()))) {
-            inner.failures.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!("bus publish failed; readers repair from the store");
-            inner.conn.lock().await.live = None;
+        let sent = db_call(
+            DbSystem::Redis,
+            "PUBLISH",
+            async {
+                match tokio::time::timeout(self.timeout, pipe.query_async::<()>(&mut conn)).await {
+                    Ok(result) => result.map_err(|e| e.to_string()),
+                    Err(_) => Err("timeout".to_owned()),
+                }
+            },
+            |e: &String| (e.clone(), None),
+        )
+        .await;
+        if sent.is_err() {
+            self.conn.lock().await.live = None;
         }
+        sent.is_ok()
     }
-}
 
-impl Inner {
     async fn connection(&self) -> Option<MultiplexedConnection> {
         let mut conn = self.conn.lock().await;
         if let Some(live) = &conn.live {

@@ -22,6 +22,13 @@ impl TaskId {
     pub fn as_uuid(&self) -> Uuid {
         self.0
     }
+
+    /// When the task was created: a UUIDv7 carries its creation time to the
+    /// millisecond. `None` for ids of another version.
+    pub fn created_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let (secs, nanos) = self.0.get_timestamp()?.to_unix();
+        chrono::DateTime::from_timestamp(i64::try_from(secs).ok()?, nanos)
+    }
 }
 
 impl Default for TaskId {

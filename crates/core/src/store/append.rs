@@ -5,7 +5,8 @@ use tracing::instrument;
 
 use super::Store;
 use super::errors::from_sqlx;
-use super::writes::{lock_state, write_changes};
+use super::traced::Traced as _;
+use super::writes::{lock_state, record_commit, write_changes};
 use crate::domain::{Event, EventMetadata, NodeId, Status, TaskId, TaskState, Writer, evolve};
 use crate::error::Error;
 
@@ -60,7 +61,8 @@ impl Store {
             });
         }
 
-        let mut tx = self.pool.begin().await.map_err(from_sqlx)?;
+        let started = std::time::Instant::now();
+        let mut tx = self.pool.begin().traced("BEGIN").await.map_err(from_sqlx)?;
         let before = lock_state(&mut tx, task_id).await?;
         let epoch = match fence {
             AppendFence::Pod { epoch } => {
@@ -98,7 +100,12 @@ impl Store {
             ..metadata.clone()
         };
         write_changes(&mut tx, &before, &after, events, &metadata).await?;
-        tx.commit().await.map_err(from_sqlx)?;
+        tx.commit().traced("COMMIT").await.map_err(from_sqlx)?;
+        let writer = match fence {
+            AppendFence::Pod { .. } => "pod",
+            AppendFence::Worker { .. } => "worker",
+        };
+        record_commit(writer, started, &before, &after);
         Ok(Appended {
             state: after,
             last_event: events.last().map(Event::type_name).unwrap_or_default(),
@@ -145,6 +152,7 @@ impl Store {
         .bind(node.0)
         .bind(generation)
         .fetch_optional(&self.pool)
+        .traced("UPDATE task_heads")
         .await
         .map_err(from_sqlx)?;
         if let Some(epoch) = minted {
@@ -168,6 +176,7 @@ impl Store {
         )
         .bind(task_id.as_uuid())
         .fetch_one(&self.pool)
+        .traced("SELECT partitions tasks")
         .await
         .map_err(from_sqlx)?;
         Err(Error::StaleGeneration {
@@ -184,6 +193,7 @@ impl Store {
         )
         .bind(task_id.as_uuid())
         .fetch_optional(&self.pool)
+        .traced("SELECT task_heads")
         .await
         .map_err(from_sqlx)?;
         Ok(secs.map(|s| std::time::Duration::from_secs_f64(s.max(0.0))))
@@ -203,6 +213,7 @@ impl Store {
         .bind(partition)
         .bind(node.0)
         .fetch_optional(&self.pool)
+        .traced("UPDATE partitions")
         .await
         .map_err(from_sqlx)?
         .ok_or_else(|| Error::invalid("partition", format!("no partition {partition}")))
@@ -222,6 +233,7 @@ impl Store {
         )
         .bind(task_id.as_uuid())
         .fetch_optional(&mut **tx)
+        .traced("SELECT partitions tasks")
         .await
         .map_err(from_sqlx)?;
         match current {

@@ -11,6 +11,7 @@ use tracing::instrument;
 use super::Store;
 use super::errors::from_sqlx;
 use super::rows::{TaskRow, task_columns};
+use super::traced::Traced as _;
 use crate::domain::{Task, TaskId};
 use crate::error::Error;
 
@@ -23,6 +24,7 @@ impl Store {
         let text: String =
             sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
                 .fetch_one(&self.pool)
+                .traced("SELECT pg_snapshot_xmin")
                 .await
                 .map_err(from_sqlx)?;
         text.parse()
@@ -46,6 +48,7 @@ impl Store {
         .bind(from.to_string())
         .bind(to.to_string())
         .fetch_all(&self.pool)
+        .traced("SELECT events")
         .await
         .map_err(from_sqlx)?;
         Ok(ids.into_iter().map(TaskId).collect())
@@ -64,6 +67,7 @@ impl Store {
         ))
         .bind(ids)
         .fetch_all(&self.pool)
+        .traced("SELECT tasks task_heads")
         .await
         .map_err(from_sqlx)?;
         rows.into_iter().map(Task::try_from).collect()

@@ -4,6 +4,7 @@
 
 use super::Store;
 use super::errors::from_sqlx;
+use super::traced::Traced as _;
 use crate::domain::TaskId;
 use crate::error::Error;
 
@@ -35,7 +36,7 @@ impl Store {
         .bind(epoch)
         .bind(version)
         .bind(state)
-        .execute(&self.pool)
+        .execute(&self.pool).traced("UPDATE task_heads")
         .await
         .map_err(from_sqlx)?
         .rows_affected();
@@ -58,6 +59,7 @@ impl Store {
             sqlx::query_scalar("SELECT handler_state FROM task_heads WHERE task_id = $1")
                 .bind(task_id.as_uuid())
                 .fetch_optional(&self.pool)
+                .traced("SELECT task_heads")
                 .await
                 .map_err(from_sqlx)?;
         let Some(saved) = row.ok_or(Error::TaskNotFound(task_id))? else {

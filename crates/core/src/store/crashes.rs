@@ -13,7 +13,8 @@ use tracing::instrument;
 
 use super::Store;
 use super::errors::from_sqlx;
-use super::writes::{lock_state, write_changes};
+use super::traced::Traced as _;
+use super::writes::{lock_state, record_commit, write_changes};
 use crate::domain::restart::{CrashKind, RestartDecision, RestartPolicy};
 use crate::domain::{Event, EventMetadata, NodeId, Status, TaskId, TaskState, evolve};
 use crate::error::Error;
@@ -59,7 +60,8 @@ impl Store {
         jitter: f64,
         metadata: &EventMetadata,
     ) -> Result<CrashOutcome, Error> {
-        let mut tx = self.pool.begin().await.map_err(from_sqlx)?;
+        let started = std::time::Instant::now();
+        let mut tx = self.pool.begin().traced("BEGIN").await.map_err(from_sqlx)?;
         let before = lock_state(&mut tx, report.task_id).await?;
         self.check_partition_owner(&mut tx, report.task_id, owner, generation)
             .await?;
@@ -78,7 +80,7 @@ impl Store {
         .bind(report.node.map(|n| n.0))
         .bind(&report.reason)
         .bind(report.kind.as_str())
-        .execute(&mut *tx)
+        .execute(&mut *tx).traced("INSERT pod_crashes")
         .await
         .map_err(from_sqlx)?
         .rows_affected();
@@ -103,7 +105,7 @@ impl Store {
             )
             .bind(report.task_id.as_uuid())
             .bind(policy.window.as_secs_f64())
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut *tx).traced("SELECT pod_crashes")
             .await
             .map_err(from_sqlx)?;
             match policy.decide(clamp(handler), clamp(lost), jitter) {
@@ -132,12 +134,13 @@ impl Store {
             )
             .bind(report.task_id.as_uuid())
             .bind(delay.as_secs_f64())
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut *tx).traced("UPDATE task_heads")
             .await
             .map_err(from_sqlx)?;
             outcome = CrashOutcome::Restart { not_before };
         }
-        tx.commit().await.map_err(from_sqlx)?;
+        tx.commit().traced("COMMIT").await.map_err(from_sqlx)?;
+        record_commit("worker", started, &before, &after);
         Ok(outcome)
     }
 
@@ -150,6 +153,7 @@ impl Store {
             sqlx::query("DELETE FROM pod_crashes WHERE at < now() - make_interval(secs => $1)")
                 .bind(retention.as_secs_f64())
                 .execute(&self.pool)
+                .traced("DELETE pod_crashes")
                 .await
                 .map_err(from_sqlx)?
                 .rows_affected(),
@@ -168,6 +172,7 @@ async fn task_policy(
         sqlx::query_scalar("SELECT metadata->'restart' FROM tasks WHERE task_id = $1")
             .bind(task_id.as_uuid())
             .fetch_one(&mut **tx)
+            .traced("SELECT tasks")
             .await
             .map_err(from_sqlx)?;
     let mut policy = policy.clone();

@@ -10,6 +10,7 @@ use tracing::instrument;
 use super::Store;
 use super::errors::from_sqlx;
 use super::idempotency::{self, Claim, Key};
+use super::traced::Traced as _;
 use super::writes::{EventColumns, metadata_json};
 use crate::domain::partition::partition_of;
 use crate::domain::validation::{BATCH_MAX, validate_context, validate_new_task};
@@ -17,6 +18,7 @@ use crate::domain::{
     Event, EventMetadata, NewTask, RequestContext, Status, TaskId, TaskState, evolve,
 };
 use crate::error::Error;
+use crate::telemetry::metrics::metrics;
 
 /// What a create answered, and whether it is the stored answer to an earlier request
 /// with the same request_id.
@@ -96,7 +98,8 @@ impl Store {
         method: &'static str,
     ) -> Result<Created, Error> {
         validate_context(ctx)?;
-        let mut tx = self.pool.begin().await.map_err(from_sqlx)?;
+        let started = std::time::Instant::now();
+        let mut tx = self.pool.begin().traced("BEGIN").await.map_err(from_sqlx)?;
         let key = match &ctx.request_id {
             Some(id) => {
                 let key = Key::new(
@@ -135,8 +138,8 @@ impl Store {
                                      $5::jsonb[], $6::jsonb[], $7::int4[], $8::int4[],
                                      $9::text[], $10::text[], $11::text[])
             ), new_heads AS (
-                INSERT INTO task_heads (task_id, version, status, phase)
-                SELECT * FROM UNNEST($1::uuid[], $12::int8[], $9::text[], $10::text[])
+                INSERT INTO task_heads (task_id, version, status, phase, traceparent)
+                SELECT u.*, $18::text FROM UNNEST($1::uuid[], $12::int8[], $9::text[], $10::text[]) AS u
             ), new_events AS (
                 INSERT INTO events (stream_id, version, type, data, metadata)
                 SELECT * FROM UNNEST($13::uuid[], $14::int8[], $15::text[], $16::jsonb[], $17::jsonb[])
@@ -161,7 +164,8 @@ impl Store {
         .bind(&rows.events.types)
         .bind(&rows.events.data)
         .bind(&rows.events.metadata)
-        .fetch_one(&mut *tx)
+        .bind(ctx.traceparent.as_deref())
+        .fetch_one(&mut *tx).traced("INSERT tasks task_heads events")
         .await
         .map_err(from_sqlx)?;
 
@@ -173,8 +177,25 @@ impl Store {
         if let Some(key) = &key {
             idempotency::record(&mut tx, key, &created).await?;
         }
-        tx.commit().await.map_err(from_sqlx)?;
+        tx.commit().traced("COMMIT").await.map_err(from_sqlx)?;
+        record_created(tasks, started);
         Ok(created)
+    }
+}
+
+/// Counts committed tasks by kind (a batch nearly always has one or two kinds).
+fn record_created(tasks: &[NewTask], started: std::time::Instant) {
+    let m = metrics();
+    m.event_append("api", started.elapsed().as_secs_f64());
+    let mut by_kind: Vec<(&str, u64)> = Vec::new();
+    for task in tasks {
+        match by_kind.iter_mut().find(|(k, _)| *k == task.kind) {
+            Some((_, n)) => *n += 1,
+            None => by_kind.push((&task.kind, 1)),
+        }
+    }
+    for (kind, n) in by_kind {
+        m.tasks_created(kind, n);
     }
 }
 

@@ -48,3 +48,20 @@ pub(crate) fn corrupt(what: impl std::fmt::Display) -> Error {
     tracing::error!(%what, "stored data does not fit the domain");
     Error::Internal(what.to_string())
 }
+
+/// How a failed call is named on its span: `error.type` (the SQLSTATE when the server
+/// answered, else the driver's failure) and `db.response.status_code`.
+pub(crate) fn span_error(err: &sqlx::Error) -> (String, Option<String>) {
+    match err {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.into_owned());
+            (code.clone().unwrap_or_else(|| "database".into()), code)
+        }
+        sqlx::Error::PoolTimedOut => ("pool_timed_out".into(), None),
+        sqlx::Error::PoolClosed => ("pool_closed".into(), None),
+        sqlx::Error::Io(_) => ("io".into(), None),
+        sqlx::Error::Tls(_) => ("tls".into(), None),
+        sqlx::Error::RowNotFound => ("row_not_found".into(), None),
+        _ => ("_OTHER".into(), None),
+    }
+}

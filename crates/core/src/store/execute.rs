@@ -8,7 +8,8 @@ use super::Store;
 use super::create::correlation_id;
 use super::errors::from_sqlx;
 use super::idempotency::{self, Claim, Key};
-use super::writes::{lock_state, write_changes};
+use super::traced::Traced as _;
+use super::writes::{lock_state, record_commit, write_changes};
 use crate::domain::validation::{validate_command, validate_context};
 use crate::domain::{Command, EventMetadata, RequestContext, TaskId, TaskState, decide, evolve};
 use crate::error::Error;
@@ -51,7 +52,8 @@ impl Store {
     ) -> Result<Executed, Error> {
         validate_context(ctx)?;
         validate_command(command)?;
-        let mut tx = self.pool.begin().await.map_err(from_sqlx)?;
+        let started = std::time::Instant::now();
+        let mut tx = self.pool.begin().traced("BEGIN").await.map_err(from_sqlx)?;
         let key = match &ctx.request_id {
             Some(id) => {
                 let fingerprint = Fingerprint {
@@ -95,7 +97,8 @@ impl Store {
         if let Some(key) = &key {
             idempotency::record(&mut tx, key, &executed).await?;
         }
-        tx.commit().await.map_err(from_sqlx)?;
+        tx.commit().traced("COMMIT").await.map_err(from_sqlx)?;
+        record_commit("api", started, &before, &executed.state);
         Ok(executed)
     }
 }

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use sqlx::{PgPool, Postgres, Transaction};
 
 use super::errors::from_sqlx;
+use super::traced::Traced as _;
 use crate::error::Error;
 
 /// One request's key, scoped to the principal that sent it.
@@ -68,6 +69,7 @@ pub(crate) async fn claim(
     .bind(key.method)
     .bind(&key.hash)
     .execute(&mut **tx)
+    .traced("INSERT idempotency_keys")
     .await
     .map_err(from_sqlx)?
     .rows_affected();
@@ -81,6 +83,7 @@ pub(crate) async fn claim(
     .bind(key.principal)
     .bind(key.request_id)
     .fetch_optional(&mut **tx)
+    .traced("SELECT idempotency_keys")
     .await
     .map_err(from_sqlx)?;
     match stored {
@@ -111,6 +114,7 @@ pub(crate) async fn record(
     .bind(key.request_id)
     .bind(response)
     .execute(&mut **tx)
+    .traced("UPDATE idempotency_keys")
     .await
     .map_err(from_sqlx)?;
     Ok(())
@@ -123,6 +127,7 @@ pub(crate) async fn prune(pool: &PgPool, ttl: Duration) -> Result<u64, Error> {
     )
     .bind(secs)
     .execute(pool)
+    .traced("DELETE idempotency_keys")
     .await
     .map_err(from_sqlx)?
     .rows_affected())

@@ -9,6 +9,7 @@
 //! - `errors`: the one place SQLSTATEs and driver errors become domain errors;
 //! - `rows`: row <-> domain conversions;
 //! - `writes`: the statement every change shares (events + head + listing row);
+//! - `traced`: the client span and duration metric around every statement;
 //! - [`create`], [`execute`], [`append`]: the three ways a stream grows;
 //! - `idempotency`: AIP-155 request ids;
 //! - [`query`]: get, list (keyset pages), count, read a stream;
@@ -30,6 +31,7 @@ pub mod output;
 pub mod query;
 mod rows;
 pub mod settings;
+mod traced;
 mod writes;
 
 use std::time::Duration;
@@ -48,6 +50,7 @@ pub use query::{
 pub use settings::{Secret, StoreSettings};
 
 use crate::error::Error;
+use traced::Traced as _;
 
 /// The migrations under `migrations/` at the repository root, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
@@ -82,6 +85,7 @@ impl Store {
     pub async fn from_pool(pool: PgPool) -> Result<Self, Error> {
         let count: i32 = sqlx::query_scalar("SELECT partition_count FROM cluster_config")
             .fetch_one(&pool)
+            .traced("SELECT cluster_config")
             .await
             .map_err(errors::from_sqlx)?;
         let partition_count = u32::try_from(count)
@@ -126,6 +130,7 @@ impl Store {
     pub async fn ensure_event_partitions(&self) -> Result<i32, Error> {
         sqlx::query_scalar("SELECT taskpod_ensure_event_partitions(1, 12)")
             .fetch_one(&self.pool)
+            .traced("SELECT taskpod_ensure_event_partitions")
             .await
             .map_err(errors::from_sqlx)
     }

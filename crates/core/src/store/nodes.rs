@@ -7,6 +7,7 @@ use tracing::instrument;
 
 use super::Store;
 use super::errors::from_sqlx;
+use super::traced::Traced as _;
 use crate::domain::{NodeId, PodState, Status, TaskId};
 use crate::error::Error;
 
@@ -46,6 +47,9 @@ pub struct PodCandidate {
     pub owner_node: Option<NodeId>,
     pub not_before: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+    /// The trace context of the head's last writer, for tasks whose pod is not the
+    /// asking node's (the ones it may start or adopt): the trace it continues.
+    pub traceparent: Option<String>,
 }
 
 type CandidateRow = (
@@ -60,6 +64,7 @@ type CandidateRow = (
     Option<uuid::Uuid>,
     Option<DateTime<Utc>>,
     DateTime<Utc>,
+    Option<String>,
 );
 
 fn candidate(r: CandidateRow) -> Result<PodCandidate, Error> {
@@ -75,11 +80,15 @@ fn candidate(r: CandidateRow) -> Result<PodCandidate, Error> {
         owner_node: r.8.map(NodeId),
         not_before: r.9,
         created_at: r.10,
+        traceparent: r.11,
     })
 }
 
+/// The trace context only where the pod is not `$3`'s own: the running pods, most of
+/// the rows, need none, and every tick reads them all.
 const CANDIDATE_COLUMNS: &str = "t.task_id, t.partition, t.kind, t.priority, h.status, h.version, \
-     h.pod_epoch, h.pod_state, h.owner_node, h.not_before, t.created_at";
+     h.pod_epoch, h.pod_state, h.owner_node, h.not_before, t.created_at, \
+     CASE WHEN h.owner_node IS DISTINCT FROM $3 THEN h.traceparent END";
 
 impl Store {
     /// Registers a worker process; returns its lock key (unique among nodes).
@@ -104,7 +113,7 @@ impl Store {
         .bind(capacity)
         .bind(kinds)
         .bind(programs)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.pool).traced("INSERT nodes")
         .await
         .map_err(from_sqlx)
     }
@@ -115,6 +124,7 @@ impl Store {
         sqlx::query("UPDATE nodes SET heartbeat_at = now() WHERE node_id = $1")
             .bind(node_id.0)
             .execute(&self.pool)
+            .traced("UPDATE nodes")
             .await
             .map_err(from_sqlx)?;
         Ok(())
@@ -128,6 +138,7 @@ impl Store {
         sqlx::query("DELETE FROM nodes WHERE node_id = $1")
             .bind(node_id.0)
             .execute(&self.pool)
+            .traced("DELETE nodes")
             .await
             .map_err(from_sqlx)?;
         Ok(())
@@ -150,7 +161,7 @@ impl Store {
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT node_id, name, lock_key, capacity, kinds, programs, heartbeat_at FROM nodes ORDER BY node_id",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.pool).traced("SELECT nodes")
         .await
         .map_err(from_sqlx)?;
         Ok(rows
@@ -174,6 +185,7 @@ impl Store {
     pub async fn offered_kinds(&self) -> Result<Vec<String>, Error> {
         sqlx::query_scalar("SELECT DISTINCT unnest(kinds) FROM nodes ORDER BY 1")
             .fetch_all(&self.pool)
+            .traced("SELECT nodes")
             .await
             .map_err(from_sqlx)
     }
@@ -187,6 +199,7 @@ impl Store {
             "SELECT partition, owner_node, generation FROM partitions ORDER BY partition",
         )
         .fetch_all(&self.pool)
+        .traced("SELECT partitions")
         .await
         .map_err(from_sqlx)?;
         Ok(rows
@@ -216,7 +229,7 @@ impl Store {
         .bind(partition)
         .bind(node.0)
         .bind(generation)
-        .execute(&self.pool)
+        .execute(&self.pool).traced("UPDATE partitions")
         .await
         .map_err(from_sqlx)?
         .rows_affected();
@@ -224,13 +237,14 @@ impl Store {
     }
 
     /// Active tasks of these partitions plus the given tasks whatever their status: the
-    /// batched check a worker runs every tick (one query, whatever the pod count).
+    /// batched check `node` runs every tick (one query, whatever the pod count).
     ///
     /// # Errors
     /// [`Error::StoreUnavailable`].
     #[instrument(skip_all, fields(partitions = partitions.len(), running = running.len()))]
     pub async fn pod_candidates(
         &self,
+        node: NodeId,
         partitions: &[i32],
         running: &[TaskId],
     ) -> Result<Vec<PodCandidate>, Error> {
@@ -241,7 +255,9 @@ impl Store {
         )))
         .bind(partitions)
         .bind(running)
+        .bind(node.0)
         .fetch_all(&self.pool)
+        .traced("SELECT tasks task_heads")
         .await
         .map_err(from_sqlx)?;
         rows.into_iter().map(candidate).collect()
@@ -259,6 +275,7 @@ impl Store {
              WHERE t.status = 'active' AND h.pod_state <> 'running'",
         )
         .fetch_one(&self.pool)
+        .traced("SELECT tasks task_heads")
         .await
         .map_err(from_sqlx)
     }

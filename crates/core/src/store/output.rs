@@ -3,6 +3,7 @@
 
 use super::Store;
 use super::errors::from_sqlx;
+use super::traced::Traced as _;
 use crate::domain::TaskId;
 use crate::error::Error;
 
@@ -37,7 +38,7 @@ impl Store {
         .bind(seq)
         .bind(stream)
         .bind(data)
-        .execute(&self.pool)
+        .execute(&self.pool).traced("INSERT task_output")
         .await
         .map_err(from_sqlx)?;
         Ok(())
@@ -52,7 +53,7 @@ impl Store {
             "SELECT epoch, seq, stream, data FROM task_output WHERE task_id = $1 ORDER BY epoch, seq",
         )
         .bind(task_id.as_uuid())
-        .fetch_all(&self.pool)
+        .fetch_all(&self.pool).traced("SELECT task_output")
         .await
         .map_err(from_sqlx)?;
         Ok(rows

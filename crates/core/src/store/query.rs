@@ -12,6 +12,7 @@ use tracing::instrument;
 use super::Store;
 use super::errors::{corrupt, from_sqlx};
 use super::rows::{TaskRow, state_columns, task_columns};
+use super::traced::Traced as _;
 use crate::domain::filter::{FilterExpr, FilterField, FilterValue};
 use crate::domain::{Event, EventMetadata, Phase, Status, Task, TaskId, TaskState};
 use crate::error::Error;
@@ -150,6 +151,7 @@ impl Store {
         ))
         .bind(task_id.as_uuid())
         .fetch_optional(&self.pool)
+        .traced("SELECT tasks task_heads")
         .await
         .map_err(from_sqlx)?;
         row.ok_or(Error::TaskNotFound(task_id))?.try_into()
@@ -167,6 +169,7 @@ impl Store {
         ))
         .bind(task_id.as_uuid())
         .fetch_optional(&self.pool)
+        .traced("SELECT task_heads tasks")
         .await
         .map_err(from_sqlx)?;
         row.ok_or(Error::TaskNotFound(task_id))?.try_into()
@@ -209,6 +212,7 @@ impl Store {
         let rows: Vec<TaskRow> = qb
             .build_query_as()
             .fetch_all(&self.pool)
+            .traced("SELECT tasks task_heads")
             .await
             .map_err(from_sqlx)?;
         let mut tasks = rows
@@ -238,6 +242,7 @@ impl Store {
         push_filter(&mut qb, filter);
         qb.build_query_scalar()
             .fetch_one(&self.pool)
+            .traced("SELECT tasks")
             .await
             .map_err(from_sqlx)
     }
@@ -269,6 +274,7 @@ impl Store {
         .bind(from_version.max(1))
         .bind(limit.min(i64::MAX as usize) as i64)
         .fetch_all(&self.pool)
+        .traced("SELECT events")
         .await
         .map_err(from_sqlx)?;
         if rows.is_empty() {

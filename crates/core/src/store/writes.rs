@@ -4,12 +4,16 @@
 //! One round trip: data-modifying CTEs all run, referenced or not. The head update
 //! touches no indexed column, so with the table's fillfactor it is a HOT update.
 
+use std::time::Instant;
+
 use sqlx::{Postgres, Transaction};
 
 use super::errors::from_sqlx;
 use super::rows::state_columns;
+use super::traced::Traced as _;
 use crate::domain::{Event, EventMetadata, TaskState};
 use crate::error::Error;
+use crate::telemetry::metrics::metrics;
 
 /// Event rows in the column-array form `UNNEST` takes, so any number of events is one
 /// statement.
@@ -85,7 +89,8 @@ pub(crate) async fn write_changes(
         ), head AS (
             UPDATE task_heads
                SET version = $7, pod_epoch = $8, pod_state = $9, owner_node = $10,
-                   pod_started_at = $11, status = $12, phase = $13, last_error = $14
+                   pod_started_at = $11, status = $12, phase = $13, last_error = $14,
+                   traceparent = COALESCE($16, traceparent)
              WHERE task_id = $6
         )
         UPDATE tasks
@@ -108,7 +113,9 @@ pub(crate) async fn write_changes(
     .bind(after.phase.as_str())
     .bind(after.last_error.as_deref())
     .bind(lifecycle_changed)
+    .bind(metadata.traceparent.as_deref())
     .execute(&mut **tx)
+    .traced("INSERT events UPDATE task_heads UPDATE tasks")
     .await
     .map_err(from_sqlx)?;
     Ok(())
@@ -128,7 +135,27 @@ pub(crate) async fn lock_state(
     ))
     .bind(task_id.as_uuid())
     .fetch_optional(&mut **tx)
+    .traced("SELECT task_heads tasks")
     .await
     .map_err(from_sqlx)?;
     row.ok_or(Error::TaskNotFound(task_id))?.try_into()
+}
+
+/// Records a committed change in the metrics: the transaction's duration by writer
+/// (`api`, `pod`, `worker`), and the task's end when it reached a terminal status.
+pub(crate) fn record_commit(
+    writer: &'static str,
+    started: Instant,
+    before: &TaskState,
+    after: &TaskState,
+) {
+    let m = metrics();
+    m.event_append(writer, started.elapsed().as_secs_f64());
+    if after.status.is_terminal() && !before.status.is_terminal() {
+        let age = after
+            .task_id
+            .created_at()
+            .map_or(0.0, |t| (chrono::Utc::now() - t).as_seconds_f64());
+        m.task_finished(after.status.as_str(), &after.kind, age.max(0.0));
+    }
 }
