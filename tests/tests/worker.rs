@@ -789,11 +789,13 @@ async fn a_thousand_tasks_on_three_workers_start_once_per_epoch_without_overlap(
     })
     .await
     .unwrap();
-    eventually("all 1,000 complete", || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status = 'completed'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    eventually("all 1,000 complete and their pods stopped", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM task_heads WHERE status = 'completed' AND pod_state = 'none'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
         n == 1000
     })
     .await;
@@ -833,7 +835,11 @@ async fn a_thousand_tasks_on_three_workers_start_once_per_epoch_without_overlap(
             }
         }
         assert!(open.is_none(), "task {task} ended with a pod still open");
-        assert_eq!(started.len(), 1, "task {task}: no crash, so one epoch");
+        assert_eq!(
+            started.len(),
+            1,
+            "task {task}: no crash, so one epoch: {types:?} {epochs:?}"
+        );
     }
     let nodes: Vec<(uuid::Uuid,)> =
         sqlx::query_as("SELECT (data->>'node')::uuid FROM events WHERE type = 'pod_started'")
@@ -1191,7 +1197,12 @@ async fn a_retried_start_pod_resumes_waiting_for_the_same_pod() {
             r.into_inner().task.unwrap().pod_status,
             v1::PodStatus::Running as i32
         ),
-        Err(s) => assert_eq!(s.code(), tonic::Code::DeadlineExceeded),
+        // The client's timer, or tonic's server-side one (which answers CANCELLED),
+        // whichever fires first.
+        Err(s) => assert!(
+            matches!(s.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled),
+            "{s:?}"
+        ),
     }
     let _w = WorkerProcess::spawn(&db, "late", &[]).await.unwrap();
     // The retry gets the first answer and waits for that pod, without a second request.

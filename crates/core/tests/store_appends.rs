@@ -463,3 +463,195 @@ async fn checkpoints_are_fenced_by_epoch_and_survive_the_pod(
     assert_eq!(after.len(), 1);
     assert_eq!(after[0].event.type_name(), "pod_stopped");
 }
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_mint_batch_mints_exactly_the_tasks_that_may_start(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    use taskpod_core::store::MintRequest;
+    let store = store(opts).await;
+    let node = NodeId::new();
+    let mut generations = std::collections::HashMap::new();
+    let mut claim = async |task| {
+        let partition = store.get_task(task).await.unwrap().partition;
+        if let Some(g) = generations.get(&partition) {
+            return *g;
+        }
+        let g = store.claim_partition(partition, node).await.unwrap();
+        generations.insert(partition, g);
+        g
+    };
+    let mut ready = Vec::new();
+    for _ in 0..5 {
+        let t = create(&store, "sleep").await;
+        store
+            .execute(t, &Command::RequestStart, &ctx("alice"))
+            .await
+            .unwrap();
+        ready.push(t);
+    }
+    let idle = create(&store, "sleep").await;
+    let stale = ready[4];
+    let mut wanted = Vec::new();
+    for &t in &ready {
+        wanted.push(MintRequest {
+            task_id: t,
+            // One request carries an epoch the worker never saw.
+            observed_epoch: if t == stale { 7 } else { 0 },
+            generation: claim(t).await,
+        });
+    }
+    wanted.push(MintRequest {
+        task_id: idle,
+        observed_epoch: 0,
+        generation: claim(idle).await,
+    });
+    // A partition claimed at an older generation mints nothing.
+    let other = create(&store, "sleep").await;
+    store
+        .execute(other, &Command::RequestStart, &ctx("alice"))
+        .await
+        .unwrap();
+    let old = claim(other).await;
+    let partition = store.get_task(other).await.unwrap().partition;
+    let reclaimed = store.claim_partition(partition, node).await.unwrap();
+    wanted.push(MintRequest {
+        task_id: other,
+        observed_epoch: 0,
+        generation: old,
+    });
+
+    assert!(reclaimed > old, "the re-claim bumps the generation");
+
+    let minted = store.mint_pods(node, &wanted).await.unwrap();
+    let mut ids: Vec<_> = minted.iter().map(|m| m.task.task_id).collect();
+    ids.sort();
+    // The four ready tasks asked for at their epoch, unless one happens to share the
+    // re-claimed partition (asked for at its old generation too).
+    let mut expected = Vec::new();
+    for &t in &ready[..4] {
+        if store.get_task(t).await.unwrap().partition != partition {
+            expected.push(t);
+        }
+    }
+    expected.sort();
+    assert_eq!(ids, expected);
+    for m in &minted {
+        assert_eq!(m.epoch, 1);
+        assert_eq!(m.task.status, Status::Active);
+        assert_eq!(m.task.pod.as_ref().unwrap().state, PodState::Starting);
+        assert_eq!(m.task.title, "a task");
+        assert_eq!(m.checkpoint, None);
+    }
+    for t in [stale, idle, other] {
+        assert_eq!(store.state(t).await.unwrap().pod_epoch, 0, "{t} not minted");
+    }
+    // A second try mints nothing: every epoch moved or was refused.
+    assert!(store.mint_pods(node, &wanted).await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .lost_partitions(node, &[(partition, old), (partition, reclaimed)])
+            .await
+            .unwrap(),
+        vec![partition],
+        "only the old generation is lost"
+    );
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_batch_of_pod_appends_gives_each_item_its_own_outcome(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    use taskpod_core::store::PodAppend;
+    let store = store(opts).await;
+    let mut pods = Vec::new();
+    for _ in 0..4 {
+        pods.push(running_pod(&store, "sleep").await);
+    }
+    let item = |task, version, epoch| PodAppend {
+        task_id: task,
+        expected_version: version,
+        epoch,
+        events: vec![Event::PhaseChanged {
+            from: Phase::SpecClarification,
+            to: Phase::Planning,
+        }],
+        metadata: pod_meta(),
+    };
+    let mut items = Vec::new();
+    for (i, (task, epoch, _)) in pods.iter().enumerate() {
+        let version = store.state(*task).await.unwrap().version;
+        items.push(match i {
+            0 => item(*task, version, *epoch),
+            1 => item(*task, version - 1, *epoch),
+            2 => item(*task, version, epoch + 1),
+            _ => {
+                store
+                    .execute(
+                        *task,
+                        &Command::Cancel {
+                            reason: "no".into(),
+                        },
+                        &ctx("alice"),
+                    )
+                    .await
+                    .unwrap();
+                item(*task, version + 1, *epoch)
+            }
+        });
+    }
+    let results = store.append_pods(&items).await;
+    assert_eq!(results.len(), 4);
+    let ok = results[0].as_ref().unwrap();
+    assert_eq!(ok.state.phase, Phase::Planning);
+    assert_eq!(ok.last_event, "phase_changed");
+    assert!(
+        matches!(results[1], Err(Error::VersionConflict { .. })),
+        "{:?}",
+        results[1]
+    );
+    assert!(
+        matches!(results[2], Err(Error::StaleEpoch { .. })),
+        "{:?}",
+        results[2]
+    );
+    assert!(
+        matches!(results[3], Err(Error::NotRunning(_))),
+        "{:?}",
+        results[3]
+    );
+    // Only the accepted item wrote, with the pod's epoch recorded, and the listing row.
+    let (first, epoch, _) = pods[0];
+    let stream = store.read_stream(first, 1, 100).await.unwrap();
+    assert_eq!(stream.last().unwrap().metadata.epoch, Some(epoch));
+    assert_eq!(store.get_task(first).await.unwrap().phase, Phase::Planning);
+    for (task, _, _) in &pods[1..3] {
+        assert_eq!(
+            store.get_task(*task).await.unwrap().phase,
+            Phase::SpecClarification
+        );
+    }
+    // The same task twice in one batch: each in turn, as if alone.
+    let version = ok.state.version;
+    let twice = vec![
+        PodAppend {
+            events: vec![Event::PhaseChanged {
+                from: Phase::Planning,
+                to: Phase::Development,
+            }],
+            ..item(first, version, epoch)
+        },
+        PodAppend {
+            events: vec![Event::PhaseChanged {
+                from: Phase::Development,
+                to: Phase::Review,
+            }],
+            ..item(first, version + 1, epoch)
+        },
+    ];
+    let results = store.append_pods(&twice).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(store.state(first).await.unwrap().phase, Phase::Review);
+}

@@ -11,10 +11,16 @@
 //! 2. every `claim_interval`, reads membership (probing peers' node keys), claims any
 //!    free partition at once and hands back extras above this node's share once
 //!    membership has been stable for `settle_ms`, idle partitions first;
-//! 3. runs one batched check of its pods and the active tasks of its partitions: stops
-//!    pods whose task left `active` or whose epoch moved, records `node_lost` for pods
-//!    a dead owner left behind, and mints epochs for tasks that need a pod, highest
-//!    priority first.
+//! 3. runs one batched check of the tasks changed since the last tick (the change
+//!    feed, commit-order safe: what Redis lost is still there), and every
+//!    `full_check_ms` of every active task of its partitions and every pod it runs:
+//!    stops pods whose task left `active` or whose epoch moved, records `node_lost`
+//!    for pods a dead owner left behind, and mints epochs, in batches, for tasks that
+//!    need a pod, highest priority first.
+//!
+//! A wake-up from the bus runs the same check at once for just the tasks it named, so
+//! a start or a stop waits for neither the tick nor a scan of every pod; what an idle
+//! pod costs is its share of the rare full check.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
@@ -26,20 +32,22 @@ use taskpod_core::Error;
 use taskpod_core::bus::{BusEvent, Publisher, Subscription, TaskUpdate, channels};
 use taskpod_core::domain::restart::{CrashKind, RestartPolicy};
 use taskpod_core::domain::{EventMetadata, NodeId, PodState, Status, TaskId};
-use taskpod_core::store::Store;
 use taskpod_core::store::crashes::{CrashOutcome, CrashReport};
 use taskpod_core::store::nodes::PodCandidate;
+use taskpod_core::store::{MintRequest, MintedPod, Store};
 use taskpod_core::telemetry::context::{continue_trace, traceparent_of};
 use taskpod_core::telemetry::metrics::metrics;
 use taskpod_core::telemetry::spans::{Destination, process_span};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
+use crate::appender::Appender;
 use crate::handler::Handler;
 use crate::lock::{LockSession, NODE_NAMESPACE, PARTITION_NAMESPACE};
-use crate::pod::{self, PodExit, PodSpec};
+use crate::pod::{self, PodExit, PodIo, PodSpec};
 use crate::settings::WorkerSettings;
 use crate::slots::Slots;
 
@@ -56,8 +64,8 @@ pub enum WorkerError {
 /// How often the cluster-wide pending-pod gauges are refreshed.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(2);
 
-/// How long a wake-up waits for others to arrive before the check it triggers.
-const WAKE_DELAY: Duration = Duration::from_millis(2);
+/// The most tasks one mint statement takes.
+const MINT_BATCH: usize = 512;
 
 /// How long after its own fence a node treats adopted pods as interrupted rather than
 /// lost.
@@ -101,6 +109,10 @@ pub struct Controller {
     last_prune: Instant,
     /// Announces the changes this node makes (crashes; pods announce their own).
     bus: Publisher,
+    /// The pods' appends, batched.
+    appender: Appender,
+    /// Runs the appender's flushers; waited for at the end of the drain.
+    flushers: TaskTracker,
     /// The wake-up subscription: one channel per owned partition. `None` without a bus.
     subscription: Option<Subscription>,
     /// When this node last lost its lock session. Pods of lost nodes adopted soon after
@@ -114,6 +126,36 @@ pub struct Controller {
     restarting: HashSet<TaskId>,
     /// When a dead peer was last found: adopted pods count their failover from it.
     peer_lost_at: Option<Instant>,
+    /// Tasks named by wake-ups since the last pass.
+    woken: HashSet<TaskId>,
+    /// The change feed's position: the tick checks the tasks changed since.
+    feed: Option<u64>,
+    /// The next pass reads everything (start, new partitions, a bus reconnect).
+    full_due: bool,
+    last_full: Instant,
+    /// Tasks waiting out a restart backoff, and until when.
+    backoffs: HashMap<TaskId, chrono::DateTime<chrono::Utc>>,
+    /// A pass left tasks unstarted for want of capacity: look again when a pod ends.
+    starved: bool,
+}
+
+/// A mint being asked for: its span, the trace it continues, and the partition claim
+/// it relies on.
+#[derive(Debug)]
+struct Claim {
+    span: tracing::Span,
+    asked: Option<String>,
+    partition: i32,
+    generation: i64,
+}
+
+/// Which tasks a pass looks at.
+#[derive(Debug)]
+enum Scope {
+    /// Every active task of the owned partitions and every pod this node runs.
+    All,
+    /// Only these: named by wake-ups, the change feed, or a backoff now over.
+    Tasks(Vec<TaskId>),
 }
 
 impl std::fmt::Debug for Controller {
@@ -147,7 +189,11 @@ impl Controller {
             })
             .collect();
         let policy = settings.restart.policy();
+        let flushers = TaskTracker::new();
+        let appender = Appender::start(store.clone(), &flushers);
         let mut controller = Self {
+            appender,
+            flushers,
             store,
             node: NodeId::new(),
             lock_key: 0,
@@ -170,6 +216,12 @@ impl Controller {
             last_gauge: None,
             restarting: HashSet::new(),
             peer_lost_at: None,
+            woken: HashSet::new(),
+            feed: None,
+            full_due: true,
+            last_full: Instant::now(),
+            backoffs: HashMap::new(),
+            starved: false,
             bus: Publisher::new(&settings.bus).map_err(|e| WorkerError::Settings(e.to_string()))?,
             subscription: None,
             settings,
@@ -235,12 +287,17 @@ impl Controller {
                 () = shutdown.cancelled() => break,
                 Some(event) = async { match &mut wakeups { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
                     // A change in an owned partition, or a reconnect after which anything
-                    // may have been missed: check soon. Messages arriving together share
-                    // one check.
-                    if let BusEvent::Message { payload, .. } = &event {
-                        consumed(payload);
+                    // may have been missed: check those tasks now. Messages that arrived
+                    // meanwhile share the check; more arriving during it, the next.
+                    self.wake(event);
+                    if let Some(rx) = &mut wakeups {
+                        while let Ok(event) = rx.try_recv() {
+                            self.wake(event);
+                        }
                     }
-                    tick.reset_after(WAKE_DELAY);
+                    if let Err(e) = self.woken_pass().await {
+                        self.failed(e).await;
+                    }
                     continue;
                 }
                 Some(joined) = self.joins.join_next(), if !self.joins.is_empty() => {
@@ -252,10 +309,7 @@ impl Controller {
                 _ = tick.tick() => {}
             }
             if let Err(e) = self.step().await {
-                tracing::warn!(error = %e, "control step failed");
-                if matches!(e, WorkerError::Lock(_)) {
-                    self.self_fence().await;
-                }
+                self.failed(e).await;
             }
         }
         self.drain().await;
@@ -263,6 +317,89 @@ impl Controller {
         if let Some(task) = bus_task {
             let _ = task.await;
         }
+    }
+
+    async fn failed(&mut self, e: WorkerError) {
+        tracing::warn!(error = %e, "control step failed");
+        if matches!(e, WorkerError::Lock(_)) {
+            self.self_fence().await;
+        }
+    }
+
+    /// Notes what a bus event asks to look at.
+    fn wake(&mut self, event: BusEvent) {
+        match event {
+            BusEvent::Connected => self.full_due = true,
+            BusEvent::Message { payload, .. } => {
+                // A message that does not parse names nothing; the feed still has it.
+                let Ok(update) = serde_json::from_slice::<TaskUpdate>(&payload) else {
+                    return;
+                };
+                consumed(&update);
+                // This node's own pods moving on need no check.
+                let own_progress = self
+                    .pods
+                    .get(&update.task_id)
+                    .is_some_and(|p| p.epoch == update.epoch)
+                    && update.status == Status::Active
+                    && matches!(update.event_type.as_str(), "pod_started" | "phase_changed");
+                if !own_progress {
+                    self.woken.insert(update.task_id);
+                }
+            }
+        }
+    }
+
+    /// The check a wake-up triggers: only the tasks it named (everything, after a
+    /// reconnect).
+    async fn woken_pass(&mut self) -> Result<(), WorkerError> {
+        if self.lock.is_none() {
+            return Ok(());
+        }
+        self.keep_lock_alive(false).await?;
+        let scope = if self.full_due {
+            self.full_scope()
+        } else {
+            Scope::Tasks(self.woken.drain().collect())
+        };
+        self.pass(scope).await
+    }
+
+    fn full_scope(&mut self) -> Scope {
+        self.full_due = false;
+        self.last_full = Instant::now();
+        self.woken.clear();
+        Scope::All
+    }
+
+    /// The tick's check: the tasks changed since the last tick (the change feed, which
+    /// Redis cannot lose), the ones wake-ups named, and backoffs now over; everything
+    /// every `full_check_ms`, and when something asked for it.
+    async fn tick_scope(&mut self) -> Result<Scope, WorkerError> {
+        let next = self.store.watermark().await?;
+        let from = self.feed.replace(next);
+        let full_interval = Duration::from_millis(self.settings.full_check_ms);
+        let Some(from) =
+            from.filter(|_| !self.full_due && self.last_full.elapsed() < full_interval)
+        else {
+            return Ok(self.full_scope());
+        };
+        let mut ids: HashSet<TaskId> = self
+            .store
+            .changed_tasks(from, next)
+            .await?
+            .into_iter()
+            .collect();
+        ids.extend(self.woken.drain());
+        let now = chrono::Utc::now();
+        self.backoffs.retain(|id, until| {
+            let over = *until <= now;
+            if over {
+                ids.insert(*id);
+            }
+            !over
+        });
+        Ok(Scope::Tasks(ids.into_iter().collect()))
     }
 
     async fn step(&mut self) -> Result<(), WorkerError> {
@@ -277,7 +414,8 @@ impl Controller {
             self.claim().await?;
             self.last_claim = Some(Instant::now());
         }
-        self.pass().await?;
+        let scope = self.tick_scope().await?;
+        self.pass(scope).await?;
         metrics().node_load(
             &self.settings.name,
             self.pods.len() as i64,
@@ -368,6 +506,8 @@ impl Controller {
                 if lock.try_lock((PARTITION_NAMESPACE, p.partition)).await? {
                     let generation = self.store.claim_partition(p.partition, self.node).await?;
                     self.owned.insert(p.partition, generation);
+                    // Its tasks, and a dead owner's pods, are found by a full check.
+                    self.full_due = true;
                     if let Some(previous) = p.owner_node {
                         tracing::info!(partition = p.partition, from = %previous, "partition adopted");
                     }
@@ -440,17 +580,28 @@ impl Controller {
         Ok(())
     }
 
-    /// The batched check of pods and the active tasks of owned partitions.
-    async fn pass(&mut self) -> Result<(), WorkerError> {
-        let partitions: Vec<i32> = self.owned.keys().copied().collect();
-        let running: Vec<TaskId> = self.pods.keys().copied().collect();
-        if partitions.is_empty() && running.is_empty() {
-            return Ok(());
-        }
-        let candidates = self
-            .store
-            .pod_candidates(self.node, &partitions, &running)
-            .await?;
+    /// The batched check of the tasks `scope` names: stops pods whose task left
+    /// `active`, whose epoch moved or that are asked to stop; records `node_lost` for
+    /// pods a dead owner left behind; mints pods for tasks that need one.
+    async fn pass(&mut self, scope: Scope) -> Result<(), WorkerError> {
+        let candidates = match scope {
+            Scope::All => {
+                let partitions: Vec<i32> = self.owned.keys().copied().collect();
+                let running: Vec<TaskId> = self.pods.keys().copied().collect();
+                if partitions.is_empty() && running.is_empty() {
+                    return Ok(());
+                }
+                self.store
+                    .pod_candidates(self.node, &partitions, &running)
+                    .await?
+            }
+            Scope::Tasks(ids) => {
+                if ids.is_empty() {
+                    return Ok(());
+                }
+                self.store.pod_candidates_of(self.node, &ids).await?
+            }
+        };
         let now = chrono::Utc::now();
         let mut to_start: Vec<PodCandidate> = Vec::new();
         for c in candidates {
@@ -475,11 +626,12 @@ impl Controller {
                 continue;
             }
             match c.pod_state {
-                PodState::None => {
-                    if c.not_before.is_none_or(|t| t <= now) {
-                        to_start.push(c);
+                PodState::None => match c.not_before {
+                    Some(until) if until > now => {
+                        self.backoffs.insert(c.task_id, until);
                     }
-                }
+                    _ => to_start.push(c),
+                },
                 // A pod minted elsewhere (or by an earlier incarnation of this node)
                 // whose owner no longer holds the partition: its node is lost.
                 _ => {
@@ -488,45 +640,94 @@ impl Controller {
                 }
             }
         }
-        to_start.sort_by(|a, b| {
+        self.start_pods(to_start).await
+    }
+
+    /// Mints pods for `wanted`, highest priority first, as many as capacity allows, in
+    /// batches; each minted task gets its pod.
+    async fn start_pods(&mut self, mut wanted: Vec<PodCandidate>) -> Result<(), WorkerError> {
+        wanted.sort_by(|a, b| {
             b.priority
                 .cmp(&a.priority)
                 .then(a.created_at.cmp(&b.created_at))
         });
-        for c in to_start {
-            if self.pods.len() >= self.settings.capacity as usize {
-                break;
-            }
+        let room = (self.settings.capacity as usize).saturating_sub(self.pods.len());
+        if wanted.len() > room {
+            self.starved = true;
+            wanted.truncate(room);
+        }
+        for chunk in wanted.chunks(MINT_BATCH) {
             self.keep_lock_alive(false).await?;
-            let Some(&generation) = self.owned.get(&c.partition) else {
+            // Each claim continues the trace of the change that asked for the pod; the
+            // statement runs in the first one's.
+            let mut claims = HashMap::with_capacity(chunk.len());
+            let mut requests = Vec::with_capacity(chunk.len());
+            for c in chunk {
+                let Some(&generation) = self.owned.get(&c.partition) else {
+                    continue;
+                };
+                let claim = tracing::info_span!(
+                    "taskpod.pod.claim",
+                    task_id = %c.task_id,
+                    taskpod.partition = c.partition,
+                    taskpod.epoch = tracing::field::Empty,
+                    taskpod.batch = chunk.len(),
+                );
+                continue_trace(&claim, c.traceparent.as_deref());
+                claims.insert(
+                    c.task_id,
+                    Claim {
+                        span: claim,
+                        asked: c.traceparent.clone(),
+                        partition: c.partition,
+                        generation,
+                    },
+                );
+                requests.push(MintRequest {
+                    task_id: c.task_id,
+                    observed_epoch: c.pod_epoch,
+                    generation,
+                });
+            }
+            let Some(first) = requests.first().and_then(|r| claims.get(&r.task_id)) else {
                 continue;
             };
-            // The claim continues the trace of the change that asked for the pod.
-            let claim = tracing::info_span!(
-                "taskpod.pod.claim",
-                task_id = %c.task_id,
-                taskpod.partition = c.partition,
-                taskpod.epoch = tracing::field::Empty,
-            );
-            continue_trace(&claim, c.traceparent.as_deref());
-            match self
+            let minted = self
                 .store
-                .mint_pod(c.task_id, c.pod_epoch, self.node, generation)
-                .instrument(claim.clone())
-                .await
-            {
-                Ok(epoch) => {
-                    claim.record("taskpod.epoch", epoch);
-                    let trace = traceparent_of(&claim).or_else(|| c.traceparent.clone());
-                    self.spawn_pod(&c, epoch, trace);
-                }
-                Err(Error::StaleGeneration { .. }) => {
-                    tracing::warn!(partition = c.partition, "claim lost under us");
-                    self.owned.remove(&c.partition);
-                }
-                Err(Error::StoreUnavailable(e)) => return Err(Error::StoreUnavailable(e).into()),
-                Err(e) => tracing::debug!(task.id = %c.task_id, error = %e, "not started"),
+                .mint_pods(self.node, &requests)
+                .instrument(first.span.clone())
+                .await?;
+            if minted.len() < requests.len() {
+                self.drop_lost_partitions(&claims).await?;
             }
+            for m in minted {
+                let Some(claim) = claims.remove(&m.task.task_id) else {
+                    continue;
+                };
+                claim.span.record("taskpod.epoch", m.epoch);
+                let trace = traceparent_of(&claim.span)
+                    .or(claim.asked)
+                    .or_else(|| m.traceparent.clone());
+                self.spawn_pod(m, trace);
+            }
+        }
+        Ok(())
+    }
+
+    /// Some mints were refused: drop the partitions whose claim is gone (a re-claim by
+    /// another node; the lock says otherwise only until the next ping fails).
+    async fn drop_lost_partitions(
+        &mut self,
+        claims: &HashMap<TaskId, Claim>,
+    ) -> Result<(), WorkerError> {
+        let claimed: BTreeSet<(i32, i64)> = claims
+            .values()
+            .map(|c| (c.partition, c.generation))
+            .collect();
+        let claimed: Vec<(i32, i64)> = claimed.into_iter().collect();
+        for partition in self.store.lost_partitions(self.node, &claimed).await? {
+            tracing::warn!(partition, "claim lost under us");
+            self.owned.remove(&partition);
         }
         Ok(())
     }
@@ -601,28 +802,31 @@ impl Controller {
             return;
         }
         metrics().pod_crashed(&self.settings.name, kind.as_str());
-        if matches!(outcome, CrashOutcome::Restart { .. }) {
+        if let CrashOutcome::Restart { not_before } = outcome {
             self.restarting.insert(task);
+            self.backoffs.insert(task, *not_before);
         }
     }
 
-    fn spawn_pod(&mut self, c: &PodCandidate, epoch: i64, trace: Option<String>) {
-        let Some(handler) = self.handlers.get(&c.kind).cloned() else {
+    fn spawn_pod(&mut self, minted: MintedPod, trace: Option<String>) {
+        let (task_id, epoch, partition) =
+            (minted.task.task_id, minted.epoch, minted.task.partition);
+        let kind = minted.task.kind.clone();
+        let Some(handler) = self.handlers.get(&kind).cloned() else {
             return;
         };
-        let Some(slots) = self.slots.get(&c.kind).cloned() else {
+        let Some(slots) = self.slots.get(&kind).cloned() else {
             return;
         };
-        let adopted = self.adopted.remove(&c.task_id);
-        if self.restarting.remove(&c.task_id) {
+        let adopted = self.adopted.remove(&task_id);
+        if self.restarting.remove(&task_id) {
             metrics().pod_restarted(&self.settings.name);
         }
         let spec = PodSpec {
-            task_id: c.task_id,
+            task: minted.task,
             epoch,
-            priority: c.priority,
-            created_at: c.created_at,
-            fence_margin: (adopted && c.kind == "exec").then(|| self.settings.fence_margin()),
+            checkpoint: minted.checkpoint,
+            fence_margin: (adopted && kind == "exec").then(|| self.settings.fence_margin()),
             trace: trace.clone(),
             adopted: adopted
                 .then_some(self.peer_lost_at)
@@ -631,21 +835,23 @@ impl Controller {
         };
         let stop = CancellationToken::new();
         self.pods.insert(
-            c.task_id,
+            task_id,
             PodHandle {
                 epoch,
-                partition: c.partition,
+                partition,
                 stop: stop.clone(),
                 trace,
             },
         );
-        let store = self.store.clone();
-        let bus = self.bus.clone();
+        let io = PodIo {
+            store: self.store.clone(),
+            appender: self.appender.clone(),
+            bus: self.bus.clone(),
+        };
         let node = self.node;
-        let task_id = c.task_id;
         let span = pod::span(&spec, node);
         self.joins.spawn(async move {
-            let exit = AssertUnwindSafe(pod::run(store, spec, handler, slots, node, stop, bus))
+            let exit = AssertUnwindSafe(pod::run(io, spec, handler, slots, node, stop))
                 .catch_unwind()
                 .instrument(span.clone())
                 .await
@@ -673,6 +879,10 @@ impl Controller {
         let partition = handle.partition;
         let trace = handle.trace.clone();
         self.pods.remove(&task);
+        if std::mem::take(&mut self.starved) {
+            // A slot is free for a task an earlier pass could not start.
+            self.full_due = true;
+        }
         tracing::debug!(task.id = %task, epoch, ?exit, "pod ended");
         if let PodExit::Crashed(reason) = exit {
             let Some(&generation) = self.owned.get(&partition) else {
@@ -744,6 +954,8 @@ impl Controller {
         }
         self.owned.clear();
         self.leaving.clear();
+        self.feed = None;
+        self.full_due = true;
         if let Some(lock) = self.lock.take() {
             // Closing may hang on a dead socket; do not wait for it.
             drop(lock);
@@ -783,6 +995,11 @@ impl Controller {
         if let Some(lock) = self.lock.take() {
             lock.close().await;
         }
+        // The pods are gone, and with this the last handle on the appender.
+        let flushers = self.flushers.clone();
+        drop(self);
+        flushers.close();
+        flushers.wait().await;
         tracing::info!("drained");
     }
 
@@ -810,17 +1027,15 @@ impl Controller {
 
 /// A wake-up is the consumption of a writer's update: when spans are exported, it is
 /// a CONSUMER span in the writer's trace (the check it triggers follows at once).
-fn consumed(payload: &[u8]) {
+fn consumed(update: &TaskUpdate) {
     if !taskpod_core::telemetry::traces_exported() {
         return;
     }
-    if let Ok(update) = serde_json::from_slice::<TaskUpdate>(payload) {
-        let task_id = update.task_id.to_string();
-        let _span = process_span(
-            Destination::Partition,
-            &task_id,
-            update.traceparent.as_deref(),
-        )
-        .entered();
-    }
+    let task_id = update.task_id.to_string();
+    let _span = process_span(
+        Destination::Partition,
+        &task_id,
+        update.traceparent.as_deref(),
+    )
+    .entered();
 }

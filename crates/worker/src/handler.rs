@@ -34,9 +34,12 @@ use taskpod_core::Error;
 use taskpod_core::bus::{Publisher, TaskUpdate};
 use taskpod_core::domain::{Event, EventMetadata, MANUAL_KIND, Phase, Status, Task};
 use taskpod_core::store::checkpoint::Checkpoint;
-use taskpod_core::store::{AppendFence, Appended, RecordedEvent, Store};
+use taskpod_core::store::{Appended, PodAppend, RecordedEvent, Store};
 use taskpod_core::telemetry::context::traceparent_of;
 use tokio_util::sync::CancellationToken;
+
+use crate::appender::Appender;
+use crate::pod::PodIo;
 use tracing::{Instrument as _, Span};
 
 /// How a handler run ended, other than by completing the task.
@@ -66,6 +69,7 @@ pub trait Handler: Send + Sync + 'static {
 #[derive(Debug)]
 pub struct PodContext {
     store: Store,
+    appender: Appender,
     task: Task,
     epoch: i64,
     version: i64,
@@ -86,19 +90,23 @@ pub struct PodContext {
 }
 
 impl PodContext {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        store: Store,
+        io: PodIo,
         task: Task,
         epoch: i64,
         stop: CancellationToken,
         metadata: EventMetadata,
-        bus: Publisher,
         span: Span,
         origin: Option<String>,
     ) -> Self {
+        let PodIo {
+            store,
+            appender,
+            bus,
+        } = io;
         Self {
             bus,
+            appender,
             restored: None,
             span,
             phase_span: None,
@@ -118,14 +126,12 @@ impl PodContext {
         self.store.clone()
     }
 
-    /// Loads the last checkpoint and the events after it (at pod start).
-    pub(crate) async fn restore(&mut self) -> Result<(), HandlerError> {
-        let Some(cp) = self
-            .store
-            .load_checkpoint(self.task.task_id)
-            .await
-            .map_err(store_error)?
-        else {
+    /// Takes the last checkpoint (read with the mint) and loads the events after it.
+    pub(crate) async fn restore(
+        &mut self,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<(), HandlerError> {
+        let Some(cp) = checkpoint else {
             return Ok(());
         };
         let since = self
@@ -238,6 +244,16 @@ impl PodContext {
         self.phase_span = Some(span);
     }
 
+    fn pod_append(&self, event: &Event, metadata: &EventMetadata) -> PodAppend {
+        PodAppend {
+            task_id: self.task.task_id,
+            expected_version: self.version,
+            epoch: self.epoch,
+            events: vec![event.clone()],
+            metadata: metadata.clone(),
+        }
+    }
+
     /// The metadata of an event written in `span`: its trace context, else the one
     /// this pod was handed.
     fn metadata_in(&self, span: &Span) -> EventMetadata {
@@ -271,14 +287,8 @@ impl PodContext {
         let metadata = self.metadata_in(&span);
         for _ in 0..3 {
             match self
-                .store
-                .append(
-                    self.task.task_id,
-                    self.version,
-                    AppendFence::Pod { epoch: self.epoch },
-                    std::slice::from_ref(&event),
-                    &metadata,
-                )
+                .appender
+                .append(self.pod_append(&event, &metadata))
                 .instrument(span.clone())
                 .await
             {
@@ -333,14 +343,8 @@ impl PodContext {
         let mut backoff = Duration::from_millis(100);
         loop {
             let res = self
-                .store
-                .append(
-                    self.task.task_id,
-                    self.version,
-                    AppendFence::Pod { epoch: self.epoch },
-                    std::slice::from_ref(&event),
-                    &metadata,
-                )
+                .appender
+                .append(self.pod_append(&event, &metadata))
                 .instrument(span.clone())
                 .await;
             match res {

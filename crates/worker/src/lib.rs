@@ -8,6 +8,7 @@
 //! - [`lock`]: the dedicated lock session and the advisory key scheme;
 //! - [`controller`]: the control loop (liveness, claims, the per-tick pod check);
 //! - [`pod`]: one pod's life: slot, start, handler, stop;
+//! - [`appender`]: the pods' appends, sharing transactions;
 //! - [`slots`]: per-kind handler slots granted by priority, then age;
 //! - [`handler`]: the `Handler` trait and the `PodContext` handlers act through;
 //! - [`handlers`]: `manual`, `sleep`, `exec`.
@@ -15,6 +16,7 @@
 //! Metrics and spans are `taskpod_core::telemetry`'s; the worker serves `/metrics` on
 //! `metrics_listen`.
 
+pub mod appender;
 pub mod controller;
 pub mod handler;
 pub mod handlers;

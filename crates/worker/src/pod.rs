@@ -5,26 +5,27 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use taskpod_core::bus::Publisher;
-use taskpod_core::domain::{EventMetadata, NodeId, TaskId};
+use taskpod_core::domain::{EventMetadata, NodeId, Task};
 use taskpod_core::store::Store;
+use taskpod_core::store::checkpoint::Checkpoint;
 use tokio_util::sync::CancellationToken;
 
 use taskpod_core::telemetry::context::continue_trace;
 use taskpod_core::telemetry::metrics::metrics;
 use tracing::Span;
 
+use crate::appender::Appender;
 use crate::handler::{Handler, HandlerError, PodContext};
 use crate::slots::Slots;
 
-/// What the controller starts a pod with.
+/// What the controller starts a pod with: the mint's answer, so the pod starts without
+/// reading its task again.
 #[derive(Clone, Debug)]
 pub(crate) struct PodSpec {
-    pub task_id: TaskId,
+    pub task: Task,
     pub epoch: i64,
-    pub priority: i32,
-    pub created_at: DateTime<Utc>,
+    pub checkpoint: Option<Checkpoint>,
     /// Wait this long before running the handler: an adopted `exec` pod gives the old
     /// owner time to fence itself and kill its children.
     pub fence_margin: Option<Duration>,
@@ -68,7 +69,7 @@ impl PodExit {
 pub(crate) fn span(spec: &PodSpec, node: NodeId) -> Span {
     let span = tracing::info_span!(
         "taskpod.pod",
-        task_id = %spec.task_id,
+        task_id = %spec.task.task_id,
         taskpod.epoch = spec.epoch,
         taskpod.node = %node,
         taskpod.exit = tracing::field::Empty,
@@ -77,36 +78,41 @@ pub(crate) fn span(spec: &PodSpec, node: NodeId) -> Span {
     span
 }
 
+/// What every pod of a worker writes through.
+#[derive(Clone, Debug)]
+pub(crate) struct PodIo {
+    pub store: Store,
+    /// Appends, batched with other pods' (see [`crate::appender`]).
+    pub appender: Appender,
+    pub bus: Publisher,
+}
+
 /// Runs the pod; call it inside its [`span`].
 pub(crate) async fn run(
-    store: Store,
+    io: PodIo,
     spec: PodSpec,
     handler: Arc<dyn Handler>,
     slots: Slots,
     node: NodeId,
     stop: CancellationToken,
-    bus: Publisher,
 ) -> PodExit {
-    let task = match store.get_task(spec.task_id).await {
-        Ok(task) => task,
-        Err(e) => return PodExit::Crashed(format!("loading the task: {e}")),
-    };
+    let task_id = spec.task.task_id;
+    let (priority, created_at) = (spec.task.priority, spec.task.created_at);
     let metadata = EventMetadata {
         actor_id: format!("worker:{node}"),
-        correlation_id: format!("pod:{}:{}", spec.task_id, spec.epoch),
+        correlation_id: format!("pod:{task_id}:{}", spec.epoch),
         ..EventMetadata::default()
     };
     let mut pod = PodContext::new(
-        store,
-        task,
+        io,
+        spec.task,
         spec.epoch,
         stop.clone(),
         metadata,
-        bus,
         Span::current(),
         spec.trace.clone(),
     );
-    if let Err(e) = pod.restore().await {
+    if let Err(e) = pod.restore(spec.checkpoint).await {
         return match e {
             HandlerError::Fenced => PodExit::Fenced,
             other => PodExit::Crashed(format!("loading the checkpoint: {other}")),
@@ -114,7 +120,7 @@ pub(crate) async fn run(
     }
 
     let _permit = tokio::select! {
-        permit = slots.acquire(spec.priority, spec.created_at) => permit,
+        permit = slots.acquire(priority, created_at) => permit,
         () = stop.cancelled() => {
             pod.stopped_cleanly("stopped while waiting for a slot").await;
             return PodExit::Stopped;
@@ -138,7 +144,7 @@ pub(crate) async fn run(
             return PodExit::Stopped;
         }
     }
-    tracing::debug!(task.id = %spec.task_id, epoch = spec.epoch, "pod running");
+    tracing::debug!(task.id = %task_id, epoch = spec.epoch, "pod running");
     if let Some((found_dead, name)) = &spec.adopted {
         metrics().failover_adoption(name, found_dead.elapsed().as_secs_f64());
     }
@@ -154,7 +160,7 @@ pub(crate) async fn run(
         Err(HandlerError::Fenced) => PodExit::Fenced,
         Err(HandlerError::Fail(error)) => {
             if let Err(e) = pod.fail(&error).await {
-                tracing::debug!(task.id = %spec.task_id, error = %e, "could not fail the task");
+                tracing::debug!(task.id = %task_id, error = %e, "could not fail the task");
             }
             pod.stopped_cleanly("failed").await;
             PodExit::Failed(error)

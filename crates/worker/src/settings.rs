@@ -22,6 +22,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "capacity",
     "lock",
     "tick_ms",
+    "full_check_ms",
     "claim_interval_ms",
     "settle_ms",
     "drain_grace_ms",
@@ -43,9 +44,13 @@ pub struct WorkerSettings {
     /// Pods this node runs at once, all kinds together; also its weight in shares.
     pub capacity: u32,
     pub lock: LockSettings,
-    /// How often the controller checks its pods against the store (the bound on how
-    /// late a stop or cancel can be noticed).
+    /// How often the controller checks the tasks changed since its last look (the
+    /// change feed: the bound on how late a stop or cancel is noticed when Redis lost
+    /// the wake-up).
     pub tick_ms: u64,
+    /// How often it reads every active task of its partitions and every pod it runs
+    /// anyway: the repair of last resort, and what an idle pod costs.
+    pub full_check_ms: u64,
     /// How often membership is read and free partitions claimed.
     pub claim_interval_ms: u64,
     /// How long membership must be stable before extra partitions are handed back.
@@ -72,6 +77,7 @@ impl Default for WorkerSettings {
             capacity: 10_000,
             lock: LockSettings::default(),
             tick_ms: 250,
+            full_check_ms: 10_000,
             claim_interval_ms: 500,
             settle_ms: 2_000,
             drain_grace_ms: 10_000,
@@ -230,7 +236,7 @@ impl WorkerSettings {
         if self.capacity == 0 {
             return invalid("capacity", "must be positive");
         }
-        if self.tick_ms == 0 || self.claim_interval_ms == 0 {
+        if self.tick_ms == 0 || self.claim_interval_ms == 0 || self.full_check_ms == 0 {
             return invalid("tick_ms", "intervals must be positive");
         }
         if self.lock.ping_timeout_ms == 0 || self.lock.ping_interval_ms == 0 {

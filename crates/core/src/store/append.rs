@@ -6,7 +6,7 @@ use tracing::instrument;
 use super::Store;
 use super::errors::from_sqlx;
 use super::traced::Traced as _;
-use super::writes::{lock_state, record_commit, write_changes};
+use super::writes::{Change, lock_state, lock_states, record_commit, write_changes, write_many};
 use crate::domain::{Event, EventMetadata, NodeId, Status, TaskId, TaskState, Writer, evolve};
 use crate::error::Error;
 
@@ -19,6 +19,16 @@ pub enum AppendFence {
     /// The worker owning the task's partition at `generation` (crash records, failing a
     /// task whose budget is spent).
     Worker { node: NodeId, generation: i64 },
+}
+
+/// One pod's append, for [`Store::append_pods`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodAppend {
+    pub task_id: TaskId,
+    pub expected_version: i64,
+    pub epoch: i64,
+    pub events: Vec<Event>,
+    pub metadata: EventMetadata,
 }
 
 /// The state after an append.
@@ -47,54 +57,25 @@ impl Store {
         events: &[Event],
         metadata: &EventMetadata,
     ) -> Result<Appended, Error> {
-        if events.is_empty() {
-            return Err(Error::invalid("events", "at least one event is required"));
-        }
-        let writer = match fence {
-            AppendFence::Pod { .. } => Writer::Pod,
-            AppendFence::Worker { .. } => Writer::Worker,
-        };
-        if let Some(e) = events.iter().find(|e| !e.may_be_written_by(writer)) {
-            return Err(Error::IllegalEvent {
-                event_type: e.type_name().to_owned(),
-                reason: format!("a {writer:?} may not append it"),
-            });
-        }
-
         let started = std::time::Instant::now();
         let mut tx = self.pool.begin().traced("BEGIN").await.map_err(from_sqlx)?;
         let before = lock_state(&mut tx, task_id).await?;
-        let epoch = match fence {
-            AppendFence::Pod { epoch } => {
-                if epoch != before.pod_epoch {
-                    return Err(Error::StaleEpoch {
-                        held: epoch,
-                        current: before.pod_epoch,
-                    });
-                }
-                // After a stop, cancel or completion the pod may still say it stopped.
-                let acknowledging_stop =
-                    events.iter().all(|e| matches!(e, Event::PodStopped { .. }));
-                if before.status != Status::Active && !acknowledging_stop {
-                    return Err(Error::NotRunning(task_id));
-                }
-                epoch
-            }
+        let (after, epoch) = match fence {
+            AppendFence::Pod { epoch } => (
+                decide_pod_append(&before, task_id, expected_version, epoch, events)?,
+                epoch,
+            ),
             AppendFence::Worker { node, generation } => {
+                check_writer(events, Writer::Worker)?;
                 self.check_partition_owner(&mut tx, task_id, node, generation)
                     .await?;
-                before.pod_epoch
+                check_version(&before, expected_version)?;
+                let after = events
+                    .iter()
+                    .try_fold(before.clone(), |s, e| evolve(&s, e))?;
+                (after, before.pod_epoch)
             }
         };
-        if before.version != expected_version {
-            return Err(Error::VersionConflict {
-                expected: expected_version,
-                actual: before.version,
-            });
-        }
-        let after = events
-            .iter()
-            .try_fold(before.clone(), |s, e| evolve(&s, e))?;
         let metadata = EventMetadata {
             epoch: Some(epoch),
             ..metadata.clone()
@@ -112,81 +93,105 @@ impl Store {
         })
     }
 
-    /// Mints the next pod epoch: one conditional statement that succeeds only while the
-    /// epoch is the one observed, the task is active without a pod, and `node` owns the
-    /// task's partition at `generation`. So a worker that lost its lock cannot mint an
-    /// epoch, and two starters of one task cannot both win. Mirrors `domain::mint_pod`.
-    ///
-    /// # Errors
-    /// [`Error::StaleEpoch`] when the epoch moved or the claim is gone (re-check
-    /// ownership, never a crash); [`Error::NotRunning`]/[`Error::AlreadyStarted`] from
-    /// the task's state; [`Error::TaskNotFound`]; [`Error::StoreUnavailable`].
-    #[instrument(skip_all, fields(task.id = %task_id, observed_epoch))]
-    pub async fn mint_pod(
+    /// Appends for many pods in one transaction, each with its own outcome: the answer
+    /// [`Store::append`] would give it alone. Heads are locked in task-id order; the
+    /// fences, versions and the state table are checked per item in memory; one
+    /// statement writes every accepted item. A task named twice, or any unexpected
+    /// error, falls back to appending items one at a time, so no item's fate depends
+    /// on another's.
+    #[instrument(skip_all, fields(appends = items.len()))]
+    pub async fn append_pods(&self, items: &[PodAppend]) -> Vec<Result<Appended, Error>> {
+        let mut seen = std::collections::HashSet::with_capacity(items.len());
+        let unique = items.iter().all(|i| seen.insert(i.task_id));
+        if unique && items.len() > 1 {
+            match self.try_append_pods(items).await {
+                Ok(results) => return results,
+                Err(e) => tracing::debug!(error = %e, "batched append failed; appending alone"),
+            }
+        }
+        let mut results = Vec::with_capacity(items.len());
+        for i in items {
+            results.push(
+                self.append(
+                    i.task_id,
+                    i.expected_version,
+                    AppendFence::Pod { epoch: i.epoch },
+                    &i.events,
+                    &i.metadata,
+                )
+                .await,
+            );
+        }
+        results
+    }
+
+    async fn try_append_pods(
         &self,
-        task_id: TaskId,
-        observed_epoch: i64,
-        node: NodeId,
-        generation: i64,
-    ) -> Result<i64, Error> {
-        let minted: Option<i64> = sqlx::query_scalar(
-            r#"
-            WITH owned AS (
-                -- FOR SHARE: a re-claim of the partition (generation bump) that commits
-                -- while this runs makes the row re-checked, and the mint refused.
-                SELECT p.partition
-                  FROM tasks t JOIN partitions p ON p.partition = t.partition
-                 WHERE t.task_id = $1 AND p.owner_node = $3 AND p.generation = $4
-                   FOR SHARE OF p
-            )
-            UPDATE task_heads h
-               SET pod_epoch = h.pod_epoch + 1, pod_state = 'starting', owner_node = $3
-             WHERE h.task_id = $1 AND h.pod_epoch = $2 AND h.pod_state = 'none'
-               AND h.status = 'active' AND EXISTS (SELECT 1 FROM owned)
-               AND (h.not_before IS NULL OR h.not_before <= now())
-            RETURNING h.pod_epoch
-            "#,
-        )
-        .bind(task_id.as_uuid())
-        .bind(observed_epoch)
-        .bind(node.0)
-        .bind(generation)
-        .fetch_optional(&self.pool)
-        .traced("UPDATE task_heads")
-        .await
-        .map_err(from_sqlx)?;
-        if let Some(epoch) = minted {
-            return Ok(epoch);
+        items: &[PodAppend],
+    ) -> Result<Vec<Result<Appended, Error>>, Error> {
+        let started = std::time::Instant::now();
+        let ids: Vec<TaskId> = items.iter().map(|i| i.task_id).collect();
+        let mut tx = self.pool.begin().traced("BEGIN").await.map_err(from_sqlx)?;
+        let states: std::collections::HashMap<TaskId, TaskState> = lock_states(&mut tx, &ids)
+            .await?
+            .into_iter()
+            .map(|s| (s.task_id, s))
+            .collect();
+        let mut results = Vec::with_capacity(items.len());
+        let mut accepted = Vec::new();
+        for item in items {
+            let decided = states
+                .get(&item.task_id)
+                .ok_or(Error::TaskNotFound(item.task_id))
+                .and_then(|before| {
+                    decide_pod_append(
+                        before,
+                        item.task_id,
+                        item.expected_version,
+                        item.epoch,
+                        &item.events,
+                    )
+                    .map(|after| (before, after))
+                });
+            match decided {
+                Ok((before, after)) => {
+                    let metadata = EventMetadata {
+                        epoch: Some(item.epoch),
+                        ..item.metadata.clone()
+                    };
+                    results.push(Ok(Appended {
+                        state: after.clone(),
+                        last_event: item.events.last().map(Event::type_name).unwrap_or_default(),
+                    }));
+                    accepted.push((before, after, metadata, item));
+                }
+                Err(e) => results.push(Err(e)),
+            }
         }
-        // Refused: say why, from a fresh read (the answer is advisory, the refusal final).
-        let state = self.state(task_id).await?;
-        if state.pod_epoch != observed_epoch {
-            return Err(Error::StaleEpoch {
-                held: observed_epoch,
-                current: state.pod_epoch,
-            });
+        if !accepted.is_empty() {
+            let changes: Vec<Change<'_>> = accepted
+                .iter()
+                .map(|(before, after, metadata, item)| Change {
+                    before,
+                    after,
+                    events: &item.events,
+                    metadata,
+                })
+                .collect();
+            write_many(&mut tx, &changes).await?;
         }
-        crate::domain::mint_pod(&state, node)?;
-        if let Some(wait) = self.restart_backoff(task_id).await? {
-            return Err(Error::BackingOff { task_id, wait });
+        tx.commit().traced("COMMIT").await.map_err(from_sqlx)?;
+        for (before, after, _, _) in &accepted {
+            record_commit("pod", started, before, after);
         }
-        let current: i64 = sqlx::query_scalar(
-            "SELECT p.generation FROM partitions p JOIN tasks t ON t.partition = p.partition \
-             WHERE t.task_id = $1",
-        )
-        .bind(task_id.as_uuid())
-        .fetch_one(&self.pool)
-        .traced("SELECT partitions tasks")
-        .await
-        .map_err(from_sqlx)?;
-        Err(Error::StaleGeneration {
-            held: generation,
-            current,
-        })
+        Ok(results)
     }
 
     /// How long until a crashed task may restart, if it is still backing off.
-    async fn restart_backoff(&self, task_id: TaskId) -> Result<Option<std::time::Duration>, Error> {
+    pub(crate) async fn restart_backoff(
+        &self,
+        task_id: TaskId,
+    ) -> Result<Option<std::time::Duration>, Error> {
         let secs: Option<f64> = sqlx::query_scalar(
             "SELECT EXTRACT(epoch FROM not_before - now())::float8 FROM task_heads \
              WHERE task_id = $1 AND not_before > now()",
@@ -244,5 +249,55 @@ impl Store {
             }),
             None => Err(Error::TaskNotFound(task_id)),
         }
+    }
+}
+
+/// What a pod's append does to `before`, or why it is refused: checked under the row
+/// lock, alone or as one item of a batch.
+fn decide_pod_append(
+    before: &TaskState,
+    task_id: TaskId,
+    expected_version: i64,
+    epoch: i64,
+    events: &[Event],
+) -> Result<TaskState, Error> {
+    check_writer(events, Writer::Pod)?;
+    if epoch != before.pod_epoch {
+        return Err(Error::StaleEpoch {
+            held: epoch,
+            current: before.pod_epoch,
+        });
+    }
+    // After a stop, cancel or completion the pod may still say it stopped.
+    let acknowledging_stop = events.iter().all(|e| matches!(e, Event::PodStopped { .. }));
+    if before.status != Status::Active && !acknowledging_stop {
+        return Err(Error::NotRunning(task_id));
+    }
+    check_version(before, expected_version)?;
+    events.iter().try_fold(before.clone(), |s, e| evolve(&s, e))
+}
+
+/// Refuses an empty append, or an event `writer` may not append.
+fn check_writer(events: &[Event], writer: Writer) -> Result<(), Error> {
+    if events.is_empty() {
+        return Err(Error::invalid("events", "at least one event is required"));
+    }
+    match events.iter().find(|e| !e.may_be_written_by(writer)) {
+        Some(e) => Err(Error::IllegalEvent {
+            event_type: e.type_name().to_owned(),
+            reason: format!("a {writer:?} may not append it"),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn check_version(before: &TaskState, expected: i64) -> Result<(), Error> {
+    if before.version == expected {
+        Ok(())
+    } else {
+        Err(Error::VersionConflict {
+            expected,
+            actual: before.version,
+        })
     }
 }

@@ -15,6 +15,21 @@ pub struct Checkpoint {
     pub state: serde_json::Value,
 }
 
+impl Checkpoint {
+    /// The checkpoint as `task_heads.handler_state` holds it (`{"version", "state"}`).
+    pub(crate) fn from_saved(saved: serde_json::Value) -> Self {
+        let version = saved
+            .get("version")
+            .and_then(serde_json::Value::as_i64)
+            .unwrap_or(0);
+        let state = saved
+            .get("state")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null);
+        Self { version, state }
+    }
+}
+
 impl Store {
     /// Saves `state` as of `version` for the pod holding `epoch`.
     ///
@@ -65,14 +80,6 @@ impl Store {
         let Some(saved) = row.ok_or(Error::TaskNotFound(task_id))? else {
             return Ok(None);
         };
-        let version = saved
-            .get("version")
-            .and_then(serde_json::Value::as_i64)
-            .unwrap_or(0);
-        let state = saved
-            .get("state")
-            .cloned()
-            .unwrap_or(serde_json::Value::Null);
-        Ok(Some(Checkpoint { version, state }))
+        Ok(Some(Checkpoint::from_saved(saved)))
     }
 }

@@ -11,6 +11,7 @@
 //! - `writes`: the statement every change shares (events + head + listing row);
 //! - `traced`: the client span and duration metric around every statement;
 //! - [`create`], [`execute`], [`append`]: the three ways a stream grows;
+//! - [`mint`]: pod epochs, minted in batches;
 //! - `idempotency`: AIP-155 request ids;
 //! - [`query`]: get, list (keyset pages), count, read a stream;
 //! - `changes`: commit-order-safe change feeds (watermarks) for watch streams;
@@ -26,6 +27,7 @@ pub mod create;
 mod errors;
 pub mod execute;
 mod idempotency;
+pub mod mint;
 pub mod nodes;
 pub mod output;
 pub mod query;
@@ -40,9 +42,10 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tracing::instrument;
 
-pub use append::{AppendFence, Appended};
+pub use append::{AppendFence, Appended, PodAppend};
 pub use create::Created;
 pub use execute::Executed;
+pub use mint::{MintRequest, MintedPod};
 pub use query::{
     Cursor, ListQuery, Page, RecordedEvent, SortDirection, SortField, SortKey, TaskFilter,
     TaskOrder,

@@ -84,11 +84,11 @@ fn candidate(r: CandidateRow) -> Result<PodCandidate, Error> {
     })
 }
 
-/// The trace context only where the pod is not `$3`'s own: the running pods, most of
-/// the rows, need none, and every tick reads them all.
+/// The trace context only where the pod is not node `$1`'s own: the running pods, most
+/// of the rows, need none, and a full check reads them all.
 const CANDIDATE_COLUMNS: &str = "t.task_id, t.partition, t.kind, t.priority, h.status, h.version, \
      h.pod_epoch, h.pod_state, h.owner_node, h.not_before, t.created_at, \
-     CASE WHEN h.owner_node IS DISTINCT FROM $3 THEN h.traceparent END";
+     CASE WHEN h.owner_node IS DISTINCT FROM $1 THEN h.traceparent END";
 
 impl Store {
     /// Registers a worker process; returns its lock key (unique among nodes).
@@ -251,11 +251,39 @@ impl Store {
         let running: Vec<uuid::Uuid> = running.iter().map(TaskId::as_uuid).collect();
         let rows: Vec<CandidateRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {CANDIDATE_COLUMNS} FROM tasks t JOIN task_heads h ON h.task_id = t.task_id \
-             WHERE (t.status = 'active' AND t.partition = ANY($1)) OR t.task_id = ANY($2)"
+             WHERE (t.status = 'active' AND t.partition = ANY($2)) OR t.task_id = ANY($3)"
         )))
+        .bind(node.0)
         .bind(partitions)
         .bind(running)
+        .fetch_all(&self.pool)
+        .traced("SELECT tasks task_heads")
+        .await
+        .map_err(from_sqlx)?;
+        rows.into_iter().map(candidate).collect()
+    }
+
+    /// The rows of `tasks` only, for the checks between full scans (tasks named by
+    /// wake-ups or the change feed): the same columns as [`Store::pod_candidates`].
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    #[instrument(skip_all, fields(tasks = tasks.len()))]
+    pub async fn pod_candidates_of(
+        &self,
+        node: NodeId,
+        tasks: &[TaskId],
+    ) -> Result<Vec<PodCandidate>, Error> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<uuid::Uuid> = tasks.iter().map(TaskId::as_uuid).collect();
+        let rows: Vec<CandidateRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {CANDIDATE_COLUMNS} FROM tasks t JOIN task_heads h ON h.task_id = t.task_id \
+             WHERE t.task_id = ANY($2)"
+        )))
         .bind(node.0)
+        .bind(ids)
         .fetch_all(&self.pool)
         .traced("SELECT tasks task_heads")
         .await

@@ -63,6 +63,24 @@ pub(crate) fn metadata_json(meta: &EventMetadata) -> Result<serde_json::Value, E
     serde_json::to_value(meta).map_err(|e| Error::Internal(format!("serialising metadata: {e}")))
 }
 
+/// One task's change: `events` (already checked by `evolve`) take it from `before`
+/// to `after`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Change<'a> {
+    pub before: &'a TaskState,
+    pub after: &'a TaskState,
+    pub events: &'a [Event],
+    pub metadata: &'a EventMetadata,
+}
+
+impl Change<'_> {
+    fn lifecycle_changed(&self) -> bool {
+        self.before.status != self.after.status
+            || self.before.phase != self.after.phase
+            || self.before.last_error != self.after.last_error
+    }
+}
+
 /// Writes `events` (already checked by `evolve` from `before` to `after`).
 pub(crate) async fn write_changes(
     tx: &mut Transaction<'_, Postgres>,
@@ -71,31 +89,86 @@ pub(crate) async fn write_changes(
     events: &[Event],
     metadata: &EventMetadata,
 ) -> Result<(), Error> {
-    let mut cols = EventColumns::with_capacity(events.len());
-    cols.push(
-        before.task_id.as_uuid(),
-        before.version + 1,
-        events,
-        &metadata_json(metadata)?,
-    )?;
-    let lifecycle_changed = before.status != after.status
-        || before.phase != after.phase
-        || before.last_error != after.last_error;
+    write_many(
+        tx,
+        &[Change {
+            before,
+            after,
+            events,
+            metadata,
+        }],
+    )
+    .await
+}
+
+/// Writes several tasks' changes in one statement: their events, their heads, and the
+/// listing rows whose lifecycle changed. At most one change per task: a head row can be
+/// updated once per statement.
+pub(crate) async fn write_many(
+    tx: &mut Transaction<'_, Postgres>,
+    changes: &[Change<'_>],
+) -> Result<(), Error> {
+    let mut cols = EventColumns::with_capacity(changes.iter().map(|c| c.events.len()).sum());
+    let n = changes.len();
+    let (mut ids, mut versions, mut epochs, mut pod_states, mut owners, mut started) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut statuses, mut phases, mut errors, mut lifecycle, mut traces) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for c in changes {
+        cols.push(
+            c.before.task_id.as_uuid(),
+            c.before.version + 1,
+            c.events,
+            &metadata_json(c.metadata)?,
+        )?;
+        let a = c.after;
+        ids.push(a.task_id.as_uuid());
+        versions.push(a.version);
+        epochs.push(a.pod_epoch);
+        pod_states.push(a.pod_state.as_str());
+        owners.push(a.owner_node.map(|n| n.0));
+        started.push(a.pod_started_at);
+        statuses.push(a.status.as_str());
+        phases.push(a.phase.as_str());
+        errors.push(a.last_error.as_deref());
+        lifecycle.push(c.lifecycle_changed());
+        traces.push(c.metadata.traceparent.as_deref());
+    }
     sqlx::query(
         r#"
         WITH appended AS (
             INSERT INTO events (stream_id, version, type, data, metadata)
             SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::jsonb[], $5::jsonb[])
+        ), changed AS (
+            SELECT * FROM UNNEST($6::uuid[], $7::int8[], $8::int8[], $9::text[], $10::uuid[],
+                                 $11::timestamptz[], $12::text[], $13::text[], $14::text[],
+                                 $15::bool[], $16::text[])
+                AS c(task_id, version, pod_epoch, pod_state, owner_node, pod_started_at,
+                     status, phase, last_error, lifecycle, traceparent)
         ), head AS (
-            UPDATE task_heads
-               SET version = $7, pod_epoch = $8, pod_state = $9, owner_node = $10,
-                   pod_started_at = $11, status = $12, phase = $13, last_error = $14,
-                   traceparent = COALESCE($16, traceparent)
-             WHERE task_id = $6
+            UPDATE task_heads h
+               SET version = c.version, pod_epoch = c.pod_epoch, pod_state = c.pod_state,
+                   owner_node = c.owner_node, pod_started_at = c.pod_started_at,
+                   status = c.status, phase = c.phase, last_error = c.last_error,
+                   traceparent = COALESCE(c.traceparent, h.traceparent)
+              FROM changed c
+             WHERE h.task_id = c.task_id
         )
-        UPDATE tasks
-           SET status = $12, phase = $13, last_error = $14, updated_at = now()
-         WHERE task_id = $6 AND $15
+        UPDATE tasks t
+           SET status = c.status, phase = c.phase, last_error = c.last_error, updated_at = now()
+          FROM changed c
+         WHERE t.task_id = c.task_id AND c.lifecycle
         "#,
     )
     .bind(&cols.stream_ids)
@@ -103,17 +176,17 @@ pub(crate) async fn write_changes(
     .bind(&cols.types)
     .bind(&cols.data)
     .bind(&cols.metadata)
-    .bind(after.task_id.as_uuid())
-    .bind(after.version)
-    .bind(after.pod_epoch)
-    .bind(after.pod_state.as_str())
-    .bind(after.owner_node.map(|n| n.0))
-    .bind(after.pod_started_at)
-    .bind(after.status.as_str())
-    .bind(after.phase.as_str())
-    .bind(after.last_error.as_deref())
-    .bind(lifecycle_changed)
-    .bind(metadata.traceparent.as_deref())
+    .bind(&ids)
+    .bind(&versions)
+    .bind(&epochs)
+    .bind(&pod_states)
+    .bind(&owners)
+    .bind(&started)
+    .bind(&statuses)
+    .bind(&phases)
+    .bind(&errors)
+    .bind(&lifecycle)
+    .bind(&traces)
     .execute(&mut **tx)
     .traced("INSERT events UPDATE task_heads UPDATE tasks")
     .await
@@ -158,4 +231,25 @@ pub(crate) fn record_commit(
             .map_or(0.0, |t| (chrono::Utc::now() - t).as_seconds_f64());
         m.task_finished(after.status.as_str(), &after.kind, age.max(0.0));
     }
+}
+
+/// Reads and locks the heads of `tasks`, in task-id order: every writer that locks
+/// several heads takes them in that order, so two of them never wait on each other.
+pub(crate) async fn lock_states(
+    tx: &mut Transaction<'_, Postgres>,
+    tasks: &[crate::domain::TaskId],
+) -> Result<Vec<TaskState>, Error> {
+    let ids: Vec<uuid::Uuid> = tasks.iter().map(|t| t.as_uuid()).collect();
+    let rows: Vec<super::rows::StateRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        state_columns!(),
+        " FROM task_heads h JOIN tasks t ON t.task_id = h.task_id",
+        " WHERE h.task_id = ANY($1) ORDER BY h.task_id FOR UPDATE OF h"
+    ))
+    .bind(ids)
+    .fetch_all(&mut **tx)
+    .traced("SELECT task_heads tasks")
+    .await
+    .map_err(from_sqlx)?;
+    rows.into_iter().map(TaskState::try_from).collect()
 }
