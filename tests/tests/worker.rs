@@ -1200,7 +1200,10 @@ async fn a_retried_start_pod_resumes_waiting_for_the_same_pod() {
         // The client's timer, or tonic's server-side one (which answers CANCELLED),
         // whichever fires first.
         Err(s) => assert!(
-            matches!(s.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled),
+            matches!(
+                s.code(),
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ),
             "{s:?}"
         ),
     }

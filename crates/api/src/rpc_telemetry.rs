@@ -21,6 +21,7 @@ use http_body::{Body, Frame};
 use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use taskpod_core::telemetry::metrics::metrics;
+use taskpod_core::telemetry::{spans, traces_exported};
 use tracing::field::Empty;
 use tracing::{Instrument as _, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -155,19 +156,11 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let method = method_of(request.uri().path());
-        let span = tracing::info_span!(
-            "rpc",
-            otel.name = method,
-            otel.kind = "server",
-            otel.status_code = Empty,
-            rpc.system.name = "grpc",
-            rpc.method = method,
-            rpc.response.status_code = Empty,
-            task_id = Empty,
-        );
-        let parent = TraceContextPropagator::new().extract(&Headers(request.headers()));
-        // A span is built lazily, so the parent set here is the one it starts with.
-        let _ = span.set_parent(parent);
+        let span = if traces_exported() {
+            server_span(method, request.headers())
+        } else {
+            Span::none()
+        };
         let started = Instant::now();
         let call = self.inner.call(request).instrument(span.clone());
         Box::pin(async move {
@@ -188,6 +181,25 @@ where
             ))
         })
     }
+}
+
+/// The SERVER span of a call, continuing the caller's trace context.
+fn server_span(method: &'static str, headers: &http::HeaderMap) -> Span {
+    let span = tracing::info_span!(
+        target: spans::TARGET,
+        "rpc",
+        otel.name = method,
+        otel.kind = "server",
+        otel.status_code = Empty,
+        rpc.system.name = "grpc",
+        rpc.method = method,
+        rpc.response.status_code = Empty,
+        task_id = Empty,
+    );
+    let parent = TraceContextPropagator::new().extract(&Headers(headers));
+    // A span is built lazily, so the parent set here is the one it starts with.
+    let _ = span.set_parent(parent);
+    span
 }
 
 /// What is left to record when the response ends.

@@ -134,11 +134,12 @@ impl PodContext {
         let Some(cp) = checkpoint else {
             return Ok(());
         };
-        let since = self
-            .store
-            .read_stream(self.task.task_id, cp.version + 1, usize::MAX)
-            .await
-            .map_err(store_error)?;
+        let since = Box::pin(
+            self.store
+                .read_stream(self.task.task_id, cp.version + 1, usize::MAX),
+        )
+        .await
+        .map_err(store_error)?;
         self.restored = Some((cp, since));
         Ok(())
     }
@@ -277,7 +278,11 @@ impl PodContext {
     }
 
     /// Tells the store the pod stopped; best effort (a fenced pod has nothing to say).
-    pub(crate) async fn stopped_cleanly(&mut self, reason: &str) {
+    pub(crate) fn stopped_cleanly<'a>(&'a mut self, reason: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(self.stop_now(reason))
+    }
+
+    async fn stop_now(&mut self, reason: &str) {
         let event = Event::PodStopped {
             epoch: self.epoch,
             reason: reason.to_owned(),
@@ -336,7 +341,19 @@ impl PodContext {
 
     /// Appends `event` (with its publish) inside `span`, whose trace context the event
     /// records.
-    async fn append_in(&mut self, event: Event, span: &Span) -> Result<(), HandlerError> {
+    ///
+    /// Boxed, like every store round trip of a pod: a pod's future is held for its
+    /// whole life, and sized for its largest await point, so an inline append (with
+    /// its publish and its catch-up read) would cost every idle pod kilobytes.
+    fn append_in<'a>(
+        &'a mut self,
+        event: Event,
+        span: &'a Span,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(self.append_now(event, span))
+    }
+
+    async fn append_now(&mut self, event: Event, span: &Span) -> Result<(), HandlerError> {
         let metadata = self.metadata_in(span);
         // A store outage hits every pod at once and is nobody's fault: wait it out
         // (until stopped) instead of crashing, so it is charged to no task.

@@ -30,6 +30,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::FilterExt as _;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -150,6 +151,10 @@ pub fn init(config: &TelemetryConfig, default_filter: &str) -> Result<Telemetry,
 
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // Spans that exist only to be exported stay out of log lines.
+    let filter = filter.and(tracing_subscriber::filter::filter_fn(|meta| {
+        !(meta.is_span() && meta.target() == spans::TARGET)
+    }));
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let logs = match config.log_format {
         LogFormat::Text => logs.boxed(),
@@ -167,13 +172,13 @@ pub fn init(config: &TelemetryConfig, default_filter: &str) -> Result<Telemetry,
         .with(spans)
         .try_init()
         .map_err(|_| TelemetryError::AlreadyInstalled)?;
+    TRACES_EXPORTED.store(tracer.is_some(), Ordering::Relaxed);
 
     metrics::metrics().attach(
         meter.as_ref().map(|m| m.meter("taskpod")).as_ref(),
         &config.service_name,
     );
     if let Some(endpoint) = &config.traces_endpoint {
-        TRACES_EXPORTED.store(true, Ordering::Relaxed);
         tracing::info!(%endpoint, "exporting traces over OTLP");
     }
     if let Some(endpoint) = &config.metrics_endpoint {

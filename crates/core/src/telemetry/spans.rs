@@ -5,6 +5,8 @@
 //! - A Postgres statement or a Redis command is a CLIENT span named by its query
 //!   summary (`UPDATE task_heads`), with `db.system.name`, `db.operation.name` (the
 //!   summary's first word) and `db.query.summary`.
+//! - None of these spans is created when no spans are exported: they would cost every
+//!   statement a span for nothing.
 //! - Publishing updates to the bus is a PRODUCER span (`publish tasks`); consuming one
 //!   is a CONSUMER span (`process <channel>`) linked to, and a child of, the context
 //!   that created the message.
@@ -16,6 +18,12 @@ use tracing::{Instrument as _, Span};
 
 use super::context;
 use super::metrics::metrics;
+use super::traces_exported;
+
+/// The target of the spans that exist only to be exported: created only when spans are
+/// exported, and kept out of log lines (a statement's span would prefix every line
+/// logged inside it).
+pub const TARGET: &str = "otel";
 
 /// `db.system.name` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,7 +49,11 @@ pub fn operation_of(summary: &'static str) -> &'static str {
 /// A CLIENT span for one database call; `summary` is low-cardinality by construction
 /// (a literal at each call site).
 pub fn db_span(system: DbSystem, summary: &'static str) -> Span {
+    if !traces_exported() {
+        return Span::none();
+    }
     tracing::info_span!(
+        target: TARGET,
         "db",
         otel.name = summary,
         otel.kind = "client",
@@ -82,7 +94,11 @@ pub async fn db_call<T, E>(
 
 /// The PRODUCER span of one publish of `count` updates.
 pub fn publish_span(count: usize) -> Span {
+    if !traces_exported() {
+        return Span::none();
+    }
     tracing::info_span!(
+        target: TARGET,
         "publish",
         otel.name = "publish tasks",
         otel.kind = "producer",
@@ -127,7 +143,11 @@ impl Destination {
 /// The CONSUMER span of processing one update of `task_id` from `from`, continuing
 /// and linking the trace the update was created in.
 pub fn process_span(from: Destination, task_id: &str, traceparent: Option<&str>) -> Span {
+    if !traces_exported() {
+        return Span::none();
+    }
     let span = tracing::info_span!(
+        target: TARGET,
         "process",
         otel.name = from.span_name(),
         otel.kind = "consumer",
