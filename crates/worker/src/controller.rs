@@ -66,6 +66,10 @@ const GAUGE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The most tasks one mint statement takes.
 const MINT_BATCH: usize = 512;
+/// Node losses recorded between two pings of the lock session.
+const LOSS_CHUNK: usize = 128;
+/// Node losses recorded at once (each its own transaction, on the pool).
+const LOSS_CONCURRENCY: usize = 8;
 
 /// How long after its own fence a node treats adopted pods as interrupted rather than
 /// lost.
@@ -300,6 +304,14 @@ impl Controller {
                     }
                     continue;
                 }
+                () = tokio::time::sleep_until(self.next_backoff()), if !self.backoffs.is_empty() => {
+                    // A crashed task may start again: do not wait for the tick.
+                    let due = self.due_backoffs();
+                    if let Err(e) = self.pass(Scope::Tasks(due)).await {
+                        self.failed(e).await;
+                    }
+                    continue;
+                }
                 Some(joined) = self.joins.join_next(), if !self.joins.is_empty() => {
                     if let Ok((task, epoch, exit)) = joined {
                         self.reap(task, epoch, exit).await;
@@ -391,15 +403,34 @@ impl Controller {
             .into_iter()
             .collect();
         ids.extend(self.woken.drain());
+        ids.extend(self.due_backoffs());
+        Ok(Scope::Tasks(ids.into_iter().collect()))
+    }
+
+    /// The tasks whose restart backoff is over, forgotten here.
+    fn due_backoffs(&mut self) -> Vec<TaskId> {
         let now = chrono::Utc::now();
+        let mut due = Vec::new();
         self.backoffs.retain(|id, until| {
             let over = *until <= now;
             if over {
-                ids.insert(*id);
+                due.push(*id);
             }
             !over
         });
-        Ok(Scope::Tasks(ids.into_iter().collect()))
+        due
+    }
+
+    /// When the earliest backoff ends (by Postgres's clock, read as this one's).
+    fn next_backoff(&self) -> Instant {
+        let now = chrono::Utc::now();
+        let wait = self
+            .backoffs
+            .values()
+            .min()
+            .and_then(|until| (*until - now).to_std().ok())
+            .unwrap_or_default();
+        Instant::now() + wait
     }
 
     async fn step(&mut self) -> Result<(), WorkerError> {
@@ -604,6 +635,7 @@ impl Controller {
         };
         let now = chrono::Utc::now();
         let mut to_start: Vec<PodCandidate> = Vec::new();
+        let mut lost: Vec<PodCandidate> = Vec::new();
         for c in candidates {
             if let Some(pod) = self.pods.get(&c.task_id) {
                 let keep = c.status == Status::Active
@@ -634,12 +666,10 @@ impl Controller {
                 },
                 // A pod minted elsewhere (or by an earlier incarnation of this node)
                 // whose owner no longer holds the partition: its node is lost.
-                _ => {
-                    self.keep_lock_alive(false).await?;
-                    self.record_node_lost(&c).await;
-                }
+                _ => lost.push(c),
             }
         }
+        self.record_node_losses(lost).await?;
         self.start_pods(to_start).await
     }
 
@@ -732,68 +762,94 @@ impl Controller {
         Ok(())
     }
 
-    async fn record_node_lost(&mut self, c: &PodCandidate) {
-        let Some(&generation) = self.owned.get(&c.partition) else {
-            return;
-        };
-        let span = tracing::info_span!(
-            "taskpod.pod.node_lost",
-            task_id = %c.task_id,
-            taskpod.epoch = c.pod_epoch,
-        );
-        continue_trace(&span, c.traceparent.as_deref());
-        let metadata = EventMetadata {
-            traceparent: traceparent_of(&span).or_else(|| c.traceparent.clone()),
-            ..self.metadata()
-        };
+    /// Records `node_lost` for pods a dead owner left behind: each in its own
+    /// transaction (each decides its own restart under its own row lock), several at
+    /// once, then one read and one publish for all of them.
+    async fn record_node_losses(&mut self, lost: Vec<PodCandidate>) -> Result<(), WorkerError> {
+        use futures::StreamExt as _;
         let interrupted = self
             .last_fence
             .is_some_and(|t| t.elapsed() < INTERRUPTION_WINDOW);
-        let report = CrashReport {
-            task_id: c.task_id,
-            epoch: c.pod_epoch,
-            node: c.owner_node,
-            reason: format!(
-                "node {} {}",
-                c.owner_node.map(|n| n.to_string()).unwrap_or_default(),
-                if interrupted {
-                    "interrupted with the store"
-                } else {
-                    "lost"
-                }
-            ),
-            kind: if interrupted {
-                CrashKind::Interrupted
-            } else {
-                CrashKind::NodeLost
-            },
+        let kind = if interrupted {
+            CrashKind::Interrupted
+        } else {
+            CrashKind::NodeLost
         };
-        let jitter = rand::random::<f64>();
-        match self
-            .store
-            .record_crash(
-                &report,
-                self.node,
-                generation,
-                &self.policy,
-                jitter,
-                &metadata,
-            )
-            .instrument(span.clone())
-            .await
-        {
-            Ok(outcome) => {
-                self.adopted.insert(c.task_id);
-                tracing::info!(task.id = %c.task_id, ?outcome, "pod of a lost node recorded");
-                self.crash_recorded(c.task_id, report.kind, &outcome);
-                if outcome != CrashOutcome::AlreadyRecorded {
-                    self.announce(c.task_id, "pod_crashed", metadata.traceparent)
-                        .instrument(span)
-                        .await;
+        for chunk in lost.chunks(LOSS_CHUNK) {
+            // A chunk takes a few milliseconds; the lock session must not idle past
+            // its timeout however many pods the dead node left.
+            self.keep_lock_alive(false).await?;
+            let mut jobs = Vec::with_capacity(chunk.len());
+            for c in chunk {
+                let Some(&generation) = self.owned.get(&c.partition) else {
+                    continue;
+                };
+                let span = tracing::info_span!(
+                    "taskpod.pod.node_lost",
+                    task_id = %c.task_id,
+                    taskpod.epoch = c.pod_epoch,
+                );
+                continue_trace(&span, c.traceparent.as_deref());
+                let metadata = EventMetadata {
+                    traceparent: traceparent_of(&span).or_else(|| c.traceparent.clone()),
+                    ..self.metadata()
+                };
+                let owner = c.owner_node.map(|n| n.to_string()).unwrap_or_default();
+                let report = CrashReport {
+                    task_id: c.task_id,
+                    epoch: c.pod_epoch,
+                    node: c.owner_node,
+                    reason: if interrupted {
+                        format!("node {owner} interrupted with the store")
+                    } else {
+                        format!("node {owner} lost")
+                    },
+                    kind,
+                };
+                jobs.push((report, generation, metadata, span));
+            }
+            let (store, node, policy) = (self.store.clone(), self.node, &self.policy);
+            let results: Vec<_> = futures::stream::iter(jobs)
+                .map(|(report, generation, metadata, span)| {
+                    let store = store.clone();
+                    async move {
+                        let recorded = store
+                            .record_crash(
+                                &report,
+                                node,
+                                generation,
+                                policy,
+                                rand::random::<f64>(),
+                                &metadata,
+                            )
+                            .instrument(span)
+                            .await;
+                        (report.task_id, metadata.traceparent, recorded)
+                    }
+                })
+                .buffer_unordered(LOSS_CONCURRENCY)
+                .collect()
+                .await;
+            let mut crashed = Vec::new();
+            for (task, traceparent, recorded) in results {
+                match recorded {
+                    Ok(outcome) => {
+                        self.adopted.insert(task);
+                        tracing::info!(task.id = %task, ?outcome, "pod of a lost node recorded");
+                        self.crash_recorded(task, kind, &outcome);
+                        if outcome != CrashOutcome::AlreadyRecorded {
+                            crashed.push((task, traceparent));
+                        }
+                    }
+                    Err(Error::StoreUnavailable(e)) => {
+                        return Err(Error::StoreUnavailable(e).into());
+                    }
+                    Err(e) => tracing::debug!(task.id = %task, error = %e, "node loss not recorded"),
                 }
             }
-            Err(e) => tracing::debug!(task.id = %c.task_id, error = %e, "node loss not recorded"),
+            self.announce_all(crashed, "pod_crashed").await;
         }
+        Ok(())
     }
 
     /// Counts a crash this node recorded, and remembers a coming restart.
@@ -1001,6 +1057,27 @@ impl Controller {
         flushers.close();
         flushers.wait().await;
         tracing::info!("drained");
+    }
+
+    /// Announces changes this node recorded, read back in one query, published in one
+    /// round trip (best effort, after the commits).
+    async fn announce_all(&self, changed: Vec<(TaskId, Option<String>)>, event_type: &str) {
+        if changed.is_empty() {
+            return;
+        }
+        let ids: Vec<TaskId> = changed.iter().map(|c| c.0).collect();
+        let Ok(tasks) = self.store.get_tasks(&ids).await else {
+            return;
+        };
+        let traces: HashMap<TaskId, Option<String>> = changed.into_iter().collect();
+        let updates: Vec<TaskUpdate> = tasks
+            .iter()
+            .map(|t| {
+                let trace = traces.get(&t.task_id).cloned().flatten();
+                TaskUpdate::from_task(t, event_type, trace)
+            })
+            .collect();
+        self.bus.publish(&updates).await;
     }
 
     /// Announces a change this node recorded (best effort, after the commit).
