@@ -1129,3 +1129,71 @@ async fn watch_tasks_shows_every_status_change_even_when_they_land_together() {
         ]
     );
 }
+
+#[tokio::test]
+async fn concurrent_creates_share_transactions_and_each_gets_its_own_task() {
+    let db = db().await;
+    let api = ApiProcess::spawn(
+        &db,
+        &[NO_POD_WAIT, ("TASKPOD_METRICS_LISTEN", "127.0.0.1:0")],
+    )
+    .await
+    .unwrap();
+    let c = api.client().await.unwrap();
+    // 300 callers at once, as 30 actors; one of them sends an invalid title.
+    let calls: Vec<_> = (0..300)
+        .map(|i| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                let title = if i == 150 {
+                    String::new()
+                } else {
+                    format!("t{i}")
+                };
+                let answer = c
+                    .create_task(v1::CreateTaskRequest {
+                        task: Some(spec(&title, "manual")),
+                        meta: meta(&format!("actor{}", i % 30)),
+                    })
+                    .await;
+                (i, answer)
+            })
+        })
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    let mut c = c;
+    for call in calls {
+        let (i, answer) = call.await.unwrap();
+        if i == 150 {
+            let err = answer.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument);
+            assert_eq!(violation(&err), "task.title");
+            continue;
+        }
+        let id = answer.unwrap().into_inner().task_id;
+        let task = c
+            .get_task(v1::GetTaskRequest {
+                task_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap();
+        assert_eq!(task.title, format!("t{i}"));
+        assert_eq!(task.created_by, format!("actor{}", i % 30));
+        assert!(ids.insert(id), "every caller its own task");
+    }
+    assert_eq!(ids.len(), 299);
+    // Fewer create transactions than tasks: concurrent callers shared them.
+    let text = api.scrape().await.unwrap();
+    let transactions: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"taskpod_event_append_seconds_count{writer="api"} "#))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no api appends counted:\n{text}"));
+    assert!(
+        transactions < 299.0,
+        "{transactions} transactions for 299 tasks"
+    );
+}

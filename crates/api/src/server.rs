@@ -91,6 +91,7 @@ pub async fn serve(
         Duration::from_millis(settings.pod_wait_ms),
         bus,
         hub,
+        &tracker,
     );
     let auth = Authenticator::new(&settings.auth);
     let service = TaskServiceServer::new(api)
@@ -139,14 +140,18 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming(listener), drain);
-    tokio::pin!(serving);
-    let result = tokio::select! {
-        result = &mut serving => result,
-        // In-flight calls past the grace period are cut off.
-        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!("grace period over, closing remaining calls");
-            Ok(())
+    let result = {
+        tokio::pin!(serving);
+        tokio::select! {
+            result = &mut serving => result,
+            // In-flight calls past the grace period are cut off.
+            () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!("grace period over, closing remaining calls");
+                Ok(())
+            }
         }
+        // The services go with the server here, and with them the create batcher's
+        // last handle: its flushers end once they have answered what queued.
     };
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{Caller, request_context};
 use crate::errors::{Fields, to_status};
+use taskpod_core::batch::{Batcher, Shape};
 use taskpod_core::bus::{Publisher, TaskUpdate};
 use taskpod_core::domain::NewTask;
 use taskpod_core::store::Created;
@@ -38,7 +39,15 @@ pub struct TaskApi {
     kinds: KindCatalog,
     /// Announces every committed change (best effort, after the commit).
     bus: Publisher,
+    /// Concurrent CreateTask calls share transactions (each keeps its own answer).
+    creates: Batcher<(NewTask, RequestContext), Result<Created, Error>>,
 }
+
+/// Up to 256 CreateTask calls a transaction, four transactions in flight.
+const CREATE_SHAPE: Shape = Shape {
+    max_batch: 256,
+    flushers: 4,
+};
 
 type Reply<T> = Result<Response<T>, Status>;
 
@@ -61,9 +70,22 @@ impl TaskApi {
         pod_wait: std::time::Duration,
         bus: Publisher,
         hub: Hub,
+        tracker: &tokio_util::task::TaskTracker,
     ) -> Self {
+        let creates = {
+            let store = store.clone();
+            Batcher::start(
+                CREATE_SHAPE,
+                tracker,
+                move |batch: Vec<(NewTask, RequestContext)>| {
+                    let store = store.clone();
+                    async move { store.create_each(&batch).await }
+                },
+            )
+        };
         Self {
             bus,
+            creates,
             pods: PodWaits::new(store.clone(), pod_wait, hub),
             kinds: KindCatalog::new(store.clone()),
             store,
@@ -259,11 +281,16 @@ impl TaskService for TaskApi {
             .check(std::slice::from_ref(&new), false)
             .await
             .map_err(|e| to_status(e, fields))?;
-        let created = self
-            .store
-            .create_task(&new, &ctx)
-            .await
-            .map_err(|e| to_status(e, fields))?;
+        let created = if ctx.request_id.is_some() {
+            // A request id is claimed in its own transaction.
+            self.store.create_task(&new, &ctx).await
+        } else {
+            self.creates
+                .call((new.clone(), ctx.clone()))
+                .await
+                .unwrap_or_else(|| Err(Error::StoreUnavailable("the server is stopping".into())))
+        }
+        .map_err(|e| to_status(e, fields))?;
         self.announce_created(&created, std::slice::from_ref(&new), &ctx)
             .await;
         let task_id = created

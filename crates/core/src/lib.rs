@@ -8,6 +8,7 @@
 //! Layout:
 //! - [`domain`]: ids, status and phase, events, commands, the state table, validation,
 //!   partition hashing, the restart policy;
+//! - [`batch`]: group commit, concurrent callers sharing one flush;
 //! - [`bus`]: the Redis status bus (publish after commit, reconnecting subscriptions);
 //! - [`config`]: the `TASKPOD_*` environment layer of every binary's settings;
 //! - [`error`]: the one error enum every layer above maps from;
@@ -15,6 +16,7 @@
 //! - [`store`]: Postgres (sqlx): create, execute, append, read, list, count;
 //! - [`telemetry`]: logs, OTLP traces and metrics, `/metrics`, span conventions.
 
+pub mod batch;
 pub mod bus;
 pub mod config;
 pub mod domain;

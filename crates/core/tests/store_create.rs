@@ -303,3 +303,60 @@ async fn failed_requests_leave_no_key_and_old_keys_are_pruned(
         1
     );
 }
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn callers_batched_into_one_create_each_get_their_own_answer(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let store = store(opts).await;
+    let trace = |n: u8| format!("00-4bf92f3577b34da6a3ce929d0e0e47{n:02x}-00f067aa0ba902b7-01");
+    let caller = |actor: &str, n: u8| RequestContext {
+        traceparent: Some(trace(n)),
+        ..ctx(actor)
+    };
+    let requests = vec![
+        (NewTask::new("first", "manual"), caller("alice", 1)),
+        (NewTask::new("   ", "manual"), caller("bob", 2)),
+        (
+            NewTask {
+                auto_start: true,
+                ..NewTask::new("second", "sleep")
+            },
+            caller("carol", 3),
+        ),
+        (
+            NewTask::new("keyed", "manual"),
+            caller("dave", 4).with_request_id("req-1"),
+        ),
+        (NewTask::new("third", "manual"), caller("erin", 5)),
+    ];
+    let results = store.create_each(&requests).await;
+    assert_eq!(results.len(), 5);
+    assert_eq!(results[1].as_ref().unwrap_err().reason(), "INVALID_TITLE");
+    for (i, actor) in [(0, "alice"), (2, "carol"), (3, "dave"), (4, "erin")] {
+        let id = results[i].as_ref().unwrap().task_id().unwrap();
+        let task = store.get_task(id).await.unwrap();
+        assert_eq!(task.title, requests[i].0.title);
+        assert_eq!(task.created_by, actor);
+        let events = store.read_stream(id, 1, 10).await.unwrap();
+        assert_eq!(events[0].metadata.actor_id, actor);
+        assert_eq!(
+            events[0].metadata.traceparent.as_deref(),
+            Some(trace(i as u8 + 1).as_str())
+        );
+        if i == 2 {
+            assert_eq!(task.status, Status::Active, "auto_start requested its pod");
+            assert_eq!(events.len(), 2);
+        }
+    }
+    // The keyed request ran alone: its retry gets the same task.
+    let again = store
+        .create_each(&requests[3..4])
+        .await
+        .pop()
+        .unwrap()
+        .unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.task_id(), results[3].as_ref().unwrap().task_id());
+}

@@ -844,7 +844,9 @@ impl Controller {
                     Err(Error::StoreUnavailable(e)) => {
                         return Err(Error::StoreUnavailable(e).into());
                     }
-                    Err(e) => tracing::debug!(task.id = %task, error = %e, "node loss not recorded"),
+                    Err(e) => {
+                        tracing::debug!(task.id = %task, error = %e, "node loss not recorded")
+                    }
                 }
             }
             self.announce_all(crashed, "pod_crashed").await;

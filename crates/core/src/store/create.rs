@@ -121,54 +121,9 @@ impl Store {
             None => None,
         };
 
-        let metadata = metadata_json(&EventMetadata {
-            actor_id: ctx.actor_id.clone(),
-            correlation_id: correlation_id(ctx),
-            causation_id: ctx.causation_id.clone(),
-            traceparent: ctx.traceparent.clone(),
-            epoch: None,
-        })?;
-        let rows = TaskColumns::build(tasks, self.partition_count, &metadata)?;
-        let created_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
-            r#"
-            WITH new_tasks AS (
-                INSERT INTO tasks (task_id, title, description, kind, payload, metadata,
-                                   priority, partition, status, phase, created_by)
-                SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[],
-                                     $5::jsonb[], $6::jsonb[], $7::int4[], $8::int4[],
-                                     $9::text[], $10::text[], $11::text[])
-            ), new_heads AS (
-                INSERT INTO task_heads (task_id, version, status, phase, traceparent)
-                SELECT u.*, $18::text FROM UNNEST($1::uuid[], $12::int8[], $9::text[], $10::text[]) AS u
-            ), new_events AS (
-                INSERT INTO events (stream_id, version, type, data, metadata)
-                SELECT * FROM UNNEST($13::uuid[], $14::int8[], $15::text[], $16::jsonb[], $17::jsonb[])
-            )
-            SELECT now()
-            "#,
-        )
-        .bind(&rows.ids)
-        .bind(&rows.titles)
-        .bind(&rows.descriptions)
-        .bind(&rows.kinds)
-        .bind(&rows.payloads)
-        .bind(&rows.metadata)
-        .bind(&rows.priorities)
-        .bind(&rows.partitions)
-        .bind(&rows.statuses)
-        .bind(&rows.phases)
-        .bind(vec![ctx.actor_id.as_str(); tasks.len()])
-        .bind(&rows.versions)
-        .bind(&rows.events.stream_ids)
-        .bind(&rows.events.versions)
-        .bind(&rows.events.types)
-        .bind(&rows.events.data)
-        .bind(&rows.events.metadata)
-        .bind(ctx.traceparent.as_deref())
-        .fetch_one(&mut *tx).traced("INSERT tasks task_heads events")
-        .await
-        .map_err(from_sqlx)?;
-
+        let origin = Origin::of(ctx)?;
+        let rows = TaskColumns::build(tasks.iter().map(|t| (t, &origin)), self.partition_count)?;
+        let created_at = insert(&mut tx, &rows).await?;
         let created = Created {
             task_ids: rows.ids.iter().copied().map(TaskId).collect(),
             created_at: Some(created_at),
@@ -178,13 +133,157 @@ impl Store {
             idempotency::record(&mut tx, key, &created).await?;
         }
         tx.commit().traced("COMMIT").await.map_err(from_sqlx)?;
-        record_created(tasks, started);
+        record_created(tasks.iter(), started);
         Ok(created)
+    }
+
+    /// Creates one task for each of several callers in one transaction, each with the
+    /// answer [`Store::create_task`] would give it: an invalid request is refused alone,
+    /// a request with a request_id is run alone (its key is its own transaction's), and
+    /// on any unexpected error every request is run alone.
+    #[instrument(skip_all, fields(requests = requests.len()))]
+    pub async fn create_each(
+        &self,
+        requests: &[(NewTask, RequestContext)],
+    ) -> Vec<Result<Created, Error>> {
+        let mut results: Vec<Option<Result<Created, Error>>> = std::iter::repeat_with(|| None)
+            .take(requests.len())
+            .collect();
+        let mut batch = Vec::with_capacity(requests.len());
+        for (i, (task, ctx)) in requests.iter().enumerate() {
+            match validate_new_task(task).and_then(|()| validate_context(ctx)) {
+                Err(e) => results[i] = Some(Err(e)),
+                Ok(()) if ctx.request_id.is_some() => {}
+                Ok(()) => batch.push(i),
+            }
+        }
+        if batch.len() > 1 {
+            match self.create_batch(requests, &batch).await {
+                Ok(created) => {
+                    for (i, c) in batch.iter().zip(created) {
+                        results[*i] = Some(Ok(c));
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "batched create failed; creating alone"),
+            }
+        }
+        let mut out = Vec::with_capacity(requests.len());
+        for ((task, ctx), result) in requests.iter().zip(results) {
+            out.push(match result {
+                Some(r) => r,
+                None => self.create_task(task, ctx).await,
+            });
+        }
+        out
+    }
+
+    async fn create_batch(
+        &self,
+        requests: &[(NewTask, RequestContext)],
+        batch: &[usize],
+    ) -> Result<Vec<Created>, Error> {
+        let started = std::time::Instant::now();
+        let origins = batch
+            .iter()
+            .map(|&i| Origin::of(&requests[i].1))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rows = TaskColumns::build(
+            batch
+                .iter()
+                .zip(&origins)
+                .map(|(&i, o)| (&requests[i].0, o)),
+            self.partition_count,
+        )?;
+        let mut tx = self.pool.begin().traced("BEGIN").await.map_err(from_sqlx)?;
+        let created_at = insert(&mut tx, &rows).await?;
+        tx.commit().traced("COMMIT").await.map_err(from_sqlx)?;
+        record_created(batch.iter().map(|&i| &requests[i].0), started);
+        Ok(rows
+            .ids
+            .iter()
+            .map(|id| Created {
+                task_ids: vec![TaskId(*id)],
+                created_at: Some(created_at),
+                replayed: false,
+            })
+            .collect())
     }
 }
 
+/// Who creates a task: the listing row's `created_by`, the first events' metadata and
+/// the head's trace context.
+struct Origin<'a> {
+    created_by: &'a str,
+    metadata: serde_json::Value,
+    traceparent: Option<&'a str>,
+}
+
+impl<'a> Origin<'a> {
+    fn of(ctx: &'a RequestContext) -> Result<Self, Error> {
+        Ok(Self {
+            created_by: &ctx.actor_id,
+            metadata: metadata_json(&EventMetadata {
+                actor_id: ctx.actor_id.clone(),
+                correlation_id: correlation_id(ctx),
+                causation_id: ctx.causation_id.clone(),
+                traceparent: ctx.traceparent.clone(),
+                epoch: None,
+            })?,
+            traceparent: ctx.traceparent.as_deref(),
+        })
+    }
+}
+
+/// Inserts the listing rows, heads and first events of `rows` in one statement;
+/// returns the transaction's start, the tasks' `created_at`.
+async fn insert(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    rows: &TaskColumns<'_>,
+) -> Result<chrono::DateTime<chrono::Utc>, Error> {
+    sqlx::query_scalar(
+        r#"
+        WITH new_tasks AS (
+            INSERT INTO tasks (task_id, title, description, kind, payload, metadata,
+                               priority, partition, status, phase, created_by)
+            SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[],
+                                 $5::jsonb[], $6::jsonb[], $7::int4[], $8::int4[],
+                                 $9::text[], $10::text[], $11::text[])
+        ), new_heads AS (
+            INSERT INTO task_heads (task_id, version, status, phase, traceparent)
+            SELECT * FROM UNNEST($1::uuid[], $12::int8[], $9::text[], $10::text[], $18::text[])
+        ), new_events AS (
+            INSERT INTO events (stream_id, version, type, data, metadata)
+            SELECT * FROM UNNEST($13::uuid[], $14::int8[], $15::text[], $16::jsonb[], $17::jsonb[])
+        )
+        SELECT now()
+        "#,
+    )
+    .bind(&rows.ids)
+    .bind(&rows.titles)
+    .bind(&rows.descriptions)
+    .bind(&rows.kinds)
+    .bind(&rows.payloads)
+    .bind(&rows.metadata)
+    .bind(&rows.priorities)
+    .bind(&rows.partitions)
+    .bind(&rows.statuses)
+    .bind(&rows.phases)
+    .bind(&rows.created_by)
+    .bind(&rows.versions)
+    .bind(&rows.events.stream_ids)
+    .bind(&rows.events.versions)
+    .bind(&rows.events.types)
+    .bind(&rows.events.data)
+    .bind(&rows.events.metadata)
+    .bind(&rows.traceparents)
+    .fetch_one(&mut **tx)
+    .traced("INSERT tasks task_heads events")
+    .await
+    .map_err(from_sqlx)
+}
+
 /// Counts committed tasks by kind (a batch nearly always has one or two kinds).
-fn record_created(tasks: &[NewTask], started: std::time::Instant) {
+fn record_created<'a>(tasks: impl Iterator<Item = &'a NewTask>, started: std::time::Instant) {
     let m = metrics();
     m.event_append("api", started.elapsed().as_secs_f64());
     let mut by_kind: Vec<(&str, u64)> = Vec::new();
@@ -220,14 +319,15 @@ struct TaskColumns<'a> {
     statuses: Vec<&'static str>,
     phases: Vec<&'static str>,
     versions: Vec<i64>,
+    created_by: Vec<&'a str>,
+    traceparents: Vec<Option<&'a str>>,
     events: EventColumns,
 }
 
 impl<'a> TaskColumns<'a> {
     fn build(
-        tasks: &'a [NewTask],
+        tasks: impl ExactSizeIterator<Item = (&'a NewTask, &'a Origin<'a>)>,
         partition_count: u32,
-        metadata: &serde_json::Value,
     ) -> Result<Self, Error> {
         let n = tasks.len();
         let mut cols = TaskColumns {
@@ -242,9 +342,11 @@ impl<'a> TaskColumns<'a> {
             statuses: Vec::with_capacity(n),
             phases: Vec::with_capacity(n),
             versions: Vec::with_capacity(n),
+            created_by: Vec::with_capacity(n),
+            traceparents: Vec::with_capacity(n),
             events: EventColumns::with_capacity(n * 2),
         };
-        for task in tasks {
+        for (task, origin) in tasks {
             let id = TaskId::new();
             let mut events = vec![Event::TaskCreated {
                 title: task.title.clone(),
@@ -273,7 +375,10 @@ impl<'a> TaskColumns<'a> {
             cols.statuses.push(state.status.as_str());
             cols.phases.push(state.phase.as_str());
             cols.versions.push(state.version);
-            cols.events.push(id.as_uuid(), 1, &events, metadata)?;
+            cols.created_by.push(origin.created_by);
+            cols.traceparents.push(origin.traceparent);
+            cols.events
+                .push(id.as_uuid(), 1, &events, &origin.metadata)?;
         }
         Ok(cols)
     }

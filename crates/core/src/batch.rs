@@ -1,0 +1,173 @@
+//! Group commit: concurrent callers' requests share one flush.
+//!
+//! A caller hands its request to a [`Batcher`] and waits for its own answer. A few
+//! flushers each take whatever has queued (up to a batch) and hand it to the flush
+//! function, which answers every request in order; the store's batch operations
+//! (`append_pods`, `create_each`) give each item the outcome it would have had alone.
+//! A lone request goes out at once, so a quiet process adds no latency; under load,
+//! requests that arrive while a flush is in flight share the next one. Postgres
+//! already shares WAL flushes among concurrent commits: what a shared flush saves is
+//! the round trips and the per-transaction work.
+
+use std::sync::Arc;
+
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument as _, Span};
+
+use crate::telemetry::context::{link, traceparent_of};
+
+struct Item<T, R> {
+    request: T,
+    /// The caller's span: a batch of one runs in it; a larger batch runs in a child of
+    /// the first caller's span, linked to the others.
+    span: Span,
+    reply: oneshot::Sender<R>,
+}
+
+/// Where callers send requests; cheap to clone. The flushers stop once every clone is
+/// dropped and the queue is empty.
+pub struct Batcher<T, R> {
+    tx: mpsc::Sender<Item<T, R>>,
+}
+
+impl<T, R> Clone for Batcher<T, R> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<T, R> std::fmt::Debug for Batcher<T, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher").finish_non_exhaustive()
+    }
+}
+
+/// How a batcher flushes.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    /// The most requests one flush takes.
+    pub max_batch: usize,
+    /// Flushes in flight at once: one can wait on a row lock while the next proceeds.
+    pub flushers: usize,
+}
+
+impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
+    /// Starts the flushers on `tracker`. `flush` must answer every request of its
+    /// batch, in order.
+    pub fn start<F, Fut>(shape: Shape, tracker: &TaskTracker, flush: F) -> Self
+    where
+        F: Fn(Vec<T>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Vec<R>> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel::<Item<T, R>>(shape.max_batch * shape.flushers.max(1) * 4);
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..shape.flushers.max(1) {
+            tracker.spawn(run(rx.clone(), shape.max_batch.max(1), flush.clone()));
+        }
+        Self { tx }
+    }
+
+    /// Sends `request` and waits for its answer; `None` once the flushers stopped.
+    pub async fn call(&self, request: T) -> Option<R> {
+        let (reply, answer) = oneshot::channel();
+        let item = Item {
+            request,
+            span: Span::current(),
+            reply,
+        };
+        self.tx.send(item).await.ok()?;
+        answer.await.ok()
+    }
+}
+
+async fn run<T, R, F, Fut>(rx: Arc<Mutex<mpsc::Receiver<Item<T, R>>>>, max_batch: usize, flush: F)
+where
+    F: Fn(Vec<T>) -> Fut,
+    Fut: Future<Output = Vec<R>>,
+{
+    loop {
+        let mut batch = Vec::with_capacity(max_batch);
+        {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else {
+                return;
+            };
+            batch.push(first);
+            while batch.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+        }
+        let span = match batch.as_slice() {
+            [only] => only.span.clone(),
+            [first, rest @ ..] => {
+                let span = tracing::info_span!(
+                    parent: &first.span,
+                    "taskpod.batch",
+                    taskpod.batch = batch.len(),
+                );
+                for other in rest {
+                    link(&span, traceparent_of(&other.span).as_deref());
+                }
+                span
+            }
+            [] => continue,
+        };
+        let (requests, replies): (Vec<T>, Vec<oneshot::Sender<R>>) =
+            batch.into_iter().map(|i| (i.request, i.reply)).unzip();
+        let answers = flush(requests).instrument(span).await;
+        for (reply, answer) in replies.into_iter().zip(answers) {
+            // A caller that stopped waiting no longer needs its answer.
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn each_caller_gets_its_own_answer_and_concurrent_calls_share_flushes() {
+        let tracker = TaskTracker::new();
+        let flushes = Arc::new(AtomicUsize::new(0));
+        let counted = flushes.clone();
+        let batcher = Batcher::start(
+            Shape {
+                max_batch: 64,
+                flushers: 1,
+            },
+            &tracker,
+            move |batch: Vec<u32>| {
+                let counted = counted.clone();
+                async move {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    batch.into_iter().map(|n| n * 2).collect::<Vec<_>>()
+                }
+            },
+        );
+        let calls: Vec<_> = (0..200u32)
+            .map(|n| {
+                let b = batcher.clone();
+                tokio::spawn(async move { (n, b.call(n).await) })
+            })
+            .collect();
+        for call in calls {
+            let (n, answer) = call.await.unwrap();
+            assert_eq!(answer, Some(n * 2));
+        }
+        let flushes = flushes.load(Ordering::Relaxed);
+        assert!(flushes < 200, "calls shared flushes: {flushes}");
+        drop(batcher);
+        tracker.close();
+        tracker.wait().await;
+    }
+}
