@@ -10,7 +10,7 @@ use common::{create, ctx, pod_meta, running_pod, store};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use taskpod_core::Error;
 use taskpod_core::domain::restart::CrashKind;
-use taskpod_core::domain::{Command, Event, NodeId, Phase, PodState, Status};
+use taskpod_core::domain::{Command, Event, NodeId, Phase, PodState, Status, TaskState};
 use taskpod_core::store::AppendFence;
 
 fn next_phase(from: Phase) -> Event {
@@ -570,10 +570,8 @@ async fn a_batch_of_pod_appends_gives_each_item_its_own_outcome(
     for _ in 0..4 {
         pods.push(running_pod(&store, "sleep").await);
     }
-    let item = |task, version, epoch| PodAppend {
-        task_id: task,
-        expected_version: version,
-        epoch,
+    let item = |before: TaskState| PodAppend {
+        before,
         events: vec![Event::PhaseChanged {
             from: Phase::SpecClarification,
             to: Phase::Planning,
@@ -581,12 +579,20 @@ async fn a_batch_of_pod_appends_gives_each_item_its_own_outcome(
         metadata: pod_meta(),
     };
     let mut items = Vec::new();
-    for (i, (task, epoch, _)) in pods.iter().enumerate() {
-        let version = store.state(*task).await.unwrap().version;
+    for (i, (task, _, _)) in pods.iter().enumerate() {
+        let state = store.state(*task).await.unwrap();
         items.push(match i {
-            0 => item(*task, version, *epoch),
-            1 => item(*task, version - 1, *epoch),
-            2 => item(*task, version, epoch + 1),
+            0 => item(state),
+            // A pod whose view is a version behind: the head moved without it.
+            1 => item(TaskState {
+                version: state.version - 1,
+                ..state
+            }),
+            // A pod of an epoch that is not the head's.
+            2 => item(TaskState {
+                pod_epoch: state.pod_epoch + 1,
+                ..state
+            }),
             _ => {
                 store
                     .execute(
@@ -598,7 +604,8 @@ async fn a_batch_of_pod_appends_gives_each_item_its_own_outcome(
                     )
                     .await
                     .unwrap();
-                item(*task, version + 1, *epoch)
+                // Cancelled since the pod looked: its view is stale.
+                item(state)
             }
         });
     }
@@ -633,22 +640,26 @@ async fn a_batch_of_pod_appends_gives_each_item_its_own_outcome(
             Phase::SpecClarification
         );
     }
-    // The same task twice in one batch: each in turn, as if alone.
-    let version = ok.state.version;
+    // The same task twice in one batch: the second, appended alone after the first,
+    // at the version the first left.
     let twice = vec![
         PodAppend {
             events: vec![Event::PhaseChanged {
                 from: Phase::Planning,
                 to: Phase::Development,
             }],
-            ..item(first, version, epoch)
+            ..item(ok.state.clone())
         },
         PodAppend {
             events: vec![Event::PhaseChanged {
                 from: Phase::Development,
                 to: Phase::Review,
             }],
-            ..item(first, version + 1, epoch)
+            ..item(TaskState {
+                version: ok.state.version + 1,
+                phase: Phase::Development,
+                ..ok.state.clone()
+            })
         },
     ];
     let results = store.append_pods(&twice).await;

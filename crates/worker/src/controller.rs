@@ -882,6 +882,7 @@ impl Controller {
         }
         let spec = PodSpec {
             task: minted.task,
+            state: minted.state,
             epoch,
             checkpoint: minted.checkpoint,
             fence_margin: (adopted && kind == "exec").then(|| self.settings.fence_margin()),

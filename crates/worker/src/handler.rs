@@ -32,7 +32,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use taskpod_core::Error;
 use taskpod_core::bus::{Publisher, TaskUpdate};
-use taskpod_core::domain::{Event, EventMetadata, MANUAL_KIND, Phase, Status, Task};
+use taskpod_core::domain::{Event, EventMetadata, MANUAL_KIND, Phase, Status, Task, TaskState};
 use taskpod_core::store::checkpoint::Checkpoint;
 use taskpod_core::store::{Appended, PodAppend, RecordedEvent, Store};
 use taskpod_core::telemetry::context::traceparent_of;
@@ -72,8 +72,9 @@ pub struct PodContext {
     appender: Appender,
     task: Task,
     epoch: i64,
-    version: i64,
-    phase: Phase,
+    /// The task's state as this pod last wrote or read it: what its next append is
+    /// decided from (and written only while the head still is this).
+    state: TaskState,
     /// Cancelled by the controller when the pod must stop.
     stop: CancellationToken,
     metadata: EventMetadata,
@@ -93,7 +94,7 @@ impl PodContext {
     pub(crate) fn new(
         io: PodIo,
         task: Task,
-        epoch: i64,
+        state: TaskState,
         stop: CancellationToken,
         metadata: EventMetadata,
         span: Span,
@@ -111,11 +112,10 @@ impl PodContext {
             span,
             phase_span: None,
             origin,
-            version: task.version,
-            phase: task.phase,
+            epoch: state.pod_epoch,
+            state,
             store,
             task,
-            epoch,
             stop,
             metadata,
         }
@@ -159,7 +159,7 @@ impl PodContext {
     /// [`HandlerError::Fenced`] when another pod owns the task now.
     pub async fn save_checkpoint(&self, state: &serde_json::Value) -> Result<(), HandlerError> {
         self.store
-            .save_checkpoint(self.task.task_id, self.epoch, self.version, state)
+            .save_checkpoint(self.task.task_id, self.epoch, self.state.version, state)
             .await
             .map_err(store_error)
     }
@@ -175,7 +175,7 @@ impl PodContext {
 
     /// The phase as far as this pod knows.
     pub fn phase(&self) -> Phase {
-        self.phase
+        self.state.phase
     }
 
     /// Resolves when the pod must stop.
@@ -197,7 +197,7 @@ impl PodContext {
     /// [`HandlerError::Fenced`] when the epoch went stale, [`HandlerError::Retry`] when
     /// the store is unavailable.
     pub async fn advance(&mut self) -> Result<Phase, HandlerError> {
-        let from = self.phase;
+        let from = self.state.phase;
         let event = match from {
             Phase::SpecClarification => Event::PhaseChanged {
                 from,
@@ -225,31 +225,29 @@ impl PodContext {
         self.append_in(event, &span).await?;
         drop(span);
         self.enter_phase();
-        Ok(self.phase)
+        Ok(self.state.phase)
     }
 
     /// Ends the current phase's span and, for a handler that walks the phases, starts
     /// the next one's, so a trace shows how long each phase took.
     fn enter_phase(&mut self) {
         self.phase_span = None;
-        if self.task.kind == MANUAL_KIND || self.phase.is_terminal() {
+        if self.task.kind == MANUAL_KIND || self.state.phase.is_terminal() {
             return;
         }
         let span = tracing::info_span!(
             parent: &self.span,
             "phase",
-            otel.name = phase_span_name(self.phase),
+            otel.name = phase_span_name(self.state.phase),
             task_id = %self.task.task_id,
-            taskpod.phase = self.phase.as_str(),
+            taskpod.phase = self.state.phase.as_str(),
         );
         self.phase_span = Some(span);
     }
 
     fn pod_append(&self, event: &Event, metadata: &EventMetadata) -> PodAppend {
         PodAppend {
-            task_id: self.task.task_id,
-            expected_version: self.version,
-            epoch: self.epoch,
+            before: self.state.clone(),
             events: vec![event.clone()],
             metadata: metadata.clone(),
         }
@@ -271,7 +269,7 @@ impl PodContext {
     pub(crate) async fn fail(&mut self, error: &str) -> Result<(), HandlerError> {
         let event = Event::TaskFailed {
             error: error.to_owned(),
-            from_phase: self.phase,
+            from_phase: self.state.phase,
         };
         let span = self.phase_span.take().unwrap_or_else(|| self.span.clone());
         self.append_in(event, &span).await
@@ -298,11 +296,20 @@ impl PodContext {
                 .await
             {
                 Ok(a) => {
-                    self.version = a.state.version;
                     self.announce(&a, &metadata).instrument(span.clone()).await;
+                    self.state = a.state;
                     return;
                 }
-                Err(Error::VersionConflict { actual, .. }) => self.version = actual,
+                // Stopped by a command: say so at the version it left.
+                Err(Error::VersionConflict { .. }) => match self
+                    .store
+                    .state(self.task.task_id)
+                    .instrument(span.clone())
+                    .await
+                {
+                    Ok(state) => self.state = state,
+                    Err(_) => return,
+                },
                 Err(e) => {
                     tracing::debug!(task.id = %self.task.task_id, error = %e, "pod_stopped not written");
                     return;
@@ -366,11 +373,10 @@ impl PodContext {
                 .await;
             match res {
                 Ok(appended) => {
-                    self.version = appended.state.version;
-                    self.phase = appended.state.phase;
                     self.announce(&appended, &metadata)
                         .instrument(span.clone())
                         .await;
+                    self.state = appended.state;
                     return Ok(());
                 }
                 Err(Error::VersionConflict { .. }) => {
@@ -384,12 +390,13 @@ impl PodContext {
                         return Err(HandlerError::Fenced);
                     }
                     if state.status != Status::Active {
+                        self.state = state;
                         return Err(HandlerError::Stopped);
                     }
-                    self.version = state.version;
-                    if state.phase != self.phase {
+                    let moved = state.phase != self.state.phase;
+                    self.state = state;
+                    if moved {
                         // Someone else moved the task on (a manual transition): take it.
-                        self.phase = state.phase;
                         return Ok(());
                     }
                 }

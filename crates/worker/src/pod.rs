@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use taskpod_core::bus::Publisher;
-use taskpod_core::domain::{EventMetadata, NodeId, Task};
+use taskpod_core::domain::{EventMetadata, NodeId, Task, TaskState};
 use taskpod_core::store::Store;
 use taskpod_core::store::checkpoint::Checkpoint;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +24,8 @@ use crate::slots::Slots;
 #[derive(Clone, Debug)]
 pub(crate) struct PodSpec {
     pub task: Task,
+    /// The task's state as minted: where the pod's appends start from.
+    pub state: TaskState,
     pub epoch: i64,
     pub checkpoint: Option<Checkpoint>,
     /// Wait this long before running the handler: an adopted `exec` pod gives the old
@@ -106,7 +108,7 @@ pub(crate) async fn run(
     let mut pod = PodContext::new(
         io,
         spec.task,
-        spec.epoch,
+        spec.state,
         stop.clone(),
         metadata,
         Span::current(),
@@ -205,8 +207,22 @@ mod tests {
             version: 1,
             pod: None,
         };
+        let state = TaskState {
+            task_id: task.task_id,
+            kind: task.kind.clone(),
+            priority: 0,
+            status: task.status,
+            phase: task.phase,
+            version: 1,
+            last_error: None,
+            pod_epoch: 1,
+            pod_state: taskpod_core::domain::PodState::Starting,
+            owner_node: None,
+            pod_started_at: None,
+        };
         let spec = PodSpec {
             task,
+            state,
             epoch: 1,
             checkpoint: None,
             fence_margin: None,

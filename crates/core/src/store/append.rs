@@ -6,7 +6,7 @@ use tracing::instrument;
 use super::Store;
 use super::errors::from_sqlx;
 use super::traced::Traced as _;
-use super::writes::{Change, lock_state, lock_states, record_commit, write_changes, write_many};
+use super::writes::{Change, lock_state, record_commit, write_changes, write_guarded};
 use crate::domain::{Event, EventMetadata, NodeId, Status, TaskId, TaskState, Writer, evolve};
 use crate::error::Error;
 
@@ -24,9 +24,8 @@ pub enum AppendFence {
 /// One pod's append, for [`Store::append_pods`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct PodAppend {
-    pub task_id: TaskId,
-    pub expected_version: i64,
-    pub epoch: i64,
+    /// The task as the pod last saw it: the version it appends at, and its epoch.
+    pub before: TaskState,
     pub events: Vec<Event>,
     pub metadata: EventMetadata,
 }
@@ -93,98 +92,99 @@ impl Store {
         })
     }
 
-    /// Appends for many pods in one transaction, each with its own outcome: the answer
-    /// [`Store::append`] would give it alone. Heads are locked in task-id order; the
-    /// fences, versions and the state table are checked per item in memory; one
-    /// statement writes every accepted item. A task named twice, or any unexpected
-    /// error, falls back to appending items one at a time, so no item's fate depends
-    /// on another's.
+    /// Appends for many pods, each with its own outcome: the answer [`Store::append`]
+    /// would give it alone. Each item is decided in memory from the pod's own view of
+    /// its task, then one statement writes every item whose head still is that view
+    /// (same version and epoch, still active), with no transaction of its own: one
+    /// round trip for the whole batch. An item whose head moved, that its pod's view
+    /// refuses, or that names a task twice, is appended alone under the row lock, which
+    /// gives the authoritative answer (a version conflict, a stale epoch, ...).
     #[instrument(skip_all, fields(appends = items.len()))]
     pub async fn append_pods(&self, items: &[PodAppend]) -> Vec<Result<Appended, Error>> {
-        let mut seen = std::collections::HashSet::with_capacity(items.len());
-        let unique = items.iter().all(|i| seen.insert(i.task_id));
-        if unique && items.len() > 1 {
-            match self.try_append_pods(items).await {
-                Ok(results) => return results,
-                Err(e) => tracing::debug!(error = %e, "batched append failed; appending alone"),
-            }
-        }
-        let mut results = Vec::with_capacity(items.len());
-        for i in items {
-            results.push(
-                self.append(
-                    i.task_id,
-                    i.expected_version,
-                    AppendFence::Pod { epoch: i.epoch },
-                    &i.events,
-                    &i.metadata,
-                )
-                .await,
-            );
-        }
-        results
-    }
-
-    async fn try_append_pods(
-        &self,
-        items: &[PodAppend],
-    ) -> Result<Vec<Result<Appended, Error>>, Error> {
         let started = std::time::Instant::now();
-        let ids: Vec<TaskId> = items.iter().map(|i| i.task_id).collect();
-        let mut tx = self.pool.begin().traced("BEGIN").await.map_err(from_sqlx)?;
-        let states: std::collections::HashMap<TaskId, TaskState> = lock_states(&mut tx, &ids)
-            .await?
-            .into_iter()
-            .map(|s| (s.task_id, s))
-            .collect();
-        let mut results = Vec::with_capacity(items.len());
-        let mut accepted = Vec::new();
-        for item in items {
-            let decided = states
-                .get(&item.task_id)
-                .ok_or(Error::TaskNotFound(item.task_id))
-                .and_then(|before| {
-                    decide_pod_append(
-                        before,
-                        item.task_id,
-                        item.expected_version,
-                        item.epoch,
-                        &item.events,
-                    )
-                    .map(|after| (before, after))
-                });
-            match decided {
-                Ok((before, after)) => {
-                    let metadata = EventMetadata {
-                        epoch: Some(item.epoch),
-                        ..item.metadata.clone()
-                    };
-                    results.push(Ok(Appended {
-                        state: after.clone(),
-                        last_event: item.events.last().map(Event::type_name).unwrap_or_default(),
-                    }));
-                    accepted.push((before, after, metadata, item));
-                }
-                Err(e) => results.push(Err(e)),
+        let mut results: Vec<Option<Result<Appended, Error>>> =
+            std::iter::repeat_with(|| None).take(items.len()).collect();
+        let mut seen = std::collections::HashSet::with_capacity(items.len());
+        let mut guarded = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let before = &item.before;
+            if !seen.insert(before.task_id) {
+                continue;
+            }
+            if let Ok(after) = decide_pod_append(
+                before,
+                before.task_id,
+                before.version,
+                before.pod_epoch,
+                &item.events,
+            ) {
+                let metadata = EventMetadata {
+                    epoch: Some(before.pod_epoch),
+                    ..item.metadata.clone()
+                };
+                guarded.push((i, after, metadata));
             }
         }
-        if !accepted.is_empty() {
-            let changes: Vec<Change<'_>> = accepted
+        if !guarded.is_empty() {
+            let changes: Vec<(Change<'_>, bool)> = guarded
                 .iter()
-                .map(|(before, after, metadata, item)| Change {
-                    before,
-                    after,
-                    events: &item.events,
-                    metadata,
+                .map(|(i, after, metadata)| {
+                    let item = &items[*i];
+                    let acknowledging_stop = item
+                        .events
+                        .iter()
+                        .all(|e| matches!(e, Event::PodStopped { .. }));
+                    (
+                        Change {
+                            before: &item.before,
+                            after,
+                            events: &item.events,
+                            metadata,
+                        },
+                        !acknowledging_stop,
+                    )
                 })
                 .collect();
-            write_many(&mut tx, &changes).await?;
+            match write_guarded(&self.pool, &changes).await {
+                Ok(written) => {
+                    let written: std::collections::HashSet<TaskId> = written.into_iter().collect();
+                    for (i, after, _) in guarded {
+                        let item = &items[i];
+                        if written.contains(&item.before.task_id) {
+                            record_commit("pod", started, &item.before, &after);
+                            results[i] = Some(Ok(Appended {
+                                state: after,
+                                last_event: item
+                                    .events
+                                    .last()
+                                    .map(Event::type_name)
+                                    .unwrap_or_default(),
+                            }));
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "guarded append failed; appending alone"),
+            }
         }
-        tx.commit().traced("COMMIT").await.map_err(from_sqlx)?;
-        for (before, after, _, _) in &accepted {
-            record_commit("pod", started, before, after);
+        let mut out = Vec::with_capacity(items.len());
+        for (item, result) in items.iter().zip(results) {
+            out.push(match result {
+                Some(r) => r,
+                None => {
+                    self.append(
+                        item.before.task_id,
+                        item.before.version,
+                        AppendFence::Pod {
+                            epoch: item.before.pod_epoch,
+                        },
+                        &item.events,
+                        &item.metadata,
+                    )
+                    .await
+                }
+            });
         }
-        Ok(results)
+        out
     }
 
     /// How long until a crashed task may restart, if it is still backing off.

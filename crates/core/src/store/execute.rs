@@ -1,5 +1,9 @@
-//! Lifecycle commands from API callers: decided under the head row lock, so concurrent
-//! callers get definite answers (OK or the table's refusal), never a version conflict.
+//! Lifecycle commands from API callers: decided from the head as it is when written, so
+//! concurrent callers get definite answers (OK or the table's refusal), never a version
+//! conflict. A command without a request id is decided from a plain read and written
+//! only while the head is unchanged; when another change got there first, and always
+//! with a request id (whose key is claimed in the same transaction), it is decided
+//! again under the head's row lock.
 
 use serde::{Deserialize, Serialize};
 use tracing::instrument;
@@ -9,7 +13,7 @@ use super::create::correlation_id;
 use super::errors::from_sqlx;
 use super::idempotency::{self, Claim, Key};
 use super::traced::Traced as _;
-use super::writes::{lock_state, record_commit, write_changes};
+use super::writes::{Change, lock_state, record_commit, write_changes, write_guarded};
 use crate::domain::validation::{validate_command, validate_context};
 use crate::domain::{Command, EventMetadata, RequestContext, TaskId, TaskState, decide, evolve};
 use crate::error::Error;
@@ -52,6 +56,13 @@ impl Store {
     ) -> Result<Executed, Error> {
         validate_context(ctx)?;
         validate_command(command)?;
+        // Without a request id there is no key to claim in the same transaction: try
+        // the two-round-trip form first, and decide under the lock only if it lost.
+        if ctx.request_id.is_none()
+            && let Some(executed) = self.execute_guarded(task_id, command, ctx).await?
+        {
+            return Ok(executed);
+        }
         let started = std::time::Instant::now();
         let mut tx = self.pool.begin().traced("BEGIN").await.map_err(from_sqlx)?;
         let key = match &ctx.request_id {
@@ -77,13 +88,7 @@ impl Store {
         let after = events
             .iter()
             .try_fold(before.clone(), |s, e| evolve(&s, e))?;
-        let metadata = EventMetadata {
-            actor_id: ctx.actor_id.clone(),
-            correlation_id: correlation_id(ctx),
-            causation_id: ctx.causation_id.clone(),
-            traceparent: ctx.traceparent.clone(),
-            epoch: None,
-        };
+        let metadata = event_metadata(ctx);
         write_changes(&mut tx, &before, &after, &events, &metadata).await?;
         let executed = Executed {
             last_event: events
@@ -100,5 +105,55 @@ impl Store {
         tx.commit().traced("COMMIT").await.map_err(from_sqlx)?;
         record_commit("api", started, &before, &executed.state);
         Ok(executed)
+    }
+
+    /// Decides from a plain read of the head and writes only if the head is still what
+    /// was read (a guarded write, its own transaction): a read and a write instead of
+    /// begin, lock, write and commit. `None` when another change got there first.
+    async fn execute_guarded(
+        &self,
+        task_id: TaskId,
+        command: &Command,
+        ctx: &RequestContext,
+    ) -> Result<Option<Executed>, Error> {
+        let started = std::time::Instant::now();
+        let before = self.state(task_id).await?;
+        let events = decide(&before, command)?;
+        let after = events
+            .iter()
+            .try_fold(before.clone(), |s, e| evolve(&s, e))?;
+        let metadata = event_metadata(ctx);
+        let change = Change {
+            before: &before,
+            after: &after,
+            events: &events,
+            metadata: &metadata,
+        };
+        if write_guarded(&self.pool, &[(change, false)])
+            .await?
+            .is_empty()
+        {
+            return Ok(None);
+        }
+        record_commit("api", started, &before, &after);
+        Ok(Some(Executed {
+            last_event: events
+                .last()
+                .map(|e| e.type_name().to_owned())
+                .unwrap_or_default(),
+            first_version: before.version + 1,
+            state: after,
+            replayed: false,
+        }))
+    }
+}
+
+fn event_metadata(ctx: &RequestContext) -> EventMetadata {
+    EventMetadata {
+        actor_id: ctx.actor_id.clone(),
+        correlation_id: correlation_id(ctx),
+        causation_id: ctx.causation_id.clone(),
+        traceparent: ctx.traceparent.clone(),
+        epoch: None,
     }
 }

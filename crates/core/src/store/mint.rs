@@ -18,7 +18,7 @@ use super::checkpoint::Checkpoint;
 use super::errors::from_sqlx;
 use super::rows::{TaskRow, task_columns};
 use super::traced::Traced as _;
-use crate::domain::{NodeId, Task, TaskId};
+use crate::domain::{NodeId, Task, TaskId, TaskState};
 use crate::error::Error;
 
 /// A task to mint an epoch for, as the worker observed it.
@@ -35,6 +35,8 @@ pub struct MintRequest {
 pub struct MintedPod {
     /// The task as of the mint (pod state `starting`).
     pub task: Task,
+    /// The same, as the state model sees it: what the pod's first append starts from.
+    pub state: TaskState,
     pub epoch: i64,
     pub checkpoint: Option<Checkpoint>,
     /// The context of the head's last writer: the trace the pod continues.
@@ -105,11 +107,12 @@ impl Store {
         .map_err(from_sqlx)?;
         rows.into_iter()
             .map(|r| {
+                let state = r.task.state()?;
                 let task = Task::try_from(r.task)?;
-                let epoch = task.pod.as_ref().map_or(0, |p| p.epoch);
                 Ok(MintedPod {
+                    epoch: state.pod_epoch,
+                    state,
                     task,
-                    epoch,
                     checkpoint: r.handler_state.map(Checkpoint::from_saved),
                     traceparent: r.traceparent,
                 })

@@ -85,6 +85,25 @@ pub(crate) struct TaskRow {
     pod_started_at: Option<DateTime<Utc>>,
 }
 
+impl TaskRow {
+    /// The state model's view of the same row (the head's fields).
+    pub(crate) fn state(&self) -> Result<TaskState, Error> {
+        Ok(TaskState {
+            task_id: TaskId(self.task_id),
+            kind: self.kind.clone(),
+            priority: self.priority,
+            status: self.status.parse().map_err(corrupt)?,
+            phase: self.phase.parse().map_err(corrupt)?,
+            version: self.version,
+            last_error: self.last_error.clone(),
+            pod_epoch: self.pod_epoch,
+            pod_state: self.pod_state.parse().map_err(corrupt)?,
+            owner_node: self.owner_node.map(NodeId),
+            pod_started_at: self.pod_started_at,
+        })
+    }
+}
+
 impl TryFrom<TaskRow> for Task {
     type Error = Error;
 

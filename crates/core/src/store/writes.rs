@@ -81,6 +81,88 @@ impl Change<'_> {
     }
 }
 
+/// Changes as the column arrays `UNNEST` takes: their events, the heads' new values,
+/// and what a guarded write expects to find.
+struct ChangeColumns<'a> {
+    events: EventColumns,
+    ids: Vec<uuid::Uuid>,
+    versions: Vec<i64>,
+    epochs: Vec<i64>,
+    pod_states: Vec<&'static str>,
+    owners: Vec<Option<uuid::Uuid>>,
+    started: Vec<Option<chrono::DateTime<chrono::Utc>>>,
+    statuses: Vec<&'static str>,
+    phases: Vec<&'static str>,
+    errors: Vec<Option<&'a str>>,
+    lifecycle: Vec<bool>,
+    traces: Vec<Option<&'a str>>,
+    expected_versions: Vec<i64>,
+    expected_epochs: Vec<i64>,
+    require_active: Vec<bool>,
+    expected_statuses: Vec<&'static str>,
+    expected_phases: Vec<&'static str>,
+    expected_pod_states: Vec<&'static str>,
+    expected_errors: Vec<Option<&'a str>>,
+}
+
+impl<'a> ChangeColumns<'a> {
+    fn build(
+        changes: impl ExactSizeIterator<Item = (&'a Change<'a>, bool)>,
+    ) -> Result<Self, Error> {
+        let n = changes.len();
+        let mut cols = Self {
+            events: EventColumns::with_capacity(n * 2),
+            ids: Vec::with_capacity(n),
+            versions: Vec::with_capacity(n),
+            epochs: Vec::with_capacity(n),
+            pod_states: Vec::with_capacity(n),
+            owners: Vec::with_capacity(n),
+            started: Vec::with_capacity(n),
+            statuses: Vec::with_capacity(n),
+            phases: Vec::with_capacity(n),
+            errors: Vec::with_capacity(n),
+            lifecycle: Vec::with_capacity(n),
+            traces: Vec::with_capacity(n),
+            expected_versions: Vec::with_capacity(n),
+            expected_epochs: Vec::with_capacity(n),
+            require_active: Vec::with_capacity(n),
+            expected_statuses: Vec::with_capacity(n),
+            expected_phases: Vec::with_capacity(n),
+            expected_pod_states: Vec::with_capacity(n),
+            expected_errors: Vec::with_capacity(n),
+        };
+        for (c, active) in changes {
+            cols.events.push(
+                c.before.task_id.as_uuid(),
+                c.before.version + 1,
+                c.events,
+                &metadata_json(c.metadata)?,
+            )?;
+            let a = c.after;
+            cols.ids.push(a.task_id.as_uuid());
+            cols.versions.push(a.version);
+            cols.epochs.push(a.pod_epoch);
+            cols.pod_states.push(a.pod_state.as_str());
+            cols.owners.push(a.owner_node.map(|n| n.0));
+            cols.started.push(a.pod_started_at);
+            cols.statuses.push(a.status.as_str());
+            cols.phases.push(a.phase.as_str());
+            cols.errors.push(a.last_error.as_deref());
+            cols.lifecycle.push(c.lifecycle_changed());
+            cols.traces.push(c.metadata.traceparent.as_deref());
+            cols.expected_versions.push(c.before.version);
+            cols.expected_epochs.push(c.before.pod_epoch);
+            cols.require_active.push(active);
+            let b = c.before;
+            cols.expected_statuses.push(b.status.as_str());
+            cols.expected_phases.push(b.phase.as_str());
+            cols.expected_pod_states.push(b.pod_state.as_str());
+            cols.expected_errors.push(b.last_error.as_deref());
+        }
+        Ok(cols)
+    }
+}
+
 /// Writes `events` (already checked by `evolve` from `before` to `after`).
 pub(crate) async fn write_changes(
     tx: &mut Transaction<'_, Postgres>,
@@ -108,43 +190,7 @@ pub(crate) async fn write_many(
     tx: &mut Transaction<'_, Postgres>,
     changes: &[Change<'_>],
 ) -> Result<(), Error> {
-    let mut cols = EventColumns::with_capacity(changes.iter().map(|c| c.events.len()).sum());
-    let n = changes.len();
-    let (mut ids, mut versions, mut epochs, mut pod_states, mut owners, mut started) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut statuses, mut phases, mut errors, mut lifecycle, mut traces) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for c in changes {
-        cols.push(
-            c.before.task_id.as_uuid(),
-            c.before.version + 1,
-            c.events,
-            &metadata_json(c.metadata)?,
-        )?;
-        let a = c.after;
-        ids.push(a.task_id.as_uuid());
-        versions.push(a.version);
-        epochs.push(a.pod_epoch);
-        pod_states.push(a.pod_state.as_str());
-        owners.push(a.owner_node.map(|n| n.0));
-        started.push(a.pod_started_at);
-        statuses.push(a.status.as_str());
-        phases.push(a.phase.as_str());
-        errors.push(a.last_error.as_deref());
-        lifecycle.push(c.lifecycle_changed());
-        traces.push(c.metadata.traceparent.as_deref());
-    }
+    let cols = ChangeColumns::build(changes.iter().map(|c| (c, false)))?;
     sqlx::query(
         r#"
         WITH appended AS (
@@ -171,22 +217,22 @@ pub(crate) async fn write_many(
          WHERE t.task_id = c.task_id AND c.lifecycle
         "#,
     )
-    .bind(&cols.stream_ids)
+    .bind(&cols.events.stream_ids)
+    .bind(&cols.events.versions)
+    .bind(&cols.events.types)
+    .bind(&cols.events.data)
+    .bind(&cols.events.metadata)
+    .bind(&cols.ids)
     .bind(&cols.versions)
-    .bind(&cols.types)
-    .bind(&cols.data)
-    .bind(&cols.metadata)
-    .bind(&ids)
-    .bind(&versions)
-    .bind(&epochs)
-    .bind(&pod_states)
-    .bind(&owners)
-    .bind(&started)
-    .bind(&statuses)
-    .bind(&phases)
-    .bind(&errors)
-    .bind(&lifecycle)
-    .bind(&traces)
+    .bind(&cols.epochs)
+    .bind(&cols.pod_states)
+    .bind(&cols.owners)
+    .bind(&cols.started)
+    .bind(&cols.statuses)
+    .bind(&cols.phases)
+    .bind(&cols.errors)
+    .bind(&cols.lifecycle)
+    .bind(&cols.traces)
     .execute(&mut **tx)
     .traced("INSERT events UPDATE task_heads UPDATE tasks")
     .await
@@ -233,23 +279,89 @@ pub(crate) fn record_commit(
     }
 }
 
-/// Reads and locks the heads of `tasks`, in task-id order: every writer that locks
-/// several heads takes them in that order, so two of them never wait on each other.
-pub(crate) async fn lock_states(
-    tx: &mut Transaction<'_, Postgres>,
-    tasks: &[crate::domain::TaskId],
-) -> Result<Vec<TaskState>, Error> {
-    let ids: Vec<uuid::Uuid> = tasks.iter().map(|t| t.as_uuid()).collect();
-    let rows: Vec<super::rows::StateRow> = sqlx::query_as(concat!(
-        "SELECT ",
-        state_columns!(),
-        " FROM task_heads h JOIN tasks t ON t.task_id = h.task_id",
-        " WHERE h.task_id = ANY($1) ORDER BY h.task_id FOR UPDATE OF h"
-    ))
-    .bind(ids)
-    .fetch_all(&mut **tx)
-    .traced("SELECT task_heads tasks")
+/// Writes each change only if its task's head still is `before` (same version, pod
+/// epoch, status, phase, pod state and last error: the version alone would do, the
+/// rest make a caller's stale view harmless; and still `active` where
+/// `require_active` says so), in one statement
+/// that needs no transaction of its own: the optimistic form of lock, decide, write
+/// (`UPDATE ... WHERE version = $v RETURNING`). Returns the tasks written; a change
+/// whose head moved is left out, for the caller to decide again under the lock. At
+/// most one change per task.
+pub(crate) async fn write_guarded<'e, E>(
+    executor: E,
+    changes: &[(Change<'_>, bool)],
+) -> Result<Vec<crate::domain::TaskId>, Error>
+where
+    E: sqlx::PgExecutor<'e>,
+{
+    let cols = ChangeColumns::build(changes.iter().map(|(c, active)| (c, *active)))?;
+    let written: Vec<uuid::Uuid> = sqlx::query_scalar(
+        r#"
+        WITH changed AS (
+            SELECT * FROM UNNEST($6::uuid[], $7::int8[], $8::int8[], $9::text[], $10::uuid[],
+                                 $11::timestamptz[], $12::text[], $13::text[], $14::text[],
+                                 $15::bool[], $16::text[], $17::int8[], $18::int8[], $19::bool[],
+                                 $20::text[], $21::text[], $22::text[], $23::text[])
+                AS c(task_id, version, pod_epoch, pod_state, owner_node, pod_started_at,
+                     status, phase, last_error, lifecycle, traceparent,
+                     expected_version, expected_epoch, require_active,
+                     expected_status, expected_phase, expected_pod_state, expected_last_error)
+        ), head AS (
+            UPDATE task_heads h
+               SET version = c.version, pod_epoch = c.pod_epoch, pod_state = c.pod_state,
+                   owner_node = c.owner_node, pod_started_at = c.pod_started_at,
+                   status = c.status, phase = c.phase, last_error = c.last_error,
+                   traceparent = COALESCE(c.traceparent, h.traceparent)
+              FROM changed c
+             WHERE h.task_id = c.task_id
+               AND h.version = c.expected_version AND h.pod_epoch = c.expected_epoch
+               AND h.status = c.expected_status AND h.phase = c.expected_phase
+               AND h.pod_state = c.expected_pod_state
+               AND h.last_error IS NOT DISTINCT FROM c.expected_last_error
+               AND (NOT c.require_active OR h.status = 'active')
+            RETURNING h.task_id
+        ), appended AS (
+            INSERT INTO events (stream_id, version, type, data, metadata)
+            SELECT e.* FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::jsonb[], $5::jsonb[])
+                AS e(stream_id, version, type, data, metadata)
+             WHERE e.stream_id IN (SELECT task_id FROM head)
+        ), listed AS (
+            UPDATE tasks t
+               SET status = c.status, phase = c.phase, last_error = c.last_error,
+                   updated_at = now()
+              FROM changed c
+             WHERE t.task_id = c.task_id AND c.lifecycle
+               AND t.task_id IN (SELECT task_id FROM head)
+        )
+        SELECT task_id FROM head
+        "#,
+    )
+    .bind(&cols.events.stream_ids)
+    .bind(&cols.events.versions)
+    .bind(&cols.events.types)
+    .bind(&cols.events.data)
+    .bind(&cols.events.metadata)
+    .bind(&cols.ids)
+    .bind(&cols.versions)
+    .bind(&cols.epochs)
+    .bind(&cols.pod_states)
+    .bind(&cols.owners)
+    .bind(&cols.started)
+    .bind(&cols.statuses)
+    .bind(&cols.phases)
+    .bind(&cols.errors)
+    .bind(&cols.lifecycle)
+    .bind(&cols.traces)
+    .bind(&cols.expected_versions)
+    .bind(&cols.expected_epochs)
+    .bind(&cols.require_active)
+    .bind(&cols.expected_statuses)
+    .bind(&cols.expected_phases)
+    .bind(&cols.expected_pod_states)
+    .bind(&cols.expected_errors)
+    .fetch_all(executor)
+    .traced("UPDATE task_heads INSERT events UPDATE tasks")
     .await
     .map_err(from_sqlx)?;
-    rows.into_iter().map(TaskState::try_from).collect()
+    Ok(written.into_iter().map(crate::domain::TaskId).collect())
 }
