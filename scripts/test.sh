@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 source scripts/services.sh
 
 ensure_packages
+ensure_deploy_tools
 
 work=$(mktemp -d /tmp/taskpod-test.XXXXXX)
 chmod 0755 "$work"
