@@ -137,3 +137,50 @@ minAvailable: {{ .minAvailable }}
 maxUnavailable: {{ .maxUnavailable }}
 {{- end }}
 {{- end }}
+
+{{/* nodeSelector, affinity, tolerations and topologySpreadConstraints of a pod spec,
+from a component's values (api, worker, migrations). */}}
+{{- define "taskpod.scheduling" -}}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The three gRPC probes on grpc.health.v1: (dict "port" 50051 "readinessService"
+"taskpod.v1.TaskService" "probes" .Values.api.probes); an empty service is the whole
+server. */}}
+{{- define "taskpod.grpcProbes" -}}
+startupProbe:
+  grpc:
+    port: {{ .port }}
+  periodSeconds: {{ .probes.startup.periodSeconds }}
+  failureThreshold: {{ .probes.startup.failureThreshold }}
+livenessProbe:
+  grpc:
+    port: {{ .port }}
+  periodSeconds: {{ .probes.liveness.periodSeconds }}
+  failureThreshold: {{ .probes.liveness.failureThreshold }}
+  timeoutSeconds: {{ .probes.liveness.timeoutSeconds }}
+readinessProbe:
+  grpc:
+    port: {{ .port }}
+    {{- with .readinessService }}
+    service: {{ . }}
+    {{- end }}
+  periodSeconds: {{ .probes.readiness.periodSeconds }}
+  failureThreshold: {{ .probes.readiness.failureThreshold }}
+  timeoutSeconds: {{ .probes.readiness.timeoutSeconds }}
+{{- end }}
