@@ -259,6 +259,8 @@ def compose_problems(compose: dict, prometheus: dict, collector: dict) -> list[s
                 problems.append(f"{name}: OTEL_SERVICE_NAME must be taskpod-{role}")
             if "service.instance.id=" + name not in env.get("OTEL_RESOURCE_ATTRIBUTES", ""):
                 problems.append(f"{name}: OTEL_RESOURCE_ATTRIBUTES must name service.instance.id={name}")
+            if "service.namespace=" in env.get("OTEL_RESOURCE_ATTRIBUTES", ""):
+                problems.append(f"{name}: service.namespace would turn the OTLP job label into <namespace>/taskpod-{role}")
             port_key = "TASKPOD_LISTEN" if role == "api" else "TASKPOD_HEALTH_LISTEN"
             test = (svc.get("healthcheck") or {}).get("test") or []
             want = ["CMD", "taskpod", "health", "--address"]
@@ -814,8 +816,11 @@ def rendered_problems(case: str, docs: list[dict], values: dict) -> list[str]:
             p("api: has no lock session")
         if env.get("OTEL_SERVICE_NAME", {}).get("value") != f"taskpod-{role}":
             p(f"{role}: OTEL_SERVICE_NAME is not taskpod-{role}")
-        if "service.instance.id=$(POD_NAME)" not in env.get("OTEL_RESOURCE_ATTRIBUTES", {}).get("value", ""):
+        attrs = env.get("OTEL_RESOURCE_ATTRIBUTES", {}).get("value", "")
+        if "service.instance.id=$(POD_NAME)" not in attrs:
             p(f"{role}: OTEL_RESOURCE_ATTRIBUTES has no service.instance.id")
+        if "service.namespace=" in attrs:
+            p(f"{role}: service.namespace would turn the OTLP job label into <namespace>/taskpod-{role}")
     for doc in by_kind.get("Deployment", []) + by_kind.get("Job", []):
         pod = doc["spec"]["template"]["spec"]
         for c in containers(doc):
@@ -1063,6 +1068,10 @@ def selftest() -> None:
     case("compose: depending on a service without a healthcheck",
          compose_problems(mutated(compose, lambda c: c["services"]["redis"].pop("healthcheck")), prometheus, collector),
          "no healthcheck")
+    case("compose: a service.namespace that renames the OTLP job",
+         compose_problems(mutated(compose, lambda c: c["services"]["api-1"]["environment"].update(
+             OTEL_RESOURCE_ATTRIBUTES="service.namespace=taskpod,service.instance.id=api-1")), prometheus, collector),
+         "service.namespace")
     case("compose: a worker Prometheus does not scrape",
          compose_problems(compose, mutated(prometheus, lambda p: p["scrape_configs"][1]["static_configs"][0]["targets"].pop()), collector),
          "taskpod-worker scrapes")

@@ -104,7 +104,9 @@ app.kubernetes.io/component: {{ .component }}
       fieldPath: metadata.namespace
 - name: OTEL_SERVICE_NAME
   value: taskpod-{{ .component }}
-{{- $attrs := list "service.namespace=taskpod" "service.instance.id=$(POD_NAME)" "k8s.pod.name=$(POD_NAME)" "k8s.namespace.name=$(POD_NAMESPACE)" }}
+{{- /* No service.namespace: pushed over OTLP, Prometheus would make the job label
+"<namespace>/taskpod-api" instead of the "taskpod-api" the dashboards select. */}}
+{{- $attrs := list "service.instance.id=$(POD_NAME)" "k8s.pod.name=$(POD_NAME)" "k8s.namespace.name=$(POD_NAMESPACE)" }}
 {{- range $k, $v := .root.Values.otel.resourceAttributes }}
 {{- $attrs = append $attrs (printf "%s=%s" $k (toString $v)) }}
 {{- end }}
