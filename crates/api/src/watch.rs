@@ -167,7 +167,10 @@ impl TaskRelay {
             if idle && last_sent.elapsed() >= self.watches.heartbeat() {
                 // Also how a stream that started past the terminal event ends.
                 match store.state(self.id).await {
-                    Ok(state) if state.status.is_terminal() => return,
+                    // Started past the terminal event: nothing more will come.
+                    Ok(state) if state.status.is_terminal() && state.version < self.next => return,
+                    // It ended since the read above: read the rest, ending at its end.
+                    Ok(state) if state.status.is_terminal() => continue,
                     Ok(state) => {
                         let beat = v1::WatchTaskResponse {
                             kind: Some(watch_task_response::Kind::Heartbeat(v1::Heartbeat {
