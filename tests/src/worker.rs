@@ -10,6 +10,8 @@ use crate::api::TestDb;
 #[derive(Debug)]
 pub struct WorkerProcess {
     pub node_id: String,
+    /// Where gRPC health is served (`health_listen`).
+    pub health_addr: String,
     /// Where `GET /metrics` is served.
     pub metrics_addr: String,
     child: Child,
@@ -33,19 +35,23 @@ impl WorkerProcess {
         all.extend_from_slice(env);
         let (child, rest) = crate::spawn_server("taskpod-worker", &all, "taskpod-worker ").await?;
         // `<node> health on <addr> metrics on <addr>`
-        let node_id = rest
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        let metrics_addr = rest
-            .split_whitespace()
-            .last()
-            .unwrap_or_default()
-            .to_owned();
-        Ok(Self {
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        let [
             node_id,
+            "health",
+            "on",
+            health_addr,
+            "metrics",
+            "on",
             metrics_addr,
+        ] = words[..]
+        else {
+            anyhow::bail!("unexpected start line: taskpod-worker {rest}");
+        };
+        Ok(Self {
+            node_id: node_id.to_owned(),
+            health_addr: health_addr.to_owned(),
+            metrics_addr: metrics_addr.to_owned(),
             child,
         })
     }

@@ -49,6 +49,29 @@ pub fn normalize_address(address: &str) -> String {
     }
 }
 
+/// The endpoint for `address` (`host:port` means plain `http://`; `https://` uses TLS
+/// with the system's roots), with `timeout` as its connect timeout.
+///
+/// # Errors
+/// A malformed address or a scheme other than http and https (usage errors).
+pub fn endpoint(address: &str, timeout: Duration) -> Result<Endpoint, CliError> {
+    let address = normalize_address(address);
+    let bad_address =
+        |reason: String| CliError::Usage(format!("invalid address {address:?}: {reason}"));
+    let mut endpoint = Endpoint::from_shared(address.clone())
+        .map_err(|e| bad_address(e.to_string()))?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true);
+    if address.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().with_native_roots())
+            .map_err(|e| bad_address(e.to_string()))?;
+    } else if !address.starts_with("http://") {
+        return Err(bad_address("the scheme must be http or https".into()));
+    }
+    Ok(endpoint)
+}
+
 impl Client {
     /// Prepares a channel to the configured address; nothing is sent until the first
     /// call, whose error then says why the server cannot be reached.
@@ -56,25 +79,12 @@ impl Client {
     /// # Errors
     /// A malformed address or a token that cannot be sent as a header (usage errors).
     pub fn connect(settings: &Settings, timeout: Duration) -> Result<Self, CliError> {
-        let address = normalize_address(&settings.address);
-        let bad_address =
-            |reason: String| CliError::Usage(format!("invalid address {address:?}: {reason}"));
-        let mut endpoint = Endpoint::from_shared(address.clone())
-            .map_err(|e| bad_address(e.to_string()))?
-            .connect_timeout(timeout)
-            .tcp_nodelay(true)
+        let endpoint = endpoint(&settings.address, timeout)?
             // Watch streams sit idle for long stretches: pings find a dead peer (or a
             // NAT that forgot us) so the stream can resume elsewhere.
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
-        if address.starts_with("https://") {
-            endpoint = endpoint
-                .tls_config(ClientTlsConfig::new().with_native_roots())
-                .map_err(|e| bad_address(e.to_string()))?;
-        } else if !address.starts_with("http://") {
-            return Err(bad_address("the scheme must be http or https".into()));
-        }
         let token = settings
             .token
             .as_deref()

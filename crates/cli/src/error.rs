@@ -33,6 +33,8 @@ pub mod exit {
     pub const TASK_CANCELLED: u8 = 11;
     /// `task wait`: the timeout passed first.
     pub const WAIT_TIMED_OUT: u8 = 12;
+    /// `health`: the server answered, but not SERVING.
+    pub const NOT_SERVING: u8 = 13;
 }
 
 /// Why a client command did not succeed.
@@ -87,6 +89,18 @@ pub enum CliError {
         status: String,
         phase: String,
     },
+    /// `health`: the server answered with a status other than SERVING.
+    #[error("{} reports {status}", health_target(.service))]
+    NotServing { service: String, status: String },
+}
+
+/// How `health` names what it checked: the empty service is the whole server.
+fn health_target(service: &str) -> String {
+    if service.is_empty() {
+        "the server".to_owned()
+    } else {
+        format!("service {service:?}")
+    }
 }
 
 impl CliError {
@@ -103,6 +117,7 @@ impl CliError {
             CliError::TaskFailed { .. } => exit::TASK_FAILED,
             CliError::TaskCancelled { .. } => exit::TASK_CANCELLED,
             CliError::WaitTimedOut { .. } => exit::WAIT_TIMED_OUT,
+            CliError::NotServing { .. } => exit::NOT_SERVING,
         }
     }
 
@@ -320,8 +335,13 @@ mod tests {
                 phase: "planning".into(),
             }
             .exit_code(),
+            CliError::NotServing {
+                service: String::new(),
+                status: "NOT_SERVING".into(),
+            }
+            .exit_code(),
         ];
-        assert_eq!(codes, [2, 10, 11, 12]);
+        assert_eq!(codes, [2, 10, 11, 12, 13]);
     }
 
     #[test]

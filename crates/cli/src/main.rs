@@ -4,8 +4,8 @@
 //! its own module and returns that module's error enum, so `anyhow` stays up here.
 //!
 //! Layout:
-//! - [`commands`]: the client for every RPC, one module per noun (`task`, `pod`), and
-//!   `completions`;
+//! - [`commands`]: the client for every RPC, one module per noun (`task`, `pod`),
+//!   `health` (the probe) and `completions`;
 //! - [`config`], [`client`], [`output`], [`error`]: flags and profiles, the connection,
 //!   the output formats, errors and exit codes;
 //! - [`migrate`]: `taskpod migrate`, also the first step of `taskpod dev`;
@@ -29,6 +29,7 @@ use clap::{CommandFactory as _, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use commands::completions::CompletionsArgs;
+use commands::health::HealthArgs;
 use commands::pod::PodCommand;
 use commands::task::TaskCommand;
 use config::GlobalArgs;
@@ -43,7 +44,8 @@ use error::CliError;
     after_help = "Exit codes: 0 ok, 1 server or internal error, 2 usage, 3 not found, \
     4 failed precondition / already exists / aborted, 5 invalid argument, \
     6 unauthenticated / permission denied, 7 unavailable / deadline exceeded; \
-    task wait: 10 failed, 11 cancelled, 12 timed out. See docs/cli.md."
+    task wait: 10 failed, 11 cancelled, 12 timed out; health: 13 not serving. \
+    See docs/cli.md."
 )]
 struct Cli {
     #[command(flatten)]
@@ -60,6 +62,9 @@ enum Command {
     /// Starts, stops, restarts and lists pods (a task's live runtime on a worker)
     #[command(subcommand)]
     Pod(PodCommand),
+    /// Asks a server's gRPC health service whether it serves (API or worker health
+    /// port; no token needed); exits 0 only for SERVING
+    Health(HealthArgs),
     /// Prints a shell completion script
     Completions(CompletionsArgs),
     /// Applies the database migrations and creates the upcoming event partitions.
@@ -111,6 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let ctx = commands::Context::new(cli.global)?;
             commands::pod::run(&ctx, command).await?;
         }
+        Command::Health(args) => commands::health::run(&cli.global, &args).await?,
         Command::Completions(args) => commands::completions::run(&args, Cli::command())?,
         Command::Migrate(args) => {
             let report = migrate::run(&args.database_url)
@@ -184,6 +190,29 @@ mod tests {
         let cli = parse(&["task", "wait", "t1"]).unwrap();
         assert_eq!(cli.global.timeout, None);
         assert_eq!(cli.global.call_timeout(), config::DEFAULT_TIMEOUT);
+    }
+
+    #[test]
+    fn health_takes_a_service_and_the_global_address_and_timeout() {
+        let cli = parse(&[
+            "health",
+            "--address",
+            "http://127.0.0.1:50052",
+            "--service",
+            "taskpod.v1.TaskService",
+            "--timeout",
+            "2s",
+        ])
+        .unwrap();
+        let Command::Health(args) = cli.command else {
+            panic!("not health");
+        };
+        assert_eq!(args.service, "taskpod.v1.TaskService");
+        assert_eq!(cli.global.timeout, Some(std::time::Duration::from_secs(2)));
+        let Command::Health(args) = parse(&["health"]).unwrap().command else {
+            panic!("not health");
+        };
+        assert_eq!(args.service, "", "the whole server by default");
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! The client commands, one module per noun (`taskpod task ...`, `taskpod pod ...`),
-//! shaped like kubectl's and temporal's: noun, verb, arguments.
+//! shaped like kubectl's and temporal's: noun, verb, arguments; plus `health`, the
+//! probe containers and the Helm test run.
 //!
 //! Every command gets a [`Context`]: the client, the output format and the global
 //! flags, and returns [`CliError`](crate::error::CliError).
 
 pub mod completions;
+pub mod health;
 pub mod pod;
 pub mod task;
 
