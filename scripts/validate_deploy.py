@@ -35,11 +35,6 @@ DEPLOY = ROOT / "deploy"
 CHART = ROOT / "helm" / "taskpod"
 KUBE_VERSION = os.environ.get("KUBE_VERSION", "1.33.0")
 
-# Settings the compose file sets that the binaries of this branch do not read yet (the
-# telemetry work adds them); listed so a typo in any other TASKPOD_* variable, which the
-# binaries would silently ignore, still fails.
-PENDING_SETTINGS = {"api": {"metrics_listen"}, "worker": set()}
-
 # Prometheus v3 keys promtool 2.42 (the newest installable here) does not know. They are
 # removed from a copy before `promtool check config`; check_prometheus_semantics checks
 # them instead.
@@ -247,7 +242,7 @@ def compose_problems(compose: dict, prometheus: dict, collector: dict) -> list[s
             for key in env:
                 if key.startswith("TASKPOD_") and key not in PROCESS_VARIABLES:
                     first = key.removeprefix("TASKPOD_").split("__")[0].lower()
-                    if first not in keys[role] | PENDING_SETTINGS[role]:
+                    if first not in keys[role]:
                         problems.append(f"{name}: {key} is not a taskpod-{role} setting")
             if env.get("OTEL_METRICS_EXPORTER") != "none":
                 problems.append(f"{name}: OTEL_METRICS_EXPORTER must be none (metrics are scraped)")
@@ -772,8 +767,8 @@ def rendered_problems(case: str, docs: list[dict], values: dict) -> list[str]:
     if not api or not worker:
         return [f"{where}: the API and worker Deployments are missing"]
     configs = {d["metadata"]["name"]: d.get("data", {}) for d in by_kind.get("ConfigMap", [])}
-    keys_known = {"api": settings_keys("api") | PENDING_SETTINGS["api"],
-                  "worker": settings_keys("worker") | PENDING_SETTINGS["worker"]}
+    keys_known = {"api": settings_keys("api"),
+                  "worker": settings_keys("worker")}
     for role, dep in (("api", api), ("worker", worker)):
         pod = dep["spec"]["template"]["spec"]
         c = pod["containers"][0]
