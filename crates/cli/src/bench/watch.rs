@@ -36,6 +36,7 @@ pub const NEEDS: Needs = Needs {
     database: Database::Optional,
     workers: Workers::Default(1),
     replicas: 2,
+    worker_env: &[],
 };
 
 /// Updates in flight at once, across all tasks.
