@@ -34,7 +34,8 @@ const DROP_DATABASE: &str = "DROP DATABASE IF EXISTS taskpod_bench WITH (FORCE)"
 const CREATE_DATABASE: &str = "CREATE DATABASE taskpod_bench";
 /// The bench's own connections: a few polls and reads, never the hot path.
 const POOL_SIZE: u32 = 4;
-/// The address shown for a dev cluster without API replicas.
+/// Where the client of a dev cluster without API replicas points: nothing, and it is
+/// never called (it connects lazily).
 const NO_REPLICA: &str = "http://127.0.0.1:1";
 
 /// Where a scenario sends its calls, and what it may inspect.
@@ -128,6 +129,12 @@ impl Target {
             .replicas
             .first()
             .map_or_else(|| NO_REPLICA.to_owned(), Replica::url);
+        // What the report names: the replica, or with none, the database.
+        let shown = if dev.replicas.is_empty() {
+            dev.database_url.clone()
+        } else {
+            address.clone()
+        };
         let settings = settings_with_actor(Settings {
             address: address.clone(),
             token: None,
@@ -159,7 +166,7 @@ impl Target {
             replicas,
             info: ClusterInfo {
                 mode: "dev",
-                address,
+                address: shown,
                 workers: Some(dev.workers.len()),
                 replicas: Some(dev.replicas.len()),
                 postgres: Some(dev.pg.version().to_owned()),
