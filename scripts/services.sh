@@ -7,6 +7,8 @@ ensure_packages() {
   local missing=()
   pg_bindir >/dev/null 2>&1 || missing+=(postgresql)
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  # `taskpod bench limit` (and its test) drives Postgres with pgbench.
+  command -v pgbench >/dev/null 2>&1 || [ -x "$(pg_bindir 2>/dev/null)/pgbench" ] || missing+=(postgresql-client)
   [ ${#missing[@]} -eq 0 ] && return 0
   echo "installing: ${missing[*]}" >&2
   local sudo=()
