@@ -132,16 +132,10 @@ pub async fn run(target: &mut Target, args: CreateArgs) -> Result<Report, BenchE
             .boxed()
         })
     };
-    let timed = timed::run_for(
-        "create",
-        rpc.clone(),
-        call,
-        usize::try_from(args.concurrency).unwrap_or(1),
-        args.stretch.warmup(),
-        args.stretch.duration(),
-        SEED,
-    )
-    .await;
+    let timed = args
+        .stretch
+        .run("create", rpc.clone(), call, args.concurrency, SEED)
+        .await;
     timed.require_some(&format!("create any task ({rpc})"))?;
     let mut notes: Vec<String> = timed.error_note(&rpc).into_iter().collect();
     if target.dev.is_none() {

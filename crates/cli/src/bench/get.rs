@@ -76,16 +76,10 @@ pub async fn run(target: &mut Target, args: GetArgs) -> Result<Report, BenchErro
             .boxed()
         })
     };
-    let timed = timed::run_for(
-        "get",
-        "GetTask".into(),
-        call,
-        usize::try_from(args.concurrency).unwrap_or(1),
-        args.stretch.warmup(),
-        args.stretch.duration(),
-        SEED,
-    )
-    .await;
+    let timed = args
+        .stretch
+        .run("get", "GetTask".into(), call, args.concurrency, SEED)
+        .await;
     timed.require_some("read any task")?;
     let notes: Vec<String> = timed.error_note("GetTask").into_iter().collect();
     Ok(Report {

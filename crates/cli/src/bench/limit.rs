@@ -383,16 +383,16 @@ async fn redis_publish(url: &str, args: &LimitArgs) -> Result<Summary, BenchErro
         }
         .boxed()
     });
-    let timed = timed::run_for(
-        "limit",
-        "redis_publish".into(),
-        call,
-        usize::try_from(args.concurrency).unwrap_or(1),
-        args.stretch.warmup(),
-        args.stretch.duration(),
-        SEED,
-    )
-    .await;
+    let timed = args
+        .stretch
+        .run(
+            "limit",
+            "redis_publish".into(),
+            call,
+            args.concurrency,
+            SEED,
+        )
+        .await;
     timed.require_some("publish to Redis")?;
     Ok(timed.latencies.summary(
         "redis_publish",

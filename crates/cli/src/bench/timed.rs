@@ -47,6 +47,28 @@ impl Stretch {
         Duration::from_secs(self.warmup)
     }
 
+    /// [`run_for`] over this stretch, with `concurrency` callers.
+    pub async fn run(
+        &self,
+        label: &'static str,
+        what: String,
+        call: Call,
+        concurrency: u64,
+        seed: u64,
+    ) -> Timed {
+        let callers = usize::try_from(concurrency).unwrap_or(1);
+        run_for(
+            label,
+            what,
+            call,
+            callers,
+            self.warmup(),
+            self.duration(),
+            seed,
+        )
+        .await
+    }
+
     /// The report's parameters.
     pub fn parameters(&self) -> [(&'static str, serde_json::Value); 2] {
         [
