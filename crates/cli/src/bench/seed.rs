@@ -16,7 +16,10 @@
 //! `session_replication_role = replica`, which skips triggers, and so the foreign key
 //! check of every head against its listing row: the statement writes both, so the
 //! check could only pass, and it is 40 % of the time (the bulk-load switch
-//! `pg_restore --disable-triggers` uses). Other roles keep the check.
+//! `pg_restore --disable-triggers` uses). It also compresses the full-page images in
+//! the WAL (`wal_compression = lz4`, where the server has it): a million tasks write
+//! gigabytes of WAL, and checkpoints come round several times. Durability is
+//! untouched. Other roles keep the check and the server's WAL settings.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -84,18 +87,18 @@ async fn insert_chunk(
     chunk: Chunk<'_>,
     actor: &str,
     template: &serde_json::Value,
-    skip_triggers: bool,
+    settings: Option<&str>,
 ) -> Result<(), BenchError> {
     let metadata = chunk_metadata(actor)?;
     let mut tx = pool
         .begin()
         .await
         .map_err(BenchError::db("begin a seed transaction"))?;
-    if skip_triggers {
-        sqlx::raw_sql("SET LOCAL session_replication_role = replica")
+    if let Some(settings) = settings {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(settings.to_owned()))
             .execute(&mut *tx)
             .await
-            .map_err(BenchError::db("skip triggers while seeding"))?;
+            .map_err(BenchError::db("set up a seed transaction"))?;
     }
     sqlx::query(
         r#"
@@ -134,6 +137,26 @@ async fn insert_chunk(
         .map_err(BenchError::db("commit a chunk of seeded tasks"))
 }
 
+/// What a superuser's seed transactions set (see the module docs): `None` for
+/// other roles.
+async fn superuser_settings(pool: &PgPool) -> Result<Option<String>, BenchError> {
+    let (superuser, lz4): (bool, bool) = sqlx::query_as(
+        "SELECT current_setting('is_superuser') = 'on', \
+                coalesce((SELECT 'lz4' = ANY(enumvals) FROM pg_settings \
+                           WHERE name = 'wal_compression'), false)",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(BenchError::db("read the role's and the server's settings"))?;
+    Ok(superuser.then(|| {
+        let mut settings = String::from("SET LOCAL session_replication_role = replica");
+        if lz4 {
+            settings.push_str("; SET LOCAL wal_compression = lz4");
+        }
+        settings
+    }))
+}
+
 /// One statement's worth of new tasks.
 #[derive(Debug, Clone, Copy)]
 struct Chunk<'a> {
@@ -158,10 +181,7 @@ pub async fn seed(
         .await
         .map_err(BenchError::db("read the partition count"))?;
     let partition_count = u32::try_from(partition_count).unwrap_or(1);
-    let superuser: bool = sqlx::query_scalar("SELECT current_setting('is_superuser') = 'on'")
-        .fetch_one(pool)
-        .await
-        .map_err(BenchError::db("read whether we are a superuser"))?;
+    let settings = superuser_settings(pool).await?;
     let template = created_template()?;
     let total = usize::try_from(count).unwrap_or(usize::MAX);
     let done = Arc::new(AtomicU64::new(0));
@@ -192,14 +212,14 @@ pub async fn seed(
     }
     let mut writes = futures::stream::iter(chunks)
         .map(|(first, chunk, partitions)| {
-            let (template, done) = (&template, Arc::clone(&done));
+            let (template, settings, done) = (&template, settings.as_deref(), Arc::clone(&done));
             async move {
                 let chunk_ref = Chunk {
                     ids: &chunk,
                     partitions: &partitions,
                     first: first as i64,
                 };
-                insert_chunk(pool, chunk_ref, actor, template, superuser).await?;
+                insert_chunk(pool, chunk_ref, actor, template, settings).await?;
                 done.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 Ok::<_, BenchError>(())
             }
