@@ -67,15 +67,16 @@ const SEED: u64 = 0x6532_6574_6173_6b73;
 #[derive(Debug, clap::Args)]
 pub struct E2eArgs {
     /// Tasks per create call: CreateTasks batches of N (1: single CreateTask calls)
-    #[arg(long, value_name = "N", default_value_t = 100,
+    #[arg(long, value_name = "N", default_value_t = 20,
           value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub batch: u64,
     /// Create calls in flight at once
     #[arg(long, value_name = "C", default_value_t = 4,
           value_parser = clap::value_parser!(u64).range(1..=256))]
     pub concurrency: u64,
-    /// Tasks created and not yet completed, at most
-    #[arg(long, value_name = "N", default_value_t = 2000,
+    /// Tasks created and not yet completed, at most (more only queues: the latency
+    /// grows, the rate does not)
+    #[arg(long, value_name = "N", default_value_t = 200,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub in_flight: u64,
     #[command(flatten)]

@@ -629,6 +629,72 @@ mod tests {
     }
 
     #[test]
+    fn create_runs_anywhere_single_or_batched() {
+        assert_eq!(check("create"), Ok(0));
+        assert_eq!(check("create --dev"), Ok(1));
+        let (scenario, _) = parse("create --batch 1000").unwrap();
+        let Scenario::Create(a) = scenario else {
+            panic!("not create")
+        };
+        assert_eq!((a.batch, a.concurrency), (Some(1000), 16));
+        assert_eq!((a.stretch.duration, a.stretch.warmup), (20, 3));
+        assert!(parse("create --batch 1001").is_err());
+        let err = check("create --database-url postgres://x/y").unwrap_err();
+        assert!(err.contains("drop --database-url"), "{err}");
+    }
+
+    #[test]
+    fn e2e_needs_the_database_and_runs_sleep_without_delays() {
+        let err = check("e2e").unwrap_err();
+        assert!(err.contains("add --database-url (or --dev)"), "{err}");
+        assert_eq!(check("e2e --database-url postgres://x/y"), Ok(0));
+        assert_eq!(check("e2e --dev"), Ok(2));
+        let (scenario, _) = parse("e2e --dev").unwrap();
+        assert!(
+            scenario
+                .needs()
+                .worker_env
+                .contains(&("TASKPOD_HANDLERS__SLEEP_PHASE_MS", "0"))
+        );
+        let Scenario::E2e(a) = scenario else {
+            panic!("not e2e")
+        };
+        assert_eq!((a.batch, a.concurrency, a.in_flight), (20, 4, 200));
+        let err = check("e2e --dev --batch 300 --in-flight 200").unwrap_err();
+        assert!(err.contains("more than --in-flight"), "{err}");
+    }
+
+    #[test]
+    fn limit_runs_the_servers_alone() {
+        assert_eq!(check("limit --dev"), Ok(0));
+        let (scenario, _) = parse("limit --dev").unwrap();
+        assert_eq!(scenario.needs().replicas, 0);
+        let err = check("limit --dev --workers 1").unwrap_err();
+        assert!(err.contains("exactly 0 worker(s)"), "{err}");
+        let err = check("limit --dev --redis-url redis://h:1").unwrap_err();
+        assert!(err.contains("drop --redis-url"), "{err}");
+        assert!(check("limit").unwrap_err().contains("--database-url"));
+    }
+
+    #[test]
+    fn seeding_needs_a_database_and_sets_the_table() {
+        let err = check("list --seed 1000").unwrap_err();
+        assert!(err.contains("--seed writes into Postgres"), "{err}");
+        assert_eq!(check("list --seed 1000 --dev"), Ok(1));
+        let (scenario, _) = parse("get --seed 1000000 --active-pods 10 --dev").unwrap();
+        let Scenario::Get(a) = scenario else {
+            panic!("not get")
+        };
+        // With a seed, only the active pods go through the API unless --tasks says more.
+        assert_eq!((a.table.seed, a.table.created()), (1_000_000, 10));
+        let (scenario, _) = parse("get --seed 5 --tasks 7 --dev").unwrap();
+        let Scenario::Get(a) = scenario else {
+            panic!("not get")
+        };
+        assert_eq!(a.table.created(), 7);
+    }
+
+    #[test]
     fn failover_and_pods_take_no_database_url() {
         let err = check("failover --database-url postgres://x/y").unwrap_err();
         assert!(err.contains("add --dev"), "{err}");
