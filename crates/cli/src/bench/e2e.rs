@@ -429,10 +429,11 @@ pub async fn run(target: &mut Target, args: E2eArgs) -> Result<Report, BenchErro
                 let Ok(mut s) = shared.lock() else { break None };
                 if complete(&mut s, &counters, window, &task.task_id, at, success) {
                     permits.add_permits(1);
-                } else if !s.early.contains_key(&task.task_id) {
-                    // Not created yet as far as we know (or seen before): keep it for
-                    // the creator; a later sighting of a known task changes nothing.
-                    s.early.insert(task.task_id, (at, success));
+                } else {
+                    // Not created yet as far as we know: kept for the creator. A later
+                    // sighting of a finished task (its pod_stopped) lands here too and
+                    // is never asked for: one small entry per task, for one run.
+                    s.early.entry(task.task_id).or_insert((at, success));
                 }
             };
             if let Some(failure) = failure

@@ -3,8 +3,8 @@
 //! each figure as a share of its physical limit.
 //!
 //! Postgres is driven by `pgbench` (the C client that ships with PostgreSQL: next to
-//! no client cost), `--concurrency` connections, prepared statements, for `--warmup`
-//! + `--duration` seconds per transaction shape, each transaction's latency read from
+//! no client cost), `--concurrency` connections, prepared statements, for the warm-up
+//! and then `--duration` seconds per transaction shape, each transaction's latency read from
 //! pgbench's per-transaction log (`-l`); only transactions that start after the
 //! warm-up are counted. The shapes, on copies of our tables in a scratch schema
 //! (`taskpod_limit`, same columns, indexes, fillfactor, foreign key and events
