@@ -11,6 +11,8 @@ ensure_packages() {
   # the Python tools live in a virtualenv.
   command -v npm >/dev/null 2>&1 || missing+=(npm)
   python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
+  # `taskpod bench limit` (and its test) drives Postgres with pgbench.
+  command -v pgbench >/dev/null 2>&1 || [ -x "$(pg_bindir 2>/dev/null)/pgbench" ] || missing+=(postgresql-client)
   [ ${#missing[@]} -eq 0 ] && return 0
   echo "installing: ${missing[*]}" >&2
   local sudo=()

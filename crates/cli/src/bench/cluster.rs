@@ -34,6 +34,9 @@ const DROP_DATABASE: &str = "DROP DATABASE IF EXISTS taskpod_bench WITH (FORCE)"
 const CREATE_DATABASE: &str = "CREATE DATABASE taskpod_bench";
 /// The bench's own connections: a few polls and reads, never the hot path.
 const POOL_SIZE: u32 = 4;
+/// Where the client of a dev cluster without API replicas points: nothing, and it is
+/// never called (it connects lazily).
+const NO_REPLICA: &str = "http://127.0.0.1:1";
 
 /// Where a scenario sends its calls, and what it may inspect.
 #[derive(Debug)]
@@ -43,8 +46,14 @@ pub struct Target {
     /// One client per replica, the first being `client` (remote: just `client`).
     pub replicas: Vec<Client>,
     pub info: ClusterInfo,
+    /// Who the bench's changes are attributed to.
+    pub actor: String,
     /// The cluster's database, when the bench has one (--dev, or --database-url).
     pub pool: Option<PgPool>,
+    /// Its URL, for tools that connect themselves (pgbench).
+    pub database_url: Option<String>,
+    /// The cluster's Redis, when the bench knows it (--dev).
+    pub redis_url: Option<String>,
     /// The cluster the bench started (--dev).
     pub dev: Option<DevCluster>,
 }
@@ -83,6 +92,7 @@ impl Target {
     ) -> Result<Self, BenchError> {
         let settings = settings_with_actor(global.settings()?);
         let client = Client::connect(&settings, global.call_timeout())?;
+        let actor = settings.actor.clone().unwrap_or_default();
         let pool = match database_url {
             Some(url) => Some(connect_pool(url).await?),
             None => None,
@@ -97,7 +107,10 @@ impl Target {
                 replicas: None,
                 postgres: None,
             },
+            actor,
             pool,
+            database_url: database_url.map(str::to_owned),
+            redis_url: None,
             dev: None,
         })
     }
@@ -110,16 +123,25 @@ impl Target {
         dev: DevCluster,
         global: &GlobalArgs,
     ) -> Result<Self, (DevCluster, BenchError)> {
-        let Some(replica) = dev.replicas.first() else {
-            return Err((dev, BenchError::Failed("start an API replica".into())));
+        // A scenario that makes no RPC (`limit`) runs no replica; its client, which
+        // connects lazily, is then never used.
+        let address = dev
+            .replicas
+            .first()
+            .map_or_else(|| NO_REPLICA.to_owned(), Replica::url);
+        // What the report names: the replica, or with none, the database.
+        let shown = if dev.replicas.is_empty() {
+            dev.database_url.clone()
+        } else {
+            address.clone()
         };
-        let address = replica.url();
         let settings = settings_with_actor(Settings {
             address: address.clone(),
             token: None,
             actor: global.actor.clone(),
             profile: None,
         });
+        let actor = settings.actor.clone().unwrap_or_default();
         let client = match Client::connect(&settings, global.call_timeout()) {
             Ok(client) => client,
             Err(e) => return Err((dev, e.into())),
@@ -144,12 +166,15 @@ impl Target {
             replicas,
             info: ClusterInfo {
                 mode: "dev",
-                address,
+                address: shown,
                 workers: Some(dev.workers.len()),
                 replicas: Some(dev.replicas.len()),
                 postgres: Some(dev.pg.version().to_owned()),
             },
+            actor,
             pool: Some(pool),
+            database_url: Some(dev.database_url.clone()),
+            redis_url: dev.redis.as_ref().map(LocalRedis::url),
             dev: Some(dev),
         })
     }
@@ -258,12 +283,18 @@ impl DevCluster {
         })
     }
 
-    /// Creates and migrates the database, then starts `workers` workers and `replicas`
-    /// API replicas (each kept in `self` as it comes up, so teardown stops it).
+    /// Creates and migrates the database, then starts `workers` workers (with
+    /// `worker_env` beyond their defaults) and `replicas` API replicas (each kept in
+    /// `self` as it comes up, so teardown stops it).
     ///
     /// # Errors
     /// The first step that failed.
-    pub async fn start_servers(&mut self, workers: u16, replicas: u16) -> Result<(), BenchError> {
+    pub async fn start_servers(
+        &mut self,
+        workers: u16,
+        replicas: u16,
+        worker_env: &[(&str, &str)],
+    ) -> Result<(), BenchError> {
         self.create_database().await?;
         let report = migrate::run(&self.database_url).await?;
         say(format!("database {DATABASE}: {report}"));
@@ -274,6 +305,10 @@ impl DevCluster {
             page_token_key: uuid::Uuid::new_v4().simple().to_string(),
             log_dir: self.data_dir.join("logs"),
             bus_url: self.redis.as_ref().map(LocalRedis::url).unwrap_or_default(),
+            worker_env: worker_env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         // Workers first: the API accepts only the kinds a registered worker offers.
         for index in 1..=usize::from(workers) {
@@ -285,7 +320,7 @@ impl DevCluster {
             ));
             self.workers.push(worker);
         }
-        for index in 1..=usize::from(replicas.max(1)) {
+        for index in 1..=usize::from(replicas) {
             let replica = config.start_replica(index).await?;
             say(format!("api {index}: {}", replica.url()));
             self.replicas.push(replica);

@@ -33,6 +33,7 @@ pub const NEEDS: Needs = Needs {
     database: Database::Optional,
     workers: Workers::Exactly(2),
     replicas: 1,
+    worker_env: &[],
 };
 
 /// How often the store is read after the kill: the resolution of the figures.

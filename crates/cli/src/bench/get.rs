@@ -7,7 +7,6 @@
 //! after the other, for `--warmup` seconds untimed and `--duration` seconds timed.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::FutureExt as _;
 use taskpod_proto::v1;
@@ -15,7 +14,7 @@ use taskpod_proto::v1;
 use super::cluster::Target;
 use super::load::TableArgs;
 use super::report::{Figure, Report};
-use super::timed::{self, Call};
+use super::timed::{self, Call, Stretch};
 use super::{BenchError, CommonArgs, Database, Needs, Workers};
 
 pub const NEEDS: Needs = Needs {
@@ -23,6 +22,7 @@ pub const NEEDS: Needs = Needs {
     database: Database::Optional,
     workers: Workers::Default(1),
     replicas: 1,
+    worker_env: &[],
 };
 
 /// The seed of the task picks: the same reads in every run.
@@ -32,14 +32,8 @@ const SEED: u64 = 0x0067_6574_7461_736b;
 pub struct GetArgs {
     #[command(flatten)]
     pub table: TableArgs,
-    /// Seconds of timed reads
-    #[arg(long, value_name = "S", default_value_t = 20,
-          value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub duration: u64,
-    /// Seconds of untimed reads first
-    #[arg(long, value_name = "S", default_value_t = 3,
-          value_parser = clap::value_parser!(u64).range(0..=600))]
-    pub warmup: u64,
+    #[command(flatten)]
+    pub stretch: Stretch,
     /// GetTask calls in flight at once
     #[arg(long, value_name = "C", default_value_t = 8,
           value_parser = clap::value_parser!(u64).range(1..=1024))]
@@ -52,7 +46,7 @@ impl GetArgs {
     /// # Errors
     /// Flags that do not fit together.
     pub fn check(&self) -> Result<(), String> {
-        self.table.check()
+        self.table.check(&self.common)
     }
 }
 
@@ -61,11 +55,11 @@ impl GetArgs {
 /// # Errors
 /// When the table cannot be filled, or every timed call failed.
 pub async fn run(target: &mut Target, args: GetArgs) -> Result<Report, BenchError> {
-    let created = args
+    let mut table = args
         .table
-        .fill(&target.client, target.pool.as_ref(), "get")
+        .fill(&target.client, target.pool.as_ref(), &target.actor, "get")
         .await?;
-    let ids = Arc::new(created.ids.clone());
+    let ids = Arc::new(std::mem::take(&mut table.ids));
     let call: Call = {
         let (client, ids) = (target.client.clone(), Arc::clone(&ids));
         Arc::new(move |random| {
@@ -77,62 +71,47 @@ pub async fn run(target: &mut Target, args: GetArgs) -> Result<Report, BenchErro
                     .get_task(client.request(v1::GetTaskRequest { task_id }))
                     .await
                     .map(|_| 1)
+                    .map_err(timed::describe)
             }
             .boxed()
         })
     };
-    let timed = timed::run_for(
-        "get",
-        "GetTask".into(),
-        call,
-        usize::try_from(args.concurrency).unwrap_or(1),
-        Duration::from_secs(args.warmup),
-        Duration::from_secs(args.duration),
-        SEED,
-    )
-    .await;
-    if timed.latencies.count() == 0 {
-        return Err(BenchError::Failed(format!(
-            "read any task: {} errors; first: {}",
-            timed.errors,
-            timed.first_error.as_deref().unwrap_or("none")
-        )));
-    }
-    let mut notes = Vec::new();
-    if let Some(first) = &timed.first_error {
-        notes.push(format!(
-            "{} GetTask calls failed; the first: {first}",
-            timed.errors
-        ));
-    }
+    let timed = args
+        .stretch
+        .run("get", "GetTask".into(), call, args.concurrency, SEED)
+        .await;
+    timed.require_some("read any task")?;
+    let notes: Vec<String> = timed.error_note("GetTask").into_iter().collect();
     Ok(Report {
         scenario: "get",
         parameters: [
             args.table.parameters().as_slice(),
-            &[
-                ("duration_s", args.duration.into()),
-                ("warmup_s", args.warmup.into()),
-                ("concurrency", args.concurrency.into()),
-            ],
+            &args.stretch.parameters(),
+            &[("concurrency", args.concurrency.into())],
         ]
         .concat(),
         cluster: target.info.clone(),
-        latencies: vec![
-            timed.latencies.summary(
+        latencies: [
+            vec![timed.latencies.summary(
                 "get_task",
                 "one GetTask call on a random task of the table",
                 timed.elapsed,
-            ),
-            created.summary(),
-        ],
-        figures: vec![
-            Figure::count(
-                "timed_calls",
-                "GetTask calls timed",
-                timed.latencies.count(),
-            ),
-            Figure::count("errors", "GetTask calls that failed", timed.errors),
-        ],
+            )],
+            table.created.summary_if_any().into_iter().collect(),
+        ]
+        .concat(),
+        figures: [
+            table.figures(args.table.seed),
+            vec![
+                Figure::count(
+                    "timed_calls",
+                    "GetTask calls timed",
+                    timed.latencies.count(),
+                ),
+                Figure::count("errors", "GetTask calls that failed", timed.errors),
+            ],
+        ]
+        .concat(),
         notes,
     })
 }

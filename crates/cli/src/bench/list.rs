@@ -23,6 +23,7 @@ pub const NEEDS: Needs = Needs {
     database: Database::Optional,
     workers: Workers::Default(1),
     replicas: 1,
+    worker_env: &[],
 };
 
 /// ListTasks' largest page.
@@ -104,7 +105,7 @@ impl ListArgs {
     /// # Errors
     /// Flags that do not fit together.
     pub fn check(&self) -> Result<(), String> {
-        self.table.check()
+        self.table.check(&self.common)
     }
 }
 
@@ -113,12 +114,12 @@ impl ListArgs {
 /// # Errors
 /// When the table cannot be filled, or every call of a variant failed.
 pub async fn run(target: &mut Target, args: ListArgs) -> Result<Report, BenchError> {
-    let created = args
+    let table = args
         .table
-        .fill(&target.client, target.pool.as_ref(), "list")
+        .fill(&target.client, target.pool.as_ref(), &target.actor, "list")
         .await?;
     let mut latencies = Vec::new();
-    let mut figures = Vec::new();
+    let mut figures = table.figures(args.table.seed);
     let mut notes = Vec::new();
     for (i, variant) in VARIANTS.iter().enumerate() {
         let call: Call = {
@@ -132,6 +133,7 @@ pub async fn run(target: &mut Target, args: ListArgs) -> Result<Report, BenchErr
                         .list_tasks(client.request(request))
                         .await
                         .map(|r| r.into_inner().tasks.len() as u64)
+                        .map_err(timed::describe)
                 }
                 .boxed()
             })
@@ -146,20 +148,8 @@ pub async fn run(target: &mut Target, args: ListArgs) -> Result<Report, BenchErr
             i as u64,
         )
         .await;
-        if timed.latencies.count() == 0 {
-            return Err(BenchError::Failed(format!(
-                "list ({}): {} errors; first: {}",
-                variant.name,
-                timed.errors,
-                timed.first_error.as_deref().unwrap_or("none")
-            )));
-        }
-        if let Some(first) = &timed.first_error {
-            notes.push(format!(
-                "{}: {} calls failed; the first: {first}",
-                variant.name, timed.errors
-            ));
-        }
+        timed.require_some(&format!("list ({})", variant.name))?;
+        notes.extend(timed.error_note(variant.name));
         let rows = timed.items as f64 / timed.latencies.count() as f64;
         figures.push(Figure::new(
             format!("{}_rows", variant.name),
@@ -173,7 +163,7 @@ pub async fn run(target: &mut Target, args: ListArgs) -> Result<Report, BenchErr
                 .summary(variant.name, variant.what, timed.elapsed),
         );
     }
-    latencies.push(created.summary());
+    latencies.extend(table.created.summary_if_any());
     Ok(Report {
         scenario: "list",
         parameters: [

@@ -10,9 +10,9 @@ use sqlx::PgPool;
 use taskpod_proto::v1;
 use tokio::time::Instant;
 
-use super::BenchError;
 use super::progress::{Progress, say};
-use super::report::Latencies;
+use super::report::{Figure, Latencies};
+use super::{BenchError, CommonArgs, seed};
 use crate::client::Client;
 
 /// CreateTasks' largest batch.
@@ -48,6 +48,11 @@ impl Created {
             "one CreateTasks call of up to 1000 manual tasks (set-up; rate in calls/s)",
             self.elapsed,
         )
+    }
+
+    /// [`Created::summary`], unless nothing was created.
+    pub fn summary_if_any(&self) -> Option<super::report::Summary> {
+        (self.batches.count() > 0).then(|| self.summary())
     }
 
     fn add(&mut self, other: Created) {
@@ -362,52 +367,122 @@ mod tests {
     }
 }
 
-/// The table `get` and `list` read: N tasks, P of them with running pods.
+/// Tasks `TableArgs` creates through the API when neither `--tasks` nor `--seed` is
+/// given.
+const DEFAULT_TABLE: u64 = 100_000;
+
+/// The table `get` and `list` read: S tasks seeded in bulk, then N created through the
+/// API, P of those with running pods.
 #[derive(Debug, clap::Args)]
 pub struct TableArgs {
-    /// Tasks in the table
-    #[arg(long, value_name = "N", default_value_t = 100_000,
+    /// Tasks created through CreateTasks (batches of 1000) [default: 100000, or
+    /// --active-pods with --seed]
+    #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
-    pub tasks: u64,
+    pub tasks: Option<u64>,
     /// Of those, tasks created with auto_start whose pods run while calls are timed
     #[arg(long, value_name = "P", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub active_pods: u64,
+    /// Tasks written first in bulk, straight into Postgres (inactive, kind manual,
+    /// read like any other): a table of a million in well under a minute. Needs the
+    /// database (--dev or --database-url)
+    #[arg(long, value_name = "S", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=50_000_000))]
+    pub seed: u64,
 }
 
 impl TableArgs {
+    /// Tasks created through the API.
+    pub fn created(&self) -> u64 {
+        self.tasks.unwrap_or(if self.seed > 0 {
+            self.active_pods
+        } else {
+            DEFAULT_TABLE
+        })
+    }
+
     /// # Errors
-    /// More active pods than tasks.
-    pub fn check(&self) -> Result<(), String> {
-        if self.active_pods > self.tasks {
+    /// More active pods than created tasks; a seed without a database.
+    pub fn check(&self, common: &CommonArgs) -> Result<(), String> {
+        if self.active_pods > self.created() {
             return Err(format!(
                 "--active-pods {} is more than --tasks {}",
-                self.active_pods, self.tasks
+                self.active_pods,
+                self.created()
             ));
+        }
+        if self.seed > 0 && !common.dev && common.database_url.is_none() {
+            return Err("--seed writes into Postgres: add --database-url (or --dev)".into());
         }
         Ok(())
     }
 
-    /// Fills the table (see [`fill_table`]).
+    /// Seeds the table (with `--seed`), then creates the rest through the API (see
+    /// [`fill_table`]); every id is in the result, seeded ones first.
     ///
     /// # Errors
-    /// As [`fill_table`].
+    /// As [`seed::seed`] and [`fill_table`].
     pub async fn fill(
         &self,
         client: &Client,
         pool: Option<&PgPool>,
+        actor: &str,
         scenario: &'static str,
-    ) -> Result<Created, BenchError> {
-        let tasks = usize::try_from(self.tasks).unwrap_or(usize::MAX);
+    ) -> Result<Table, BenchError> {
+        let seeded = match (self.seed, pool) {
+            (0, _) => None,
+            (n, Some(pool)) => Some(seed::seed(pool, scenario, n, actor).await?),
+            (_, None) => return Err(BenchError::Usage("--seed needs --database-url".into())),
+        };
+        let tasks = usize::try_from(self.created()).unwrap_or(usize::MAX);
         let active = usize::try_from(self.active_pods).unwrap_or(usize::MAX);
-        fill_table(client, pool, scenario, tasks, active).await
+        let created = fill_table(client, pool, scenario, tasks, active).await?;
+        let mut ids =
+            Vec::with_capacity(created.ids.len() + seeded.as_ref().map_or(0, |s| s.ids.len()));
+        let mut seed_elapsed = None;
+        if let Some(seeded) = seeded {
+            ids.extend(seeded.ids.iter().map(uuid::Uuid::to_string));
+            seed_elapsed = Some(seeded.elapsed);
+        }
+        ids.extend(created.ids.iter().cloned());
+        Ok(Table {
+            ids,
+            created,
+            seed_elapsed,
+        })
     }
 
     /// The report's parameters for the table.
-    pub fn parameters(&self) -> [(&'static str, serde_json::Value); 2] {
+    pub fn parameters(&self) -> [(&'static str, serde_json::Value); 3] {
         [
-            ("tasks", self.tasks.into()),
+            ("seeded", self.seed.into()),
+            ("tasks", self.created().into()),
             ("active_pods", self.active_pods.into()),
         ]
+    }
+}
+
+/// A filled table.
+#[derive(Debug)]
+pub struct Table {
+    /// Every task, seeded ones first.
+    pub ids: Vec<String>,
+    /// Those created through the API.
+    pub created: Created,
+    /// How long the seed took, when there was one.
+    pub seed_elapsed: Option<Duration>,
+}
+
+impl Table {
+    /// The set-up figures: how long the seed took, and at what rate.
+    pub fn figures(&self, seeded: u64) -> Vec<Figure> {
+        match self.seed_elapsed {
+            Some(elapsed) => vec![
+                Figure::millis("seed", format!("seeding {seeded} tasks in bulk"), elapsed),
+                Figure::rate("seed_tasks", "tasks seeded per second", seeded, elapsed),
+            ],
+            None => Vec::new(),
+        }
     }
 }

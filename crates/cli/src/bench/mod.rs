@@ -11,6 +11,9 @@
 //!
 //! Scenarios (one module each, the same shape: arguments flattening [`CommonArgs`],
 //! [`Needs`] checked before anything starts, `run(&mut Target, args) -> Report`):
+//! - [`create`]: CreateTask (or CreateTasks of N) throughput and latency;
+//! - [`e2e`]: `sleep` tasks created with auto_start until completed: sustained
+//!   completed tasks/s, and every task's event trail checked in Postgres;
 //! - [`get`]: GetTask on random tasks of a table of N, with P pods running;
 //! - [`list`]: ListTasks pages of 1000, per ordering and filter;
 //! - [`start`]: StartPod until the pod runs;
@@ -19,17 +22,26 @@
 //! - [`failover`]: SIGKILL the worker holding the most of N pods, time until all run
 //!   again and until its partitions are claimed (dev only);
 //! - [`pods`]: N idle pods on one worker: its memory per pod, its idle CPU, and the
-//!   advisory locks Postgres holds at N/10 and N (dev only).
+//!   advisory locks Postgres holds at N/10 and N (dev only);
+//! - [`limit`]: what Postgres and Redis themselves do on the machine (pgbench with
+//!   transactions shaped like ours, pipelined PUBLISH round trips), the yardstick the
+//!   other figures are divided by.
+//!
+//! [`seed`] fills a big table in bulk, in SQL, for `get` and `list` (`--seed N`).
 
 mod cluster;
+mod create;
+mod e2e;
 mod failover;
 mod get;
+mod limit;
 mod list;
 mod load;
 mod pods;
 mod procfs;
 mod progress;
 mod report;
+mod seed;
 mod start;
 mod timed;
 mod watch;
@@ -66,6 +78,10 @@ pub struct BenchArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Scenario {
+    /// CreateTask throughput and latency (--batch N: CreateTasks of N)
+    Create(create::CreateArgs),
+    /// Sleep tasks with auto_start until completed: sustained tasks/s, event trails checked
+    E2e(e2e::E2eArgs),
     /// GetTask latency on random tasks of a table of N (P of them with running pods)
     Get(get::GetArgs),
     /// ListTasks latency, pages of 1000, per ordering and filter
@@ -78,6 +94,8 @@ pub enum Scenario {
     Failover(failover::FailoverArgs),
     /// N idle pods on one worker: memory per pod, idle CPU, advisory locks (--dev)
     Pods(pods::PodsArgs),
+    /// What Postgres (pgbench) and Redis (PUBLISH round trips) do on this machine
+    Limit(limit::LimitArgs),
 }
 
 /// What every scenario accepts.
@@ -153,6 +171,8 @@ pub enum Database {
     No,
     /// When it has one (--dev, or --database-url), for extra figures.
     Optional,
+    /// Always: without --dev it needs --database-url.
+    Required,
 }
 
 /// How many workers a dev cluster runs for a scenario.
@@ -171,8 +191,10 @@ pub struct Needs {
     pub dev_only: bool,
     pub database: Database,
     pub workers: Workers,
-    /// API replicas a dev cluster runs.
+    /// API replicas a dev cluster runs (0: none, the scenario makes no RPC).
     pub replicas: u16,
+    /// Settings of a dev cluster's workers, beyond their defaults.
+    pub worker_env: &'static [(&'static str, &'static str)],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +258,9 @@ impl BenchError {
 impl Scenario {
     fn common(&self) -> &CommonArgs {
         match self {
+            Scenario::Create(a) => &a.common,
+            Scenario::E2e(a) => &a.common,
+            Scenario::Limit(a) => &a.common,
             Scenario::Get(a) => &a.common,
             Scenario::List(a) => &a.common,
             Scenario::Start(a) => &a.common,
@@ -247,6 +272,9 @@ impl Scenario {
 
     fn name(&self) -> &'static str {
         match self {
+            Scenario::Create(_) => "create",
+            Scenario::E2e(_) => "e2e",
+            Scenario::Limit(_) => "limit",
             Scenario::Get(_) => "get",
             Scenario::List(_) => "list",
             Scenario::Start(_) => "start",
@@ -258,6 +286,9 @@ impl Scenario {
 
     fn needs(&self) -> Needs {
         match self {
+            Scenario::Create(_) => create::NEEDS,
+            Scenario::E2e(_) => e2e::NEEDS,
+            Scenario::Limit(_) => limit::NEEDS,
             Scenario::Get(_) => get::NEEDS,
             Scenario::List(_) => list::NEEDS,
             Scenario::Start(_) => start::NEEDS,
@@ -270,6 +301,9 @@ impl Scenario {
     /// The scenario's own argument checks.
     fn check(&self) -> Result<(), String> {
         match self {
+            Scenario::Create(a) => a.check(),
+            Scenario::E2e(a) => a.check(),
+            Scenario::Limit(a) => a.check(),
             Scenario::Get(a) => a.check(),
             Scenario::List(a) => a.check(),
             Scenario::Start(a) => a.check(),
@@ -305,6 +339,11 @@ pub fn validate(scenario: &Scenario, global: &GlobalArgs) -> Result<u16, String>
                 "bench {name} does not read Postgres: drop --database-url"
             ));
         }
+        if common.database_url.is_none() && needs.database == Database::Required {
+            return Err(format!(
+                "bench {name} reads the cluster's Postgres: add --database-url (or --dev)"
+            ));
+        }
         return Ok(0);
     }
     if global.address.is_some() {
@@ -337,8 +376,9 @@ pub async fn run(args: BenchArgs, global: GlobalArgs) -> Result<(), BenchError> 
 
     let mut target = if common.dev {
         let mut dev = cluster::DevCluster::boot(&common.dev_options).await?;
+        let needs = args.scenario.needs();
         let started = tokio::select! {
-            started = dev.start_servers(workers, args.scenario.needs().replicas) => started,
+            started = dev.start_servers(workers, needs.replicas, needs.worker_env) => started,
             signal = signals.recv() => Err(BenchError::Interrupted(signal)),
         };
         match started {
@@ -376,6 +416,9 @@ pub async fn run(args: BenchArgs, global: GlobalArgs) -> Result<(), BenchError> 
 
 async fn run_scenario(target: &mut Target, scenario: Scenario) -> Result<Report, BenchError> {
     match scenario {
+        Scenario::Create(args) => create::run(target, args).await,
+        Scenario::E2e(args) => e2e::run(target, args).await,
+        Scenario::Limit(args) => limit::run(target, args).await,
         Scenario::Get(args) => get::run(target, args).await,
         Scenario::List(args) => list::run(target, args).await,
         Scenario::Start(args) => start::run(target, args).await,
@@ -557,11 +600,11 @@ mod tests {
         };
         assert_eq!(
             (
-                a.table.tasks,
+                a.table.created(),
                 a.table.active_pods,
                 a.concurrency,
-                a.duration,
-                a.warmup
+                a.stretch.duration,
+                a.stretch.warmup
             ),
             (100_000, 5, 2, 20, 3)
         );
@@ -583,6 +626,72 @@ mod tests {
         let (scenario, _) = parse("start --dev").unwrap();
         assert_eq!(scenario.needs().replicas, 1);
         assert!(parse("watch --dev --rate 0").is_err());
+    }
+
+    #[test]
+    fn create_runs_anywhere_single_or_batched() {
+        assert_eq!(check("create"), Ok(0));
+        assert_eq!(check("create --dev"), Ok(1));
+        let (scenario, _) = parse("create --batch 1000").unwrap();
+        let Scenario::Create(a) = scenario else {
+            panic!("not create")
+        };
+        assert_eq!((a.batch, a.concurrency), (Some(1000), 16));
+        assert_eq!((a.stretch.duration, a.stretch.warmup), (20, 3));
+        assert!(parse("create --batch 1001").is_err());
+        let err = check("create --database-url postgres://x/y").unwrap_err();
+        assert!(err.contains("drop --database-url"), "{err}");
+    }
+
+    #[test]
+    fn e2e_needs_the_database_and_runs_sleep_without_delays() {
+        let err = check("e2e").unwrap_err();
+        assert!(err.contains("add --database-url (or --dev)"), "{err}");
+        assert_eq!(check("e2e --database-url postgres://x/y"), Ok(0));
+        assert_eq!(check("e2e --dev"), Ok(2));
+        let (scenario, _) = parse("e2e --dev").unwrap();
+        assert!(
+            scenario
+                .needs()
+                .worker_env
+                .contains(&("TASKPOD_HANDLERS__SLEEP_PHASE_MS", "0"))
+        );
+        let Scenario::E2e(a) = scenario else {
+            panic!("not e2e")
+        };
+        assert_eq!((a.batch, a.concurrency, a.in_flight), (20, 4, 200));
+        let err = check("e2e --dev --batch 300 --in-flight 200").unwrap_err();
+        assert!(err.contains("more than --in-flight"), "{err}");
+    }
+
+    #[test]
+    fn limit_runs_the_servers_alone() {
+        assert_eq!(check("limit --dev"), Ok(0));
+        let (scenario, _) = parse("limit --dev").unwrap();
+        assert_eq!(scenario.needs().replicas, 0);
+        let err = check("limit --dev --workers 1").unwrap_err();
+        assert!(err.contains("exactly 0 worker(s)"), "{err}");
+        let err = check("limit --dev --redis-url redis://h:1").unwrap_err();
+        assert!(err.contains("drop --redis-url"), "{err}");
+        assert!(check("limit").unwrap_err().contains("--database-url"));
+    }
+
+    #[test]
+    fn seeding_needs_a_database_and_sets_the_table() {
+        let err = check("list --seed 1000").unwrap_err();
+        assert!(err.contains("--seed writes into Postgres"), "{err}");
+        assert_eq!(check("list --seed 1000 --dev"), Ok(1));
+        let (scenario, _) = parse("get --seed 1000000 --active-pods 10 --dev").unwrap();
+        let Scenario::Get(a) = scenario else {
+            panic!("not get")
+        };
+        // With a seed, only the active pods go through the API unless --tasks says more.
+        assert_eq!((a.table.seed, a.table.created()), (1_000_000, 10));
+        let (scenario, _) = parse("get --seed 5 --tasks 7 --dev").unwrap();
+        let Scenario::Get(a) = scenario else {
+            panic!("not get")
+        };
+        assert_eq!(a.table.created(), 7);
     }
 
     #[test]

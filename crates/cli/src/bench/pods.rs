@@ -29,6 +29,7 @@ pub const NEEDS: Needs = Needs {
     database: Database::Optional,
     workers: Workers::Exactly(1),
     replicas: 1,
+    worker_env: &[],
 };
 
 #[derive(Debug, clap::Args)]

@@ -178,6 +178,8 @@ pub enum Unit {
     Millis,
     /// Percent of one core.
     CorePercent,
+    /// Items per second (tasks/s, transactions/s).
+    PerSecond,
 }
 
 impl Unit {
@@ -187,6 +189,7 @@ impl Unit {
             Unit::Bytes => "_bytes",
             Unit::Millis => "_ms",
             Unit::CorePercent => "_core_percent",
+            Unit::PerSecond => "_per_s",
         }
     }
 }
@@ -216,6 +219,18 @@ impl Figure {
         Self::new(key, label, value as f64, Unit::Count)
     }
 
+    /// `count` items over `elapsed`, per second (0 over no time).
+    pub fn rate(
+        key: impl Into<String>,
+        label: impl Into<String>,
+        count: u64,
+        elapsed: Duration,
+    ) -> Self {
+        let secs = elapsed.as_secs_f64();
+        let rate = if secs > 0.0 { count as f64 / secs } else { 0.0 };
+        Self::new(key, label, rate, Unit::PerSecond)
+    }
+
     pub fn millis(key: impl Into<String>, label: impl Into<String>, value: Duration) -> Self {
         Self::new(key, label, value.as_secs_f64() * 1000.0, Unit::Millis)
     }
@@ -241,6 +256,7 @@ impl Figure {
             Unit::Bytes => format!("{} ({:.0} B)", format_bytes(self.value), self.value),
             Unit::Millis => format_us((self.value * 1000.0).round().max(0.0) as u64),
             Unit::CorePercent => format!("{:.2} % of a core", self.value),
+            Unit::PerSecond => format!("{:.1}/s", self.value),
         }
     }
 }
@@ -507,6 +523,7 @@ mod tests {
                     Duration::from_micros(1_234_567),
                 ),
                 Figure::new("idle_cpu_worker", "idle CPU", 0.25, Unit::CorePercent),
+                Figure::rate("tasks", "tasks/s", 3000, Duration::from_secs(2)),
             ],
             notes: vec!["a note".into()],
         }
@@ -535,6 +552,7 @@ mod tests {
         assert_eq!(v["figures"]["rss_after_bytes"], 4096);
         assert_eq!(v["figures"]["all_running_ms"], 1234.567);
         assert_eq!(v["figures"]["idle_cpu_worker_core_percent"], 0.25);
+        assert_eq!(v["figures"]["tasks_per_s"], 1500.0);
         assert_eq!(v["notes"][0], "a note");
     }
 
@@ -585,6 +603,7 @@ mod tests {
         assert!(text.contains("4.0 KiB (4096 B)"), "{text}");
         assert!(text.contains("1235 ms"), "{text}");
         assert!(text.contains("0.25 % of a core"), "{text}");
+        assert!(text.contains("1500.0/s"), "{text}");
         assert!(text.contains("note: a note"));
     }
 

@@ -30,6 +30,7 @@ pub const NEEDS: Needs = Needs {
     database: Database::Optional,
     workers: Workers::Default(2),
     replicas: 1,
+    worker_env: &[],
 };
 
 #[derive(Debug, clap::Args)]

@@ -1,4 +1,5 @@
-//! A closed-loop timed run, shared by `get` and `list`: `concurrency` callers each make
+//! A closed-loop timed run, shared by `get`, `list`, `create` and `limit`: `concurrency`
+//! callers each make
 //! one call after the other for a warm-up and then a fixed duration; only calls that
 //! start after the warm-up are timed. Each call gets a fresh pseudo-random number
 //! (which task to read, which variant), from a small seeded generator so two runs make
@@ -11,11 +12,71 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::time::Instant;
 
+use super::BenchError;
 use super::progress::Progress;
 use super::report::{Latencies, format_us};
 
-/// One call: given a random number, makes it and returns how many items it got.
-pub type Call = Arc<dyn Fn(u64) -> BoxFuture<'static, Result<u64, tonic::Status>> + Send + Sync>;
+/// One call: given a random number, makes it and returns how many items it got (or
+/// why it failed, for the report's notes).
+pub type Call = Arc<dyn Fn(u64) -> BoxFuture<'static, Result<u64, String>> + Send + Sync>;
+
+/// A failed RPC as a call's error.
+pub fn describe(status: tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+/// The warm-up and the timed stretch of a scenario that runs for a fixed time.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Stretch {
+    /// Seconds of timed calls
+    #[arg(long, value_name = "S", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub duration: u64,
+    /// Seconds of untimed calls first (the warm-up)
+    #[arg(long, value_name = "S", default_value_t = 3,
+          value_parser = clap::value_parser!(u64).range(0..=600))]
+    pub warmup: u64,
+}
+
+impl Stretch {
+    pub fn duration(&self) -> Duration {
+        Duration::from_secs(self.duration)
+    }
+
+    pub fn warmup(&self) -> Duration {
+        Duration::from_secs(self.warmup)
+    }
+
+    /// [`run_for`] over this stretch, with `concurrency` callers.
+    pub async fn run(
+        &self,
+        label: &'static str,
+        what: String,
+        call: Call,
+        concurrency: u64,
+        seed: u64,
+    ) -> Timed {
+        let callers = usize::try_from(concurrency).unwrap_or(1);
+        run_for(
+            label,
+            what,
+            call,
+            callers,
+            self.warmup(),
+            self.duration(),
+            seed,
+        )
+        .await
+    }
+
+    /// The report's parameters.
+    pub fn parameters(&self) -> [(&'static str, serde_json::Value); 2] {
+        [
+            ("duration_s", self.duration.into()),
+            ("warmup_s", self.warmup.into()),
+        ]
+    }
+}
 
 /// xorshift64*: small, fast, deterministic from its seed; plenty for picking ids.
 #[derive(Debug, Clone)]
@@ -54,6 +115,30 @@ pub struct Timed {
     pub first_error: Option<String>,
     /// Items returned by the timed calls (rows for ListTasks, 1 per GetTask).
     pub items: u64,
+}
+
+impl Timed {
+    /// Refuses a run in which no call succeeded: its figures would mean nothing.
+    ///
+    /// # Errors
+    /// [`BenchError::Failed`] naming `what` and the first error.
+    pub fn require_some(&self, what: &str) -> Result<(), BenchError> {
+        if self.latencies.count() > 0 {
+            return Ok(());
+        }
+        Err(BenchError::Failed(format!(
+            "{what}: {} errors; first: {}",
+            self.errors,
+            self.first_error.as_deref().unwrap_or("none")
+        )))
+    }
+
+    /// The report's note on failed calls, if any failed.
+    pub fn error_note(&self, what: &str) -> Option<String> {
+        self.first_error
+            .as_ref()
+            .map(|first| format!("{what}: {} calls failed; the first: {first}", self.errors))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -123,12 +208,10 @@ pub async fn run_for(
                             l.record(latency);
                         }
                     }
-                    Err(status) => {
+                    Err(error) => {
                         timed.errors += 1;
                         live.errors.fetch_add(1, Ordering::Relaxed);
-                        timed.first_error.get_or_insert_with(|| {
-                            format!("{:?}: {}", status.code(), status.message())
-                        });
+                        timed.first_error.get_or_insert(error);
                     }
                 }
                 live.done.fetch_add(1, Ordering::Relaxed);

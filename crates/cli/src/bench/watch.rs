@@ -28,6 +28,7 @@ use super::cluster::Target;
 use super::load;
 use super::progress::{Progress, say};
 use super::report::{Figure, Latencies, Report, Unit, format_us};
+use super::timed::Stretch;
 use super::{BenchError, CommonArgs, Database, Needs, Workers};
 use crate::client::Client;
 
@@ -36,6 +37,7 @@ pub const NEEDS: Needs = Needs {
     database: Database::Optional,
     workers: Workers::Default(1),
     replicas: 2,
+    worker_env: &[],
 };
 
 /// Updates in flight at once, across all tasks.
@@ -55,14 +57,8 @@ pub struct WatchArgs {
     #[arg(long, value_name = "N", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub tasks: u64,
-    /// Seconds of timed updates
-    #[arg(long, value_name = "S", default_value_t = 20,
-          value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub duration: u64,
-    /// Seconds of untimed updates first
-    #[arg(long, value_name = "S", default_value_t = 3,
-          value_parser = clap::value_parser!(u64).range(0..=600))]
-    pub warmup: u64,
+    #[command(flatten)]
+    pub stretch: Stretch,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -268,8 +264,8 @@ pub async fn run(target: &mut Target, args: WatchArgs) -> Result<Report, BenchEr
     };
 
     // The driver, through replica A.
-    let warmup = Duration::from_secs(args.warmup);
-    let duration = Duration::from_secs(args.duration);
+    let warmup = args.stretch.warmup();
+    let duration = args.stretch.duration();
     let progress = {
         let (counters, shared) = (Arc::clone(&counters), Arc::clone(&shared));
         let started = Instant::now();
@@ -446,8 +442,8 @@ pub async fn run(target: &mut Target, args: WatchArgs) -> Result<Report, BenchEr
         parameters: vec![
             ("rate", args.rate.into()),
             ("tasks", args.tasks.into()),
-            ("duration_s", args.duration.into()),
-            ("warmup_s", args.warmup.into()),
+            ("duration_s", args.stretch.duration.into()),
+            ("warmup_s", args.stretch.warmup.into()),
         ],
         cluster: target.info.clone(),
         latencies: vec![

@@ -269,6 +269,7 @@ async fn prepare(
         page_token_key: uuid::Uuid::new_v4().simple().to_string(),
         log_dir,
         bus_url,
+        worker_env: Vec::new(),
     };
     // Workers first: the API accepts only the kinds a registered worker offers.
     for index in 1..=WORKERS {

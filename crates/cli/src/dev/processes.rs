@@ -137,6 +137,8 @@ pub struct ClusterConfig {
     pub log_dir: PathBuf,
     /// The status bus every child announces on and workers wake up from.
     pub bus_url: String,
+    /// More settings for every worker (`taskpod bench e2e` runs `sleep` without delays).
+    pub worker_env: Vec<(String, String)>,
 }
 
 /// A ready replica.
@@ -166,12 +168,13 @@ impl ClusterConfig {
     /// When it cannot start, exits, or does not register in time.
     pub async fn start_worker(&self, index: usize) -> Result<Worker, ProcessError> {
         let name = format!("worker-{index}");
-        let env = [
+        let mut env = vec![
             ("TASKPOD_NAME", format!("dev-worker-{index}")),
             ("TASKPOD_STORE__URL", self.database_url.clone()),
             ("TASKPOD_HEALTH_LISTEN", "127.0.0.1:0".to_owned()),
             ("TASKPOD_BUS__URL", self.bus_url.clone()),
         ];
+        env.extend(self.worker_env.iter().map(|(k, v)| (k.as_str(), v.clone())));
         let (mut process, line) = self.spawn(&self.worker_bin, name, &env).await?;
         // `taskpod-worker <node> health on <addr>`
         let node = line
