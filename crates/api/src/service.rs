@@ -73,13 +73,27 @@ impl TaskApi {
         tracker: &tokio_util::task::TaskTracker,
     ) -> Self {
         let creates = {
-            let store = store.clone();
+            let (store, bus) = (store.clone(), bus.clone());
             Batcher::start(
                 CREATE_SHAPE,
                 tracker,
                 move |batch: Vec<(NewTask, RequestContext)>| {
-                    let store = store.clone();
-                    async move { store.create_each(&batch).await }
+                    let (store, bus) = (store.clone(), bus.clone());
+                    async move {
+                        let results = store.create_each(&batch).await;
+                        // The whole batch announced in one round trip, before anyone is
+                        // answered.
+                        let updates: Vec<TaskUpdate> = batch
+                            .iter()
+                            .zip(&results)
+                            .filter_map(|((task, ctx), r)| r.as_ref().ok().map(|c| (task, ctx, c)))
+                            .flat_map(|(task, ctx, c)| {
+                                created_updates(&store, c, std::slice::from_ref(task), ctx)
+                            })
+                            .collect();
+                        bus.publish(&updates).await;
+                        results
+                    }
                 },
             )
         };
@@ -95,25 +109,7 @@ impl TaskApi {
     }
 
     async fn announce_created(&self, created: &Created, tasks: &[NewTask], ctx: &RequestContext) {
-        if created.replayed {
-            return;
-        }
-        let count = self.store.partition_count();
-        let updates: Vec<TaskUpdate> = created
-            .task_ids
-            .iter()
-            .zip(tasks)
-            .map(|(id, task)| {
-                TaskUpdate::created(
-                    *id,
-                    task,
-                    count,
-                    &ctx.actor_id,
-                    created.created_at,
-                    ctx.traceparent.clone(),
-                )
-            })
-            .collect();
+        let updates = created_updates(&self.store, created, tasks, ctx);
         self.bus.publish(&updates).await;
     }
 
@@ -188,6 +184,35 @@ impl TaskApi {
             .unwrap_or_default();
         Ok((page.tasks.iter().map(convert::task).collect(), next))
     }
+}
+
+/// The updates announcing `created` (none for a replayed answer: it was announced
+/// the first time).
+fn created_updates(
+    store: &Store,
+    created: &Created,
+    tasks: &[NewTask],
+    ctx: &RequestContext,
+) -> Vec<TaskUpdate> {
+    if created.replayed {
+        return Vec::new();
+    }
+    let count = store.partition_count();
+    created
+        .task_ids
+        .iter()
+        .zip(tasks)
+        .map(|(id, task)| {
+            TaskUpdate::created(
+                *id,
+                task,
+                count,
+                &ctx.actor_id,
+                created.created_at,
+                ctx.traceparent.clone(),
+            )
+        })
+        .collect()
 }
 
 /// The typed criteria and the AIP-160 string as one store filter.
@@ -283,16 +308,22 @@ impl TaskService for TaskApi {
             .map_err(|e| to_status(e, fields))?;
         let created = if ctx.request_id.is_some() {
             // A request id is claimed in its own transaction.
-            self.store.create_task(&new, &ctx).await
+            let created = self
+                .store
+                .create_task(&new, &ctx)
+                .await
+                .map_err(|e| to_status(e, fields))?;
+            self.announce_created(&created, std::slice::from_ref(&new), &ctx)
+                .await;
+            created
         } else {
+            // Created, and announced, with the other calls of its batch.
             self.creates
-                .call((new.clone(), ctx.clone()))
+                .call((new, ctx))
                 .await
                 .unwrap_or_else(|| Err(Error::StoreUnavailable("the server is stopping".into())))
-        }
-        .map_err(|e| to_status(e, fields))?;
-        self.announce_created(&created, std::slice::from_ref(&new), &ctx)
-            .await;
+                .map_err(|e| to_status(e, fields))?
+        };
         let task_id = created
             .task_id()
             .map(|id| id.to_string())

@@ -158,8 +158,15 @@ struct Claim {
 enum Scope {
     /// Every active task of the owned partitions and every pod this node runs.
     All,
-    /// Only these: named by wake-ups, the change feed, or a backoff now over.
+    /// Only these: named by wake-ups, or a backoff now over.
     Tasks(Vec<TaskId>),
+    /// The tasks of this node's that the change feed says changed in `[from, to)`,
+    /// and these.
+    Changed {
+        from: u64,
+        to: u64,
+        also: Vec<TaskId>,
+    },
 }
 
 impl std::fmt::Debug for Controller {
@@ -348,14 +355,17 @@ impl Controller {
                     return;
                 };
                 consumed(&update);
-                // This node's own pods moving on need no check.
-                let own_progress = self
-                    .pods
-                    .get(&update.task_id)
-                    .is_some_and(|p| p.epoch == update.epoch)
+                // Only a task of this node's may need something of it: a pod it runs, or
+                // an active task of a partition it owns. Its own pods moving on need no
+                // check.
+                let pod = self.pods.get(&update.task_id);
+                let own_progress = pod.is_some_and(|p| p.epoch == update.epoch)
                     && update.status == Status::Active
                     && matches!(update.event_type.as_str(), "pod_started" | "phase_changed");
-                if !own_progress {
+                let may_need_a_pod = update.status == Status::Active
+                    && self.owned.contains_key(&update.partition)
+                    && !self.leaving.contains(&update.partition);
+                if (pod.is_some() || may_need_a_pod) && !own_progress {
                     self.woken.insert(update.task_id);
                 }
             }
@@ -396,15 +406,13 @@ impl Controller {
         else {
             return Ok(self.full_scope());
         };
-        let mut ids: HashSet<TaskId> = self
-            .store
-            .changed_tasks(from, next)
-            .await?
-            .into_iter()
-            .collect();
-        ids.extend(self.woken.drain());
-        ids.extend(self.due_backoffs());
-        Ok(Scope::Tasks(ids.into_iter().collect()))
+        let mut also: Vec<TaskId> = self.woken.drain().collect();
+        also.extend(self.due_backoffs());
+        Ok(Scope::Changed {
+            from,
+            to: next,
+            also,
+        })
     }
 
     /// The tasks whose restart backoff is over, forgotten here.
@@ -631,6 +639,17 @@ impl Controller {
                     return Ok(());
                 }
                 self.store.pod_candidates_of(self.node, &ids).await?
+            }
+            Scope::Changed { from, to, also } => {
+                let partitions: Vec<i32> = self.owned.keys().copied().collect();
+                let mut rows = self
+                    .store
+                    .changed_candidates(self.node, &partitions, from, to)
+                    .await?;
+                let seen: HashSet<TaskId> = rows.iter().map(|c| c.task_id).collect();
+                let also: Vec<TaskId> = also.into_iter().filter(|t| !seen.contains(t)).collect();
+                rows.extend(self.store.pod_candidates_of(self.node, &also).await?);
+                rows
             }
         };
         let now = chrono::Utc::now();

@@ -291,6 +291,42 @@ impl Store {
         rows.into_iter().map(candidate).collect()
     }
 
+    /// The candidate rows of the tasks with events written by transactions in
+    /// `[from, to)` (the change feed, `to` a watermark read before) that matter to
+    /// `node`: active tasks of its `partitions`, and tasks whose pod it runs. One round
+    /// trip for a tick's check, returning nothing for the changes of other nodes'
+    /// partitions or of tasks nobody runs.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    #[instrument(skip_all, fields(from, to))]
+    pub async fn changed_candidates(
+        &self,
+        node: NodeId,
+        partitions: &[i32],
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<PodCandidate>, Error> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<CandidateRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {CANDIDATE_COLUMNS} FROM tasks t JOIN task_heads h ON h.task_id = t.task_id \
+             WHERE t.task_id IN (SELECT stream_id FROM events \
+                                  WHERE tx_id >= $3::text::xid8 AND tx_id < $4::text::xid8) \
+               AND ((h.status = 'active' AND t.partition = ANY($2)) OR h.owner_node = $1)"
+        )))
+        .bind(node.0)
+        .bind(partitions)
+        .bind(from.to_string())
+        .bind(to.to_string())
+        .fetch_all(&self.pool)
+        .traced("SELECT tasks task_heads events")
+        .await
+        .map_err(from_sqlx)?;
+        rows.into_iter().map(candidate).collect()
+    }
+
     /// Tasks that are active without a running pod, and the age of the oldest such wait
     /// in seconds (for the gauge that shows kinds nobody runs).
     ///
