@@ -248,12 +248,15 @@ async fn insert(
             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[],
                                  $5::jsonb[], $6::jsonb[], $7::int4[], $8::int4[],
                                  $9::text[], $10::text[], $11::text[])
+             LIMIT cardinality($1::uuid[])
         ), new_heads AS (
             INSERT INTO task_heads (task_id, version, status, phase, traceparent)
             SELECT * FROM UNNEST($1::uuid[], $12::int8[], $9::text[], $10::text[], $18::text[])
+             LIMIT cardinality($1::uuid[])
         ), new_events AS (
             INSERT INTO events (stream_id, version, type, data, metadata)
             SELECT * FROM UNNEST($13::uuid[], $14::int8[], $15::text[], $16::jsonb[], $17::jsonb[])
+             LIMIT cardinality($13::uuid[])
         )
         SELECT now()
         "#,

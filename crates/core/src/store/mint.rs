@@ -73,6 +73,7 @@ impl Store {
             r#"
             WITH wanted AS (
                 SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::int8[]) AS w(task_id, epoch, generation)
+                 LIMIT cardinality($1::uuid[])
             ), owned AS (
                 SELECT w.task_id
                   FROM wanted w
