@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{create, ctx, pod_meta, running_pod, store};
+use common::{create, ctx, pod_meta, running_pod, running_pods, store};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use taskpod_core::Error;
 use taskpod_core::domain::restart::CrashKind;
@@ -566,10 +566,7 @@ async fn a_batch_of_pod_appends_gives_each_item_its_own_outcome(
 ) {
     use taskpod_core::store::PodAppend;
     let store = store(opts).await;
-    let mut pods = Vec::new();
-    for _ in 0..4 {
-        pods.push(running_pod(&store, "sleep").await);
-    }
+    let pods = running_pods(&store, "sleep", 4).await;
     let item = |before: TaskState| PodAppend {
         before,
         events: vec![Event::PhaseChanged {

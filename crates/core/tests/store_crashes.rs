@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{pod_meta, running_pod, store};
+use common::{pod_meta, running_pod, running_pods, store};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use taskpod_core::Error;
 use taskpod_core::domain::restart::{CrashKind, RestartPolicy};
@@ -196,4 +196,158 @@ async fn a_task_can_tighten_its_own_restart_budget(_: PgPoolOptions, opts: PgCon
         matches!(outcome, CrashOutcome::Failed { .. }),
         "no restart allowed: {outcome:?}"
     );
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_batch_of_crashes_gives_each_item_the_answer_it_would_get_alone(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    use taskpod_core::domain::{NodeId, TaskId};
+    use taskpod_core::store::crash_batch::CrashItem;
+    let store = store(opts).await;
+    let pods = running_pods(&store, "sleep", 4).await;
+    // One survivor adopts every partition, as after a node loss.
+    let recorder = NodeId::new();
+    for (task, _, _) in &pods {
+        let partition = store.get_task(*task).await.unwrap().partition;
+        store.claim_partition(partition, recorder).await.unwrap();
+    }
+    let partitions = store.partitions().await.unwrap();
+    let generation_of = |task: TaskId| {
+        let store = store.clone();
+        let partitions = partitions.clone();
+        async move {
+            let partition = store.get_task(task).await.unwrap().partition;
+            partitions[partition as usize].generation
+        }
+    };
+    let policy = policy(Duration::ZERO);
+    let lost = |task: TaskId, epoch: i64, node: NodeId| CrashReport {
+        task_id: task,
+        epoch,
+        node: Some(node),
+        reason: "node lost".into(),
+        kind: CrashKind::NodeLost,
+    };
+    // `d` already lost one node: a second loss spends its budget (max_node_losses 1).
+    let (d, d_epoch, d_node) = pods[3];
+    let d_generation = generation_of(d).await;
+    let first = store
+        .record_crash(
+            &lost(d, d_epoch, d_node),
+            recorder,
+            d_generation,
+            &policy,
+            0.5,
+            &pod_meta(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(first, CrashOutcome::Restart { .. }), "{first:?}");
+    let d_epoch = store
+        .mint_pod(d, d_epoch, recorder, d_generation)
+        .await
+        .unwrap();
+    let s = store.state(d).await.unwrap();
+    store
+        .append(
+            d,
+            s.version,
+            AppendFence::Pod { epoch: d_epoch },
+            &[Event::PodStarted {
+                epoch: d_epoch,
+                node: recorder,
+                started_at: chrono::Utc::now(),
+            }],
+            &pod_meta(),
+        )
+        .await
+        .unwrap();
+
+    let (a, a_epoch, a_node) = pods[0];
+    let (b, b_epoch, b_node) = pods[1];
+    let (c, c_epoch, c_node) = pods[2];
+    let item = |report: CrashReport, generation: i64| CrashItem {
+        report,
+        generation,
+        jitter: 0.5,
+        metadata: pod_meta(),
+    };
+    let nowhere = TaskId::new();
+    let items = vec![
+        item(lost(a, a_epoch, a_node), generation_of(a).await),
+        item(lost(b, b_epoch + 1, b_node), generation_of(b).await),
+        item(lost(c, c_epoch, c_node), generation_of(c).await - 1),
+        item(lost(d, d_epoch, recorder), d_generation),
+        item(lost(nowhere, 1, a_node), 1),
+    ];
+    let answers = store.record_crashes(&items, recorder, &policy).await;
+    assert_eq!(answers.len(), 5);
+    assert!(
+        matches!(answers[0], Ok(CrashOutcome::Restart { .. })),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers[1], Err(Error::StaleEpoch { .. })),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers[2], Err(Error::StaleGeneration { .. })),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers[3], Ok(CrashOutcome::Failed { .. })),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers[4], Err(Error::TaskNotFound(t)) if t == nowhere),
+        "{answers:?}"
+    );
+
+    let crashes = |task: TaskId| {
+        let pool = store.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pod_crashes WHERE task_id = $1")
+                .bind(task.as_uuid())
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        (
+            crashes(a).await,
+            crashes(b).await,
+            crashes(c).await,
+            crashes(d).await
+        ),
+        (1, 0, 0, 2)
+    );
+    let events = store.read_stream(a, 1, 100).await.unwrap();
+    assert_eq!(events.last().unwrap().event.type_name(), "pod_crashed");
+    assert_eq!(store.get_task(d).await.unwrap().status, Status::Failed);
+    assert_eq!(store.get_task(b).await.unwrap().status, Status::Active);
+    // One transaction wrote both (not the item-by-item fallback).
+    let last_crash_tx = |task: TaskId| {
+        let pool = store.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT tx_id::text FROM events WHERE stream_id = $1 AND type = 'pod_crashed' \
+                 ORDER BY version DESC LIMIT 1",
+            )
+            .bind(task.as_uuid())
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(last_crash_tx(a).await, last_crash_tx(d).await);
+    // The same items again: nothing is counted twice.
+    let again = store.record_crashes(&items[..1], recorder, &policy).await;
+    assert!(
+        matches!(again[0], Err(Error::StaleEpoch { .. })),
+        "{again:?}"
+    );
+    assert_eq!(crashes(a).await, 1);
 }

@@ -32,6 +32,7 @@ use taskpod_core::Error;
 use taskpod_core::bus::{BusEvent, Publisher, Subscription, TaskUpdate, channels};
 use taskpod_core::domain::restart::{CrashKind, RestartPolicy};
 use taskpod_core::domain::{EventMetadata, NodeId, PodState, Status, TaskId};
+use taskpod_core::store::crash_batch::CrashItem;
 use taskpod_core::store::crashes::{CrashOutcome, CrashReport};
 use taskpod_core::store::nodes::PodCandidate;
 use taskpod_core::store::{MintRequest, MintedPod, Store};
@@ -66,10 +67,8 @@ const GAUGE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The most tasks one mint statement takes.
 const MINT_BATCH: usize = 512;
-/// Node losses recorded between two pings of the lock session.
+/// Node losses recorded in one transaction, between two pings of the lock session.
 const LOSS_CHUNK: usize = 128;
-/// Node losses recorded at once (each its own transaction, on the pool).
-const LOSS_CONCURRENCY: usize = 8;
 
 /// How long after its own fence a node treats adopted pods as interrupted rather than
 /// lost.
@@ -781,11 +780,10 @@ impl Controller {
         Ok(())
     }
 
-    /// Records `node_lost` for pods a dead owner left behind: each in its own
-    /// transaction (each decides its own restart under its own row lock), several at
-    /// once, then one read and one publish for all of them.
+    /// Records `node_lost` for pods a dead owner left behind: a chunk per transaction
+    /// (`Store::record_crashes`: each decides its own restart under its own row lock),
+    /// then one publish for the chunk.
     async fn record_node_losses(&mut self, lost: Vec<PodCandidate>) -> Result<(), WorkerError> {
-        use futures::StreamExt as _;
         let interrupted = self
             .last_fence
             .is_some_and(|t| t.elapsed() < INTERRUPTION_WINDOW);
@@ -827,28 +825,28 @@ impl Controller {
                 };
                 jobs.push((report, generation, metadata, span));
             }
-            let (store, node, policy) = (self.store.clone(), self.node, &self.policy);
-            let results: Vec<_> = futures::stream::iter(jobs)
-                .map(|(report, generation, metadata, span)| {
-                    let store = store.clone();
-                    async move {
-                        let recorded = store
-                            .record_crash(
-                                &report,
-                                node,
-                                generation,
-                                policy,
-                                rand::random::<f64>(),
-                                &metadata,
-                            )
-                            .instrument(span)
-                            .await;
-                        (report.task_id, metadata.traceparent, recorded)
-                    }
+            // One transaction for the chunk, each pod keeping its own outcome; the
+            // spans stay open while it runs, so each pod's trace shows its record.
+            let items: Vec<CrashItem> = jobs
+                .iter()
+                .map(|(report, generation, metadata, _)| CrashItem {
+                    report: report.clone(),
+                    generation: *generation,
+                    jitter: rand::random::<f64>(),
+                    metadata: metadata.clone(),
                 })
-                .buffer_unordered(LOSS_CONCURRENCY)
-                .collect()
+                .collect();
+            let answers = self
+                .store
+                .record_crashes(&items, self.node, &self.policy)
                 .await;
+            let results: Vec<_> = jobs
+                .into_iter()
+                .zip(answers)
+                .map(|((report, _, metadata, _span), recorded)| {
+                    (report.task_id, metadata.traceparent, recorded)
+                })
+                .collect();
             let mut crashed = Vec::new();
             for (task, traceparent, recorded) in results {
                 match recorded {

@@ -88,18 +88,9 @@ impl Store {
             return Ok(CrashOutcome::AlreadyRecorded);
         }
 
-        let mut events = vec![Event::PodCrashed {
-            epoch: report.epoch,
-            reason: report.reason.clone(),
-            kind: report.kind,
-        }];
-        let mut outcome = CrashOutcome::Ended;
-        let mut delay = None;
         let policy = &task_policy(&mut tx, report.task_id, policy).await?;
-        if before.status == Status::Active && report.kind == CrashKind::Interrupted {
-            delay = Some(Duration::ZERO);
-        } else if before.status == Status::Active {
-            let (handler, lost): (i64, i64) = sqlx::query_as(
+        let counts = if before.status == Status::Active && report.kind != CrashKind::Interrupted {
+            sqlx::query_as(
                 "SELECT count(*) FILTER (WHERE kind = 'handler'), count(*) FILTER (WHERE kind = 'node_lost') \
                  FROM pod_crashes WHERE task_id = $1 AND at > now() - make_interval(secs => $2)",
             )
@@ -107,18 +98,11 @@ impl Store {
             .bind(policy.window.as_secs_f64())
             .fetch_one(&mut *tx).traced("SELECT pod_crashes")
             .await
-            .map_err(from_sqlx)?;
-            match policy.decide(clamp(handler), clamp(lost), jitter) {
-                RestartDecision::Restart { delay: d } => delay = Some(d),
-                RestartDecision::Fail { error } => {
-                    events.push(Event::TaskFailed {
-                        error: format!("{error}; last: {}", report.reason),
-                        from_phase: before.phase,
-                    });
-                    outcome = CrashOutcome::Failed { error };
-                }
-            }
-        }
+            .map_err(from_sqlx)?
+        } else {
+            (0, 0)
+        };
+        let (events, mut outcome, delay) = decide_crash(&before, report, policy, counts, jitter);
         let after: TaskState = events
             .iter()
             .try_fold(before.clone(), |s, e| evolve(&s, e))?;
@@ -175,6 +159,48 @@ async fn task_policy(
             .traced("SELECT tasks")
             .await
             .map_err(from_sqlx)?;
+    Ok(with_overrides(policy, overrides.as_ref()))
+}
+
+/// The events a crash appends, what becomes of the task, and how long its restart
+/// waits (`None`: no restart), from the crashes in its window (`counts`: handler
+/// crashes and node losses, this one included). Shared by the single and the batched
+/// recorders, so both decide alike.
+pub(super) fn decide_crash(
+    before: &TaskState,
+    report: &CrashReport,
+    policy: &RestartPolicy,
+    counts: (i64, i64),
+    jitter: f64,
+) -> (Vec<Event>, CrashOutcome, Option<Duration>) {
+    let mut events = vec![Event::PodCrashed {
+        epoch: report.epoch,
+        reason: report.reason.clone(),
+        kind: report.kind,
+    }];
+    if before.status != Status::Active {
+        return (events, CrashOutcome::Ended, None);
+    }
+    if report.kind == CrashKind::Interrupted {
+        return (events, CrashOutcome::Ended, Some(Duration::ZERO));
+    }
+    match policy.decide(clamp(counts.0), clamp(counts.1), jitter) {
+        RestartDecision::Restart { delay } => (events, CrashOutcome::Ended, Some(delay)),
+        RestartDecision::Fail { error } => {
+            events.push(Event::TaskFailed {
+                error: format!("{error}; last: {}", report.reason),
+                from_phase: before.phase,
+            });
+            (events, CrashOutcome::Failed { error }, None)
+        }
+    }
+}
+
+/// `policy` with the limits a task's `metadata.restart` sets.
+pub(super) fn with_overrides(
+    policy: &RestartPolicy,
+    overrides: Option<&serde_json::Value>,
+) -> RestartPolicy {
     let mut policy = policy.clone();
     if let Some(o) = overrides {
         if let Some(n) = o
@@ -190,9 +216,9 @@ async fn task_policy(
             policy.window = Duration::from_secs(s);
         }
     }
-    Ok(policy)
+    policy
 }
 
-fn clamp(n: i64) -> u32 {
+pub(super) fn clamp(n: i64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }

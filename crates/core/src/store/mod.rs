@@ -22,6 +22,7 @@
 pub mod append;
 mod changes;
 pub mod checkpoint;
+pub mod crash_batch;
 pub mod crashes;
 pub mod create;
 mod errors;

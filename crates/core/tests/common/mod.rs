@@ -77,3 +77,12 @@ pub async fn running_pod(store: &Store, kind: &str) -> (TaskId, i64, NodeId) {
         .expect("pod_started");
     (task, epoch, node)
 }
+
+/// `n` running pods of `kind`, each on a node of its own.
+pub async fn running_pods(store: &Store, kind: &str, n: usize) -> Vec<(TaskId, i64, NodeId)> {
+    let mut pods = Vec::with_capacity(n);
+    for _ in 0..n {
+        pods.push(running_pod(store, kind).await);
+    }
+    pods
+}
