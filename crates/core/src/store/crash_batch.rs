@@ -160,6 +160,10 @@ impl Store {
             }
             checked.push((index, with_overrides(policy, restart.as_ref())));
         }
+        if checked.is_empty() {
+            // Nothing to write; dropping the transaction releases the locks.
+            return Ok(answered(answers));
+        }
 
         let inserted: Vec<uuid::Uuid> = {
             let rows = checked.iter().map(|(i, _)| &items[*i].report);
@@ -203,25 +207,29 @@ impl Store {
             })
             .map(|(i, p)| (items[*i].report.task_id, p.window.as_secs_f64()))
             .collect();
-        let counts: Vec<(uuid::Uuid, i64, i64)> = sqlx::query_as(
-            "SELECT c.task_id, count(*) FILTER (WHERE c.kind = 'handler'), \
+        let counts: Vec<(uuid::Uuid, i64, i64)> = if budgeted.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_as(
+                "SELECT c.task_id, count(*) FILTER (WHERE c.kind = 'handler'), \
                     count(*) FILTER (WHERE c.kind = 'node_lost') \
              FROM UNNEST($1::uuid[], $2::float8[]) AS w(task_id, window_s) \
              JOIN pod_crashes c ON c.task_id = w.task_id \
              WHERE c.at > now() - make_interval(secs => w.window_s) \
              GROUP BY c.task_id",
-        )
-        .bind(
-            budgeted
-                .iter()
-                .map(|(t, _)| t.as_uuid())
-                .collect::<Vec<_>>(),
-        )
-        .bind(budgeted.iter().map(|(_, w)| *w).collect::<Vec<_>>())
-        .fetch_all(&mut *tx)
-        .traced("SELECT pod_crashes")
-        .await
-        .map_err(from_sqlx)?;
+            )
+            .bind(
+                budgeted
+                    .iter()
+                    .map(|(t, _)| t.as_uuid())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(budgeted.iter().map(|(_, w)| *w).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
+            .traced("SELECT pod_crashes")
+            .await
+            .map_err(from_sqlx)?
+        };
         let counts: HashMap<TaskId, (i64, i64)> = counts
             .into_iter()
             .map(|(t, h, l)| (TaskId(t), (h, l)))
@@ -275,18 +283,22 @@ impl Store {
             .iter()
             .filter_map(|d| d.delay.map(|s| (d.before.task_id.as_uuid(), s)))
             .collect();
-        let restarts: Vec<(uuid::Uuid, DateTime<Utc>)> = sqlx::query_as(
-            "UPDATE task_heads h SET not_before = now() + make_interval(secs => d.delay_s) \
+        let restarts: Vec<(uuid::Uuid, DateTime<Utc>)> = if delayed.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_as(
+                "UPDATE task_heads h SET not_before = now() + make_interval(secs => d.delay_s) \
              FROM (SELECT * FROM UNNEST($1::uuid[], $2::float8[]) LIMIT cardinality($1::uuid[])) \
                   AS d(task_id, delay_s) \
              WHERE h.task_id = d.task_id RETURNING h.task_id, h.not_before",
-        )
-        .bind(delayed.iter().map(|(t, _)| *t).collect::<Vec<_>>())
-        .bind(delayed.iter().map(|(_, s)| *s).collect::<Vec<_>>())
-        .fetch_all(&mut *tx)
-        .traced("UPDATE task_heads")
-        .await
-        .map_err(from_sqlx)?;
+            )
+            .bind(delayed.iter().map(|(t, _)| *t).collect::<Vec<_>>())
+            .bind(delayed.iter().map(|(_, s)| *s).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
+            .traced("UPDATE task_heads")
+            .await
+            .map_err(from_sqlx)?
+        };
         let restarts: HashMap<TaskId, DateTime<Utc>> = restarts
             .into_iter()
             .map(|(t, at)| (TaskId(t), at))
@@ -301,13 +313,20 @@ impl Store {
             };
             answers[d.index] = Some(Ok(outcome));
         }
-        Ok(answers
-            .into_iter()
-            .map(|a| {
-                a.unwrap_or(Err(Error::Internal(
-                    "crash batch left an item unanswered".into(),
-                )))
-            })
-            .collect())
+        Ok(answered(answers))
     }
+}
+
+/// Every item's answer; an item the batch did not answer would be a bug, and says so.
+fn answered(answers: Vec<Option<Result<CrashOutcome, Error>>>) -> Vec<Result<CrashOutcome, Error>> {
+    answers
+        .into_iter()
+        .map(|a| {
+            a.unwrap_or_else(|| {
+                Err(Error::Internal(
+                    "crash batch left an item unanswered".into(),
+                ))
+            })
+        })
+        .collect()
 }
