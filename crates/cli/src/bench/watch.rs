@@ -439,12 +439,11 @@ pub async fn run(target: &mut Target, args: WatchArgs) -> Result<Report, BenchEr
     }
     Ok(Report {
         scenario: "watch",
-        parameters: vec![
-            ("rate", args.rate.into()),
-            ("tasks", args.tasks.into()),
-            ("duration_s", args.stretch.duration.into()),
-            ("warmup_s", args.stretch.warmup.into()),
-        ],
+        parameters: [
+            &[("rate", args.rate.into()), ("tasks", args.tasks.into())],
+            args.stretch.parameters().as_slice(),
+        ]
+        .concat(),
         cluster: target.info.clone(),
         latencies: vec![
             s.send_to_watcher.summary(
