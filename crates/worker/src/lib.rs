@@ -6,6 +6,8 @@
 //! Layout:
 //! - [`settings`]: the typed, layered configuration;
 //! - [`lock`]: the dedicated lock session and the advisory key scheme;
+//! - [`liveness`]: whether the lock session answered recently, for everything that must
+//!   stop without waiting on the control loop;
 //! - [`controller`]: the control loop (liveness, claims, the per-tick pod check);
 //! - [`pod`]: one pod's life: slot, start, handler, stop;
 //! - [`appender`]: the pods' appends, sharing transactions;
@@ -20,6 +22,7 @@ pub mod appender;
 pub mod controller;
 pub mod handler;
 pub mod handlers;
+pub mod liveness;
 pub mod lock;
 pub mod pod;
 pub mod settings;
