@@ -351,3 +351,87 @@ async fn a_batch_of_crashes_gives_each_item_the_answer_it_would_get_alone(
     );
     assert_eq!(crashes(a).await, 1);
 }
+
+/// Issue 12, defect 6: a window of 1e12 s made the window query raise "timestamp out of
+/// range" (the task stayed active with a phantom pod); 0 or u32::MAX attempts gave
+/// unlimited restarts past the operator's settings. Refused at create, naming the field.
+#[sqlx::test(migrations = "../../migrations")]
+async fn regression_restart_overrides_out_of_range_are_refused_at_create(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    use taskpod_core::domain::NewTask;
+    let store = store(opts).await;
+    for (restart, field) in [
+        (
+            serde_json::json!({"restart_window_seconds": 1e12}),
+            "metadata.restart.restart_window_seconds",
+        ),
+        (
+            serde_json::json!({"restart_window_seconds": 0}),
+            "metadata.restart.restart_window_seconds",
+        ),
+        (
+            serde_json::json!({"max_restart_attempts": u32::MAX}),
+            "metadata.restart.max_restart_attempts",
+        ),
+    ] {
+        let refused = store
+            .create_task(
+                &NewTask {
+                    auto_start: true,
+                    metadata: serde_json::json!({ "restart": restart }),
+                    ..NewTask::new("bad limits", "sleep")
+                },
+                &common::ctx("alice"),
+            )
+            .await;
+        match refused {
+            Err(Error::InvalidArgument { field: f, .. }) => assert_eq!(f, field, "{restart}"),
+            other => panic!("{restart} was not refused: {other:?}"),
+        }
+    }
+    let listed = store.count_tasks(&Default::default()).await;
+    assert!(matches!(listed, Ok(0)), "nothing was created: {listed:?}");
+}
+
+/// A task stored before the limits were checked still gets its crash recorded: the
+/// stored window is clamped, and its attempts cannot exceed the operator's.
+#[sqlx::test(migrations = "../../migrations")]
+async fn regression_a_stored_out_of_range_window_still_records_the_crash(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let store = store(opts).await;
+    let (task, epoch, node) = running_pod(&store, "sleep").await;
+    sqlx::query(
+        "UPDATE tasks SET metadata = '{\"restart\": {\"restart_window_seconds\": 1e12, \
+         \"max_restart_attempts\": 4294967295}}' WHERE task_id = $1",
+    )
+    .bind(task.as_uuid())
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let partition = store.get_task(task).await.unwrap().partition;
+    let generation = store.partitions().await.unwrap()[partition as usize].generation;
+    let off = RestartPolicy {
+        max_restart_attempts: 0,
+        ..policy(Duration::ZERO)
+    };
+    let report = CrashReport {
+        task_id: task,
+        epoch,
+        node: Some(node),
+        reason: "boom".into(),
+        kind: CrashKind::Handler,
+    };
+    let outcome = store
+        .record_crash(&report, node, generation, &off, 0.5, &pod_meta())
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, CrashOutcome::Failed { .. }),
+        "auto_restart off is not overridden by the task: {outcome:?}"
+    );
+    assert_eq!(store.get_task(task).await.unwrap().status, Status::Failed);
+}

@@ -106,6 +106,71 @@ impl RestartPolicy {
     }
 }
 
+/// The longest restart window a task may ask for in `metadata.restart`: a crash older
+/// than this counts for nothing anywhere (crash rows are pruned long before).
+pub const MAX_TASK_WINDOW_SECONDS: u64 = 30 * 24 * 3600;
+/// The most restart attempts a task may name in `metadata.restart`; the operator's
+/// setting caps it further.
+pub const MAX_TASK_RESTART_ATTEMPTS: u64 = 1_000;
+
+/// What a task's `metadata.restart` may say, checked at create so a stored task never
+/// carries a limit that breaks the crash recorder.
+///
+/// # Errors
+/// The field and the reason: not an object, an unknown key, or a value that is not a
+/// whole number within its bounds.
+pub fn validate_task_limits(restart: &serde_json::Value) -> Result<(), (String, String)> {
+    let Some(limits) = restart.as_object() else {
+        return Err(("metadata.restart".into(), "must be a JSON object".into()));
+    };
+    for (key, value) in limits {
+        let (min, max) = match key.as_str() {
+            "max_restart_attempts" => (0, MAX_TASK_RESTART_ATTEMPTS),
+            "restart_window_seconds" => (1, MAX_TASK_WINDOW_SECONDS),
+            other => {
+                return Err((
+                    format!("metadata.restart.{other}"),
+                    "unknown key (max_restart_attempts, restart_window_seconds)".into(),
+                ));
+            }
+        };
+        let field = format!("metadata.restart.{key}");
+        match value.as_u64() {
+            Some(n) if (min..=max).contains(&n) => {}
+            _ => return Err((field, format!("must be a whole number in {min}..={max}"))),
+        }
+    }
+    Ok(())
+}
+
+impl RestartPolicy {
+    /// This policy with a task's own limits applied, which may only tighten it: fewer
+    /// attempts, or a longer window (more crashes counted). A task never restarts more
+    /// than the operator allows, and `auto_restart = false` (no attempts) stays off.
+    /// Values a stored task carries from before validation are clamped, never trusted.
+    pub fn tightened_by(&self, restart: Option<&serde_json::Value>) -> RestartPolicy {
+        let mut policy = self.clone();
+        let Some(limits) = restart else {
+            return policy;
+        };
+        if let Some(n) = limits
+            .get("max_restart_attempts")
+            .and_then(serde_json::Value::as_u64)
+        {
+            let n = u32::try_from(n).unwrap_or(u32::MAX);
+            policy.max_restart_attempts = policy.max_restart_attempts.min(n);
+        }
+        if let Some(s) = limits
+            .get("restart_window_seconds")
+            .and_then(serde_json::Value::as_u64)
+        {
+            let asked = Duration::from_secs(s.min(MAX_TASK_WINDOW_SECONDS));
+            policy.window = policy.window.max(asked);
+        }
+        policy
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +202,98 @@ mod tests {
             RestartDecision::Restart { .. }
         ));
         assert!(matches!(p.decide(0, 6, 0.5), RestartDecision::Fail { .. }));
+    }
+
+    #[test]
+    fn regression_task_limits_out_of_range_are_refused_naming_the_field() {
+        use serde_json::json;
+        for (limits, field) in [
+            (
+                json!({"restart_window_seconds": 1e12}),
+                "metadata.restart.restart_window_seconds",
+            ),
+            (
+                json!({"restart_window_seconds": 1_000_000_000_000u64}),
+                "metadata.restart.restart_window_seconds",
+            ),
+            (
+                json!({"restart_window_seconds": 0}),
+                "metadata.restart.restart_window_seconds",
+            ),
+            (
+                json!({"restart_window_seconds": -5}),
+                "metadata.restart.restart_window_seconds",
+            ),
+            (
+                json!({"max_restart_attempts": u32::MAX}),
+                "metadata.restart.max_restart_attempts",
+            ),
+            (
+                json!({"max_restart_attempts": 1.5}),
+                "metadata.restart.max_restart_attempts",
+            ),
+            (
+                json!({"max_restart_attempts": "3"}),
+                "metadata.restart.max_restart_attempts",
+            ),
+            (json!({"max_restarts": 3}), "metadata.restart.max_restarts"),
+            (json!(3), "metadata.restart"),
+        ] {
+            let refused = validate_task_limits(&limits);
+            assert_eq!(
+                refused.map_err(|(f, _)| f),
+                Err(field.to_owned()),
+                "{limits}"
+            );
+        }
+        assert!(validate_task_limits(&json!({})).is_ok());
+        assert!(
+            validate_task_limits(
+                &json!({"max_restart_attempts": 0, "restart_window_seconds": 600})
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn regression_task_limits_never_loosen_the_operators() {
+        use serde_json::json;
+        let operator = RestartPolicy::default();
+        // More attempts, or a shorter window (crashes forgotten sooner), would loosen it.
+        let loose = json!({"max_restart_attempts": 1000, "restart_window_seconds": 1});
+        assert_eq!(operator.tightened_by(Some(&loose)), operator);
+        let strict = json!({"max_restart_attempts": 1, "restart_window_seconds": 600});
+        let tightened = operator.tightened_by(Some(&strict));
+        assert_eq!(tightened.max_restart_attempts, 1);
+        assert_eq!(tightened.window, Duration::from_secs(600));
+        // auto_restart = false is a budget of no attempts: a task cannot turn it on.
+        let off = RestartPolicy {
+            max_restart_attempts: 0,
+            ..RestartPolicy::default()
+        };
+        let asks = json!({"max_restart_attempts": u32::MAX});
+        assert_eq!(off.tightened_by(Some(&asks)).max_restart_attempts, 0);
+        // A stored value from before validation is clamped, so the window query holds.
+        let legacy = json!({"restart_window_seconds": u64::MAX});
+        assert_eq!(
+            operator.tightened_by(Some(&legacy)).window,
+            Duration::from_secs(MAX_TASK_WINDOW_SECONDS)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn task_limits_only_tighten(attempts in 0u64..u64::MAX, window in 0u64..u64::MAX) {
+            let operator = RestartPolicy::default();
+            let limits = serde_json::json!({
+                "max_restart_attempts": attempts,
+                "restart_window_seconds": window,
+            });
+            let p = operator.tightened_by(Some(&limits));
+            prop_assert!(p.max_restart_attempts <= operator.max_restart_attempts);
+            prop_assert!(p.window >= operator.window);
+            prop_assert!(p.window <= operator.window.max(Duration::from_secs(MAX_TASK_WINDOW_SECONDS)));
+        }
     }
 
     proptest! {

@@ -63,6 +63,10 @@ pub fn validate_new_task(task: &NewTask) -> Result<(), Error> {
         return Err(Error::invalid("metadata", "must be a JSON object"));
     }
     check_json_size("metadata", &task.metadata, METADATA_MAX_BYTES)?;
+    if let Some(restart) = task.metadata.get("restart") {
+        super::restart::validate_task_limits(restart)
+            .map_err(|(field, reason)| Error::invalid(&field, reason))?;
+    }
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use tracing::instrument;
 
 use super::Store;
-use super::crashes::{CrashOutcome, CrashReport, decide_crash, with_overrides};
+use super::crashes::{CrashOutcome, CrashReport, decide_crash};
 use super::errors::from_sqlx;
 use super::rows::{StateRow, state_columns};
 use super::traced::Traced as _;
@@ -158,7 +158,7 @@ impl Store {
                 }));
                 continue;
             }
-            checked.push((index, with_overrides(policy, restart.as_ref())));
+            checked.push((index, policy.tightened_by(restart.as_ref())));
         }
         if checked.is_empty() {
             // Nothing to write; dropping the transaction releases the locks.

@@ -146,7 +146,8 @@ impl Store {
 }
 
 /// The worker's policy, with the task's own limits where its metadata sets them:
-/// `{"restart": {"max_restart_attempts": 0, "restart_window_seconds": 600}}`.
+/// `{"restart": {"max_restart_attempts": 0, "restart_window_seconds": 600}}`, which may
+/// only tighten it ([`RestartPolicy::tightened_by`]).
 async fn task_policy(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     task_id: TaskId,
@@ -159,7 +160,7 @@ async fn task_policy(
             .traced("SELECT tasks")
             .await
             .map_err(from_sqlx)?;
-    Ok(with_overrides(policy, overrides.as_ref()))
+    Ok(policy.tightened_by(overrides.as_ref()))
 }
 
 /// The events a crash appends, what becomes of the task, and how long its restart
@@ -194,29 +195,6 @@ pub(super) fn decide_crash(
             (events, CrashOutcome::Failed { error }, None)
         }
     }
-}
-
-/// `policy` with the limits a task's `metadata.restart` sets.
-pub(super) fn with_overrides(
-    policy: &RestartPolicy,
-    overrides: Option<&serde_json::Value>,
-) -> RestartPolicy {
-    let mut policy = policy.clone();
-    if let Some(o) = overrides {
-        if let Some(n) = o
-            .get("max_restart_attempts")
-            .and_then(serde_json::Value::as_u64)
-        {
-            policy.max_restart_attempts = u32::try_from(n).unwrap_or(u32::MAX);
-        }
-        if let Some(s) = o
-            .get("restart_window_seconds")
-            .and_then(serde_json::Value::as_u64)
-        {
-            policy.window = Duration::from_secs(s);
-        }
-    }
-    policy
 }
 
 pub(super) fn clamp(n: i64) -> u32 {
