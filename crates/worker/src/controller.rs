@@ -124,6 +124,8 @@ pub struct Controller {
     last_fence: Option<Instant>,
     /// The last time the lock session answered a ping.
     last_ping: Instant,
+    /// Told of every answered ping and of every loss; pods read it.
+    liveness: crate::liveness::LivenessFeed,
     last_gauge: Option<Instant>,
     /// Tasks whose next pod is a restart after a crash (`taskpod_pod_restarts_total`).
     restarting: HashSet<TaskId>,
@@ -223,6 +225,10 @@ impl Controller {
             last_prune: Instant::now(),
             last_fence: None,
             last_ping: Instant::now(),
+            liveness: crate::liveness::LivenessFeed::new(
+                settings.lock_detection_bound(),
+            )
+            .0,
             last_gauge: None,
             restarting: HashSet::new(),
             peer_lost_at: None,
@@ -495,6 +501,7 @@ impl Controller {
         if let (true, Some(lock)) = (due, &mut self.lock) {
             lock.ping().await?;
             self.last_ping = Instant::now();
+            self.liveness.confirm();
         }
         Ok(())
     }
@@ -923,6 +930,7 @@ impl Controller {
             store: self.store.clone(),
             appender: self.appender.clone(),
             bus: self.bus.clone(),
+            liveness: self.liveness.liveness(),
         };
         let node = self.node;
         let span = pod::span(&spec, node);
@@ -1025,6 +1033,7 @@ impl Controller {
     async fn self_fence(&mut self) {
         tracing::warn!(node = %self.node, pods = self.pods.len(), "lock session lost, fencing");
         self.last_fence = Some(Instant::now());
+        self.liveness.lose();
         for pod in self.pods.values() {
             pod.stop.cancel();
         }

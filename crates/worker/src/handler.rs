@@ -39,6 +39,7 @@ use taskpod_core::telemetry::context::traceparent_of;
 use tokio_util::sync::CancellationToken;
 
 use crate::appender::Appender;
+use crate::liveness::Liveness;
 use crate::pod::PodIo;
 use tracing::{Instrument as _, Span};
 
@@ -88,6 +89,8 @@ pub struct PodContext {
     phase_span: Option<Span>,
     /// The trace context events carry when this process does not trace.
     origin: Option<String>,
+    /// Whether the node still holds its claim (see [`crate::liveness`]).
+    liveness: Liveness,
 }
 
 impl PodContext {
@@ -104,9 +107,11 @@ impl PodContext {
             store,
             appender,
             bus,
+            liveness,
         } = io;
         Self {
             bus,
+            liveness,
             appender,
             restored: None,
             span,
@@ -176,6 +181,13 @@ impl PodContext {
     /// The phase as far as this pod knows.
     pub fn phase(&self) -> Phase {
         self.state.phase
+    }
+
+    /// Whether this node still holds its claim on the task's partition, as the lock
+    /// session's pinger last saw it: side effects outside the store (an `exec` program)
+    /// must stop as soon as it is not, without waiting for a stop request.
+    pub fn liveness(&self) -> &Liveness {
+        &self.liveness
     }
 
     /// Resolves when the pod must stop.

@@ -17,6 +17,7 @@ use tracing::Span;
 
 use crate::appender::Appender;
 use crate::handler::{Handler, HandlerError, PodContext};
+use crate::liveness::Liveness;
 use crate::slots::Slots;
 
 /// What the controller starts a pod with: the mint's answer, so the pod starts without
@@ -87,6 +88,9 @@ pub(crate) struct PodIo {
     /// Appends, batched with other pods' (see [`crate::appender`]).
     pub appender: Appender,
     pub bus: Publisher,
+    /// Whether this node still holds its claim: what `exec` feeds its guards from, so a
+    /// node that lost its lock session stops its programs without the control loop.
+    pub liveness: Liveness,
 }
 
 /// Runs the pod; call it inside its [`span`].
@@ -187,6 +191,7 @@ mod tests {
             appender: Appender::start(store.clone(), &tracker),
             store,
             bus: Publisher::disabled(),
+            liveness: Liveness::always(),
         };
         let now = chrono::Utc::now();
         let task = Task {

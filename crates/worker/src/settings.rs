@@ -271,6 +271,12 @@ impl WorkerSettings {
         Duration::from_millis(self.tick_ms)
     }
 
+    /// How long after its last answered ping a node still counts its lock session as
+    /// alive: one ping interval for the next ping to start, one timeout for it to fail.
+    pub fn lock_detection_bound(&self) -> Duration {
+        Duration::from_millis(self.lock.ping_interval_ms + self.lock.ping_timeout_ms)
+    }
+
     /// How long an adopted `exec` pod waits so that the old owner has fenced itself
     /// first: longer than ping interval + ping timeout + the child-kill timeout.
     pub fn fence_margin(&self) -> Duration {
