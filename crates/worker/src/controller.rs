@@ -225,10 +225,7 @@ impl Controller {
             last_prune: Instant::now(),
             last_fence: None,
             last_ping: Instant::now(),
-            liveness: crate::liveness::LivenessFeed::new(
-                settings.lock_detection_bound(),
-            )
-            .0,
+            liveness: crate::liveness::LivenessFeed::new(settings.lock_detection_bound()).0,
             last_gauge: None,
             restarting: HashSet::new(),
             peer_lost_at: None,

@@ -24,6 +24,7 @@ pub mod handler;
 pub mod handlers;
 pub mod liveness;
 pub mod lock;
+pub mod planner;
 pub mod pod;
 pub mod settings;
 pub mod slots;
