@@ -569,6 +569,17 @@ async fn regression_a_node_without_its_lock_session_mints_and_records_nothing(
     owner.lose_lock(&store).await;
     assert!(!store.node_alive(owner.id).await.unwrap());
 
+    // It cannot claim either (a claim sent just before it froze must not bump the
+    // generation under the rightful owner).
+    let partition = store.get_task(waiting).await.unwrap().partition;
+    let err = store
+        .claim_partition(partition, owner.id)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::NodeFenced(n) if n == owner.id),
+        "{err:?}"
+    );
     // Its claims still stand in the partition rows: only the lock says otherwise.
     let err = store
         .mint_pod(waiting, 0, owner.id, generations[1])

@@ -49,7 +49,6 @@ pub(crate) struct Job {
 pub(crate) struct Recorded {
     pub task: TaskId,
     pub epoch: i64,
-    pub kind: CrashKind,
     /// The pod ran on another node (or an earlier incarnation of this one): a pod
     /// started after it waits the fence margin before running side effects.
     pub foreign: bool,
@@ -189,7 +188,6 @@ async fn record_chunk(io: &RecorderIo, recorder: NodeId, jobs: Vec<Job>) -> Vec<
         out.push(Recorded {
             task: job.task,
             epoch: job.epoch,
-            kind: job.kind,
             foreign: job.owner != Some(job.recorder),
             outcome,
         });

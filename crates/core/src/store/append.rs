@@ -211,19 +211,33 @@ impl Store {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a partition that does not exist;
+    /// [`Error::NodeFenced`] when the node's lock session is gone;
     /// [`Error::StoreUnavailable`].
     pub async fn claim_partition(&self, partition: i32, node: NodeId) -> Result<i64, Error> {
-        sqlx::query_scalar(
-            "UPDATE partitions SET generation = generation + 1, owner_node = $2 \
-             WHERE partition = $1 RETURNING generation",
-        )
+        // Only while the node's lock session lives: a claim sent just before the node
+        // froze must not bump the generation under the partition's rightful owner.
+        let (generation, alive): (Option<i64>, bool) = sqlx::query_as(concat!(
+            "WITH alive AS (SELECT ",
+            node_alive_sql!("$2"),
+            " AS ok), claimed AS (UPDATE partitions SET generation = generation + 1, \
+             owner_node = $2 WHERE partition = $1 AND (SELECT ok FROM alive) \
+             RETURNING generation) \
+             SELECT (SELECT generation FROM claimed), (SELECT ok FROM alive)"
+        ))
         .bind(partition)
         .bind(node.0)
-        .fetch_optional(&self.pool)
+        .fetch_one(&self.pool)
         .traced("UPDATE partitions")
         .await
-        .map_err(from_sqlx)?
-        .ok_or_else(|| Error::invalid("partition", format!("no partition {partition}")))
+        .map_err(from_sqlx)?;
+        match (generation, alive) {
+            (Some(generation), _) => Ok(generation),
+            (None, false) => Err(Error::NodeFenced(node)),
+            (None, true) => Err(Error::invalid(
+                "partition",
+                format!("no partition {partition}"),
+            )),
+        }
     }
 
     pub(crate) async fn check_partition_owner(
