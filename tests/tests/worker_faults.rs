@@ -281,29 +281,32 @@ async fn regression_a_joining_node_takes_idle_partitions_without_stopping_a_pod(
         owned_by(&pool, &first.node_id).await == 256
     })
     .await;
-    for _ in 0..60 {
+    // Enough pods that fewer than half the partitions are idle: balancing must hand
+    // back busy ones too.
+    for _ in 0..400 {
         create(&mut c, "manual", serde_json::Value::Null).await;
     }
     eventually("its pods run", || async {
-        running_on(&pool, &first.node_id).await == 60
+        running_on(&pool, &first.node_id).await == 400
     })
     .await;
-    let busy = scalar(
-        &pool,
-        "SELECT count(DISTINCT t.partition) FROM tasks t JOIN task_heads h USING (task_id) \
-         WHERE h.pod_state = 'running'",
-    )
-    .await;
+    let idle = 256
+        - scalar(
+            &pool,
+            "SELECT count(DISTINCT t.partition) FROM tasks t JOIN task_heads h USING (task_id) \
+             WHERE h.pod_state = 'running'",
+        )
+        .await;
+    assert!(idle < 128, "{idle} idle partitions");
     let second = WorkerProcess::spawn(&db, "second", &[]).await.unwrap();
-    eventually(
-        "the second worker took its share of idle partitions",
-        || async {
-            owned_by(&pool, &second.node_id).await >= 128 - busy.min(128)
-                && owned_by(&pool, &first.node_id).await <= 128 + busy
-        },
-    )
+    eventually("the second worker took the idle partitions", || async {
+        owned_by(&pool, &second.node_id).await >= idle
+    })
     .await;
-    assert_eq!(running_on(&pool, &first.node_id).await, 60);
+    // Past several settling delays and claim rounds: the busy ones stay until their
+    // pods end (these never do) or the hand-back deadline (a minute) passes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(running_on(&pool, &first.node_id).await, 400);
     assert_eq!(
         scalar(
             &pool,
@@ -313,6 +316,7 @@ async fn regression_a_joining_node_takes_idle_partitions_without_stopping_a_pod(
         0,
         "no running pod was stopped to balance"
     );
+    assert_eq!(owned_by(&pool, &second.node_id).await, idle);
 }
 
 /// Defect 8, the rolling deploy: two nodes with disjoint offers made every node
@@ -423,32 +427,32 @@ async fn regression_a_dead_nodes_pod_of_an_ended_task_is_recorded() {
 }
 
 /// Defect 10: pods cut off by a graceful drain were charged `node_lost` by the next
-/// owner; they are the draining node's own interruptions now.
+/// owner; they are the draining node's own interruptions now, recorded before its
+/// partitions go. No grace, and many pods: most are cut off mid-stop.
 #[tokio::test]
 async fn regression_pods_cut_off_by_a_drain_are_interrupted_not_lost() {
     let db = TestDb::create().await.unwrap();
     let api = ApiProcess::spawn(&db, &[]).await.unwrap();
     let mut c = api.client().await.unwrap();
     let pool = pool(&db).await;
-    // No grace: the drain cuts its pods off at once.
     let env = [("TASKPOD_DRAIN_GRACE_MS", "0")];
     let mut draining = WorkerProcess::spawn(&db, "draining", &env).await.unwrap();
     eventually("it owns every partition", || async {
         owned_by(&pool, &draining.node_id).await == 256
     })
     .await;
-    for _ in 0..10 {
+    for _ in 0..200 {
         create(&mut c, "manual", serde_json::Value::Null).await;
     }
     eventually("its pods run", || async {
-        running_on(&pool, &draining.node_id).await == 10
+        running_on(&pool, &draining.node_id).await == 200
     })
     .await;
-    let heir = WorkerProcess::spawn(&db, "heir", &env).await.unwrap();
     draining.signal("TERM").await.unwrap();
     assert!(draining.wait(WAIT).await.unwrap().success());
+    let heir = WorkerProcess::spawn(&db, "heir", &env).await.unwrap();
     eventually("every pod runs on the heir", || async {
-        running_on(&pool, &heir.node_id).await == 10
+        running_on(&pool, &heir.node_id).await == 200
     })
     .await;
     assert_eq!(
@@ -457,16 +461,8 @@ async fn regression_pods_cut_off_by_a_drain_are_interrupted_not_lost() {
             "SELECT count(*) FROM pod_crashes WHERE kind = 'node_lost'"
         )
         .await,
-        0
-    );
-    assert!(
-        scalar(
-            &pool,
-            "SELECT count(*) FROM pod_crashes WHERE kind = 'interrupted'"
-        )
-        .await
-            > 0,
-        "the drain cut pods off"
+        0,
+        "nothing the drain cut off was charged to its task"
     );
 }
 
