@@ -14,6 +14,8 @@
 //! Output goes to the task's output stream in chunks of at most `CHUNK_BYTES`, flushed at
 //! least every `CHUNK_INTERVAL`, up to `OUTPUT_LIMIT` bytes per run (then truncated).
 
+pub mod guard;
+
 use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
