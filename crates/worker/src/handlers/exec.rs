@@ -159,12 +159,25 @@ async fn run_once(
         .stderr(Stdio::piped());
     let mut guarded = launch.spawn().map_err(cannot)?;
     let kill_timeout = Duration::from_millis(KILL_TIMEOUT_MS);
-    if let Err(e) = guarded.started(START_TIMEOUT).await {
-        guarded.stop(kill_timeout).await;
-        return Err(match e {
-            guard::StartError::Program(reason) => HandlerError::Fail(reason),
-            guard::StartError::Guard(_) => HandlerError::Retry(e.to_string()),
-        });
+    let started = tokio::select! {
+        biased;
+        () = pod.stopped() => Err(RunEnd::Stopped),
+        () = lost.lost() => Err(RunEnd::Lost),
+        started = guarded.started(START_TIMEOUT) => Ok(started),
+    };
+    match started {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            guarded.stop(kill_timeout).await;
+            return Err(match e {
+                guard::StartError::Program(reason) => HandlerError::Fail(reason),
+                guard::StartError::Guard(_) => HandlerError::Retry(e.to_string()),
+            });
+        }
+        Err(end) => {
+            guarded.stop(kill_timeout).await;
+            return Ok(end);
+        }
     }
     let input = guarded.child.stdin.take();
     let store = pod.store_handle();

@@ -167,11 +167,15 @@ fn adopt_feed(fd: i32) -> Result<UnixStream, GuardError> {
     if fd <= 2 {
         return Err(GuardError::Usage);
     }
-    // SAFETY: the worker passes this descriptor to this process for the guard alone
-    // (its number is the `--feed-fd` it set up in `inherit_feed`), and nothing else in
-    // this process opened, owns or closes it; fcntl below checks that it is open.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     let fail = |e: rustix::io::Errno| GuardError::Feed(fd, e.into());
+    // SAFETY: the worker passes this descriptor to this process for the guard alone
+    // (its number is the `--feed-fd` it set up in `inherit_feed`); nothing else in this
+    // process opened, owns or closes it, and fcntl(2) checks that it is open before it
+    // is owned.
+    let owned = unsafe {
+        rustix::io::fcntl_getfd(std::os::fd::BorrowedFd::borrow_raw(fd)).map_err(fail)?;
+        OwnedFd::from_raw_fd(fd)
+    };
     rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC).map_err(fail)?;
     Ok(UnixStream::from(owned))
 }
