@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use taskpod_worker::WorkerSettings;
+use taskpod_worker::handlers::exec::guard;
 use tokio_util::sync::CancellationToken;
 
 /// taskpod's worker node. Settings: defaults, then --config, then TASKPOD_* variables
@@ -19,6 +20,13 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // The per-run guard of `exec`: no settings, no runtime, no output of its own.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == guard::SUBCOMMAND)
+    {
+        return guard::main(std::env::args_os().skip(2));
+    }
     let args = Args::parse();
     taskpod_core::process::run_server(
         "taskpod-worker",

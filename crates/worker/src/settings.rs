@@ -252,6 +252,7 @@ pub struct HandlerSettings {
     /// Programs the `exec` handler may run, by name; clients name one in the payload
     /// (`{"program": "name"}`), never a path.
     pub programs: BTreeMap<String, ProgramSettings>,
+    pub exec: ExecSettings,
 }
 
 impl Default for HandlerSettings {
@@ -261,8 +262,38 @@ impl Default for HandlerSettings {
             concurrency: BTreeMap::new(),
             sleep_phase_ms: 100,
             programs: BTreeMap::new(),
+            exec: ExecSettings::default(),
         }
     }
+}
+
+/// How `exec` bounds a run's life to its worker's: each run is started under a guard
+/// process that kills the run's whole process tree once the worker stops feeding it (see
+/// `handlers::exec::guard`). Keep these the same on every worker: an adopting worker
+/// waits out the old owner's guard timeout with its own.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecSettings {
+    /// How often the worker tells each guard it still holds its claim.
+    pub feed_interval_ms: u64,
+    /// A guard that heard nothing this long kills its run: the bound on how long a
+    /// paused (SIGSTOP) or hung worker's programs outlive it.
+    pub guard_timeout_ms: u64,
+}
+
+impl Default for ExecSettings {
+    fn default() -> Self {
+        Self {
+            feed_interval_ms: 100,
+            guard_timeout_ms: 1_000,
+        }
+    }
+}
+
+impl ExecSettings {
+    /// A late tick of a busy runtime must not kill a healthy run: the timeout spans
+    /// several feed intervals.
+    pub const MIN_INTERVALS_PER_TIMEOUT: u64 = 4;
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -318,6 +349,23 @@ impl WorkerSettings {
             }
         }
         self.maintenance.check()?;
+        let exec = &self.handlers.exec;
+        if exec.feed_interval_ms == 0 {
+            return invalid("handlers.exec.feed_interval_ms", "must be positive");
+        }
+        if exec.guard_timeout_ms
+            < exec
+                .feed_interval_ms
+                .saturating_mul(ExecSettings::MIN_INTERVALS_PER_TIMEOUT)
+        {
+            return invalid(
+                "handlers.exec.guard_timeout_ms",
+                format!(
+                    "must be at least {} feed intervals",
+                    ExecSettings::MIN_INTERVALS_PER_TIMEOUT
+                ),
+            );
+        }
         if self.restart.crash_retention_seconds < self.restart.restart_window_seconds {
             return invalid(
                 "restart.crash_retention_seconds",
@@ -375,14 +423,17 @@ impl WorkerSettings {
         Duration::from_millis(self.lock.ping_interval_ms + self.lock.ping_timeout_ms)
     }
 
-    /// How long an adopted `exec` pod waits so that the old owner has fenced itself
-    /// first: longer than ping interval + ping timeout + the child-kill timeout.
+    /// How long an adopted `exec` pod waits so that the old owner's programs are dead
+    /// first. The old owner's lock session ended before this node could adopt; its
+    /// liveness went stale at most a detection bound (ping interval + ping timeout)
+    /// after its last answered ping, its guards heard their last byte then and kill
+    /// within the guard timeout; the kill timeout is the guards' slack to do it.
     pub fn fence_margin(&self) -> Duration {
         Duration::from_millis(
             self.lock.ping_interval_ms
                 + self.lock.ping_timeout_ms
-                + crate::handlers::exec::KILL_TIMEOUT_MS
-                + 500,
+                + self.handlers.exec.guard_timeout_ms
+                + crate::handlers::exec::KILL_TIMEOUT_MS,
         )
     }
 }
@@ -398,6 +449,26 @@ mod tests {
         assert_eq!(s.lock_url(), "postgres://pooler:6432/taskpod");
         s.lock.url = Secret::new("postgres://primary:5432/taskpod");
         assert_eq!(s.lock_url(), "postgres://primary:5432/taskpod");
+    }
+
+    #[test]
+    fn the_guard_timeout_must_span_several_feed_intervals() {
+        let mut s = WorkerSettings::default();
+        assert!(s.check().is_ok());
+        s.handlers.exec.guard_timeout_ms = 399;
+        let err = s.check().unwrap_err().to_string();
+        assert!(err.contains("handlers.exec.guard_timeout_ms"), "{err}");
+        s.handlers.exec.guard_timeout_ms = 400;
+        assert!(s.check().is_ok());
+        s.handlers.exec.feed_interval_ms = 0;
+        assert!(s.check().is_err());
+    }
+
+    #[test]
+    fn an_adopted_exec_pod_waits_out_the_old_owners_guard() {
+        let s = WorkerSettings::default();
+        // 300 ms ping interval + 1 s ping timeout + 1 s guard timeout + 2 s kill timeout.
+        assert_eq!(s.fence_margin(), Duration::from_millis(4_300));
     }
 
     #[test]

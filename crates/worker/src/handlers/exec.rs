@@ -5,31 +5,41 @@
 //! `TASKPOD_PHASE` in its environment; exit 0 moves the task to the next phase, the
 //! configured fail code fails it, anything else (or the phase timeout) is a crash.
 //!
-//! The child runs in its own process group, which is killed on stop, on timeout and on
-//! self-fence, and dies with the worker (`PR_SET_PDEATHSIG`, set in the child before
-//! exec; it fires when the forking thread exits, and tokio forks from its long-lived
-//! runtime threads). The epoch fences rows, not programs: `exec` is at-least-once, with
-//! overlap bounded by the fence margin an adopted pod waits (docs/architecture.md).
+//! Each run is started under a [`guard`] process (the worker's own binary in a hidden
+//! mode) that kills the run's whole process tree, grandchildren and `setsid` escapees
+//! included, when the worker closes its feed (stop, phase timeout, lost liveness), dies
+//! (SIGKILL), or stops feeding it for `handlers.exec.guard_timeout_ms` (SIGSTOP, a hung
+//! runtime, a lock session no longer confirmed); and when the program exits, so nothing
+//! of a finished run lingers. The epoch fences rows, not programs: `exec` is
+//! at-least-once, and the guard is what makes the fence margin an adopted pod waits
+//! longer than any overlap of two epochs' runs (docs/architecture.md, "Workers").
 //!
 //! Output goes to the task's output stream in chunks of at most `CHUNK_BYTES`, flushed at
 //! least every `CHUNK_INTERVAL`, up to `OUTPUT_LIMIT` bytes per run (then truncated).
 
+pub mod guard;
+
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use rustix::process::{Pid, Signal};
 use taskpod_core::domain::TaskId;
 use taskpod_core::store::Store;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, Command};
 
 use crate::handler::{Handler, HandlerError, PodContext};
-use crate::settings::ProgramSettings;
+use crate::settings::{ExecSettings, HandlerSettings, ProgramSettings};
 
-/// How long a killed process group gets before the handler stops waiting for it.
+/// How long a stopped run's guard gets to kill and reap the run's tree before the
+/// handler SIGKILLs the guard's and the program's groups and stops waiting.
 pub const KILL_TIMEOUT_MS: u64 = 2_000;
+/// The guard is the worker's own binary: this path stays valid when the file is
+/// replaced by an upgrade while the worker runs.
+const GUARD_EXE: &str = "/proc/self/exe";
+/// How long a guard may take to start its program and say so.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
 const CHUNK_BYTES: usize = 64 * 1024;
 const CHUNK_INTERVAL: Duration = Duration::from_secs(1);
 const OUTPUT_LIMIT: usize = 8 * 1024 * 1024;
@@ -37,11 +47,15 @@ const OUTPUT_LIMIT: usize = 8 * 1024 * 1024;
 #[derive(Debug)]
 pub struct Exec {
     programs: BTreeMap<String, ProgramSettings>,
+    guard: ExecSettings,
 }
 
 impl Exec {
-    pub fn new(programs: BTreeMap<String, ProgramSettings>) -> Self {
-        Self { programs }
+    pub fn new(settings: &HandlerSettings) -> Self {
+        Self {
+            programs: settings.programs.clone(),
+            guard: settings.exec.clone(),
+        }
     }
 }
 
@@ -49,6 +63,11 @@ enum RunEnd {
     Exited(Option<i32>),
     TimedOut,
     Stopped,
+    /// The node's liveness lapsed: it may no longer own the task, so the run is cut
+    /// without waiting for the control loop (which may be stuck on the store). Not the
+    /// task's fault: the pod stops, and a pod is minted again wherever the task's
+    /// partition is owned.
+    Lost,
 }
 
 impl Handler for Exec {
@@ -67,7 +86,7 @@ impl Handler for Exec {
             let stdin = serde_json::to_vec(&payload).unwrap_or_default();
             let mut seq = 0i32;
             while !pod.phase().is_terminal() {
-                let end = run_once(pod, program, &stdin, &mut seq).await?;
+                let end = run_once(pod, program, &self.guard, &stdin, &mut seq).await?;
                 match end {
                     RunEnd::Exited(Some(0)) => {
                         pod.advance().await?;
@@ -95,6 +114,14 @@ impl Handler for Exec {
                         )));
                     }
                     RunEnd::Stopped => return Err(HandlerError::Stopped),
+                    RunEnd::Lost => {
+                        tracing::warn!(
+                            task.id = %pod.task().task_id,
+                            epoch = pod.epoch(),
+                            "lock session not confirmed: {name} killed"
+                        );
+                        return Err(HandlerError::Stopped);
+                    }
                 }
             }
             Ok(())
@@ -105,65 +132,97 @@ impl Handler for Exec {
 async fn run_once(
     pod: &PodContext,
     program: &ProgramSettings,
+    settings: &ExecSettings,
     stdin: &[u8],
     seq: &mut i32,
 ) -> Result<RunEnd, HandlerError> {
-    let mut cmd = Command::new(&program.path);
-    cmd.args(&program.args)
+    let mut lost = pod.liveness().clone();
+    if !lost.is_alive() {
+        return Ok(RunEnd::Lost);
+    }
+    let cannot =
+        |e: std::io::Error| HandlerError::Retry(format!("cannot start the exec guard: {e}"));
+    let mut launch = guard::Launch::new(
+        Path::new(GUARD_EXE),
+        Duration::from_millis(settings.guard_timeout_ms),
+        &program.path,
+        &program.args,
+    )
+    .map_err(cannot)?;
+    launch
+        .command()
         .env("TASKPOD_TASK_ID", pod.task().task_id.to_string())
         .env("TASKPOD_EPOCH", pod.epoch().to_string())
         .env("TASKPOD_PHASE", pod.phase().as_str())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    die_with_parent(&mut cmd);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| HandlerError::Fail(format!("cannot start {}: {e}", program.path.display())))?;
-    let pgid = child
-        .id()
-        .and_then(|id| i32::try_from(id).ok())
-        .and_then(Pid::from_raw);
-    if let Some(mut input) = child.stdin.take() {
-        // A program that does not read its stdin must not block the pod.
-        let _ = tokio::time::timeout(Duration::from_secs(5), input.write_all(stdin)).await;
+        .stderr(Stdio::piped());
+    let mut guarded = launch.spawn().map_err(cannot)?;
+    let kill_timeout = Duration::from_millis(KILL_TIMEOUT_MS);
+    let started = tokio::select! {
+        biased;
+        () = pod.stopped() => Err(RunEnd::Stopped),
+        () = lost.lost() => Err(RunEnd::Lost),
+        started = guarded.started(START_TIMEOUT) => Ok(started),
+    };
+    match started {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            guarded.stop(kill_timeout).await;
+            return Err(match e {
+                guard::StartError::Program(reason) => HandlerError::Fail(reason),
+                guard::StartError::Guard(_) => HandlerError::Retry(e.to_string()),
+            });
+        }
+        Err(end) => {
+            guarded.stop(kill_timeout).await;
+            return Ok(end);
+        }
     }
+    let input = guarded.child.stdin.take();
     let store = pod.store_handle();
     let (task, epoch) = (pod.task().task_id, pod.epoch());
-    let out = child.stdout.take();
-    let err = child.stderr.take();
+    let out = guarded.child.stdout.take();
+    let err = guarded.child.stderr.take();
     let base = *seq;
-    let capture = async move {
-        let (a, b) = tokio::join!(
+    let io = async move {
+        let ((), a, b) = tokio::join!(
+            async move {
+                if let Some(mut input) = input {
+                    // A program that does not read its stdin must not block the pod.
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(5), input.write_all(stdin)).await;
+                }
+            },
             capture(&store, task, epoch, "stdout", out, base, 2),
             capture(&store, task, epoch, "stderr", err, base + 1, 2),
         );
         a.max(b)
     };
     let timeout = Duration::from_millis(program.phase_timeout_ms);
+    let feed_every = Duration::from_millis(settings.feed_interval_ms);
+    let liveness = pod.liveness().clone();
+    // Biased: a worker resumed after a pause finds its guard gone and its liveness
+    // lapsed at once; the run was cut for the node's sake, not the program's.
     let end = tokio::select! {
-        (status, next) = async { tokio::join!(child.wait(), capture) } => {
+        biased;
+        () = pod.stopped() => RunEnd::Stopped,
+        () = lost.lost() => RunEnd::Lost,
+        (status, next) = async { tokio::join!(guarded.wait_fed(&liveness, feed_every), io) } => {
             *seq = next;
-            RunEnd::Exited(status.ok().and_then(|s| s.code()))
+            match status.ok().and_then(|s| s.code()) {
+                // Cut by its guard while this node was paused or starved: the node's
+                // doing, not the program's.
+                code if code != Some(0) && !liveness.is_alive() => RunEnd::Lost,
+                code => RunEnd::Exited(code),
+            }
         }
         () = tokio::time::sleep(timeout) => RunEnd::TimedOut,
-        () = pod.stopped() => RunEnd::Stopped,
     };
     if !matches!(end, RunEnd::Exited(_)) {
-        kill_group(pgid, &mut child).await;
+        guarded.stop(kill_timeout).await;
     }
     Ok(end)
-}
-
-/// Kills the whole process group and waits (bounded) for the leader.
-pub(crate) async fn kill_group(pgid: Option<Pid>, child: &mut Child) {
-    if let Some(pgid) = pgid {
-        // ESRCH (already gone) is fine.
-        let _ = rustix::process::kill_process_group(pgid, Signal::KILL);
-    }
-    let _ = tokio::time::timeout(Duration::from_millis(KILL_TIMEOUT_MS), child.wait()).await;
 }
 
 /// Streams one pipe into output chunks; sequence numbers interleave stdout and stderr
@@ -210,24 +269,4 @@ async fn capture(
         seq += step;
     }
     seq
-}
-
-/// Makes the child receive SIGKILL when the worker dies.
-#[allow(unsafe_code)]
-fn die_with_parent(cmd: &mut Command) {
-    let parent = rustix::process::getpid();
-    // SAFETY: the closure runs in the forked child before exec and only makes the
-    // prctl(2) and getppid(2) system calls and builds an io::Error from an errno: it
-    // allocates nothing and takes no lock, as async-signal-safety requires.
-    unsafe {
-        cmd.pre_exec(move || {
-            rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
-            // The worker may have died between fork and prctl: then nothing would kill
-            // us later, so do not start at all.
-            if rustix::process::getppid() != Some(parent) {
-                return Err(rustix::io::Errno::SRCH.into());
-            }
-            Ok(())
-        });
-    }
 }

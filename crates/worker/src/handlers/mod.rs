@@ -21,7 +21,7 @@ pub fn registry(settings: &HandlerSettings) -> BTreeMap<String, Arc<dyn Handler>
         let handler: Arc<dyn Handler> = match kind.as_str() {
             "manual" => Arc::new(manual::Manual),
             "sleep" => Arc::new(sleep::Sleep::new(settings.sleep_phase_ms)),
-            "exec" => Arc::new(exec::Exec::new(settings.programs.clone())),
+            "exec" => Arc::new(exec::Exec::new(settings)),
             // Settings::check refuses unknown kinds.
             _ => continue,
         };
