@@ -591,6 +591,42 @@ impl Model {
         Ok(after)
     }
 
+    // ----- resynchronising with a real store after a mismatch -----
+
+    /// Takes `state` as the task's head (what the real store holds).
+    pub fn resync_head(&mut self, task: TaskId, state: TaskState) {
+        if let Some(row) = self.tasks.get_mut(&task) {
+            row.state = state;
+        }
+    }
+
+    /// Takes `row` as the partition's row.
+    pub fn resync_partition(&mut self, p: i32, row: PartitionRow) {
+        self.partitions.insert(p, row);
+    }
+
+    /// Adds a crash record the real store made and the model refused.
+    pub fn resync_crash(&mut self, task: TaskId, epoch: i64, kind: CrashKind) {
+        self.crashes.push(CrashRow {
+            task,
+            epoch,
+            kind,
+            at: self.now,
+        });
+    }
+
+    /// Forgets a crash record the real store refused and the model made.
+    pub fn resync_uncrash(&mut self, task: TaskId, epoch: i64) {
+        self.crashes
+            .retain(|c| !(c.task == task && c.epoch == epoch));
+    }
+
+    /// Logs a write the real store accepted and the model refused, so the model's own
+    /// history follows what both now hold.
+    pub fn resync_write(&mut self, write: Write) {
+        self.log.push((self.now, write));
+    }
+
     fn set_state(&mut self, task: TaskId, state: TaskState) {
         if let Some(row) = self.tasks.get_mut(&task) {
             row.state = state;
