@@ -9,7 +9,7 @@ use taskpod_worker::planner::{Loss, LostPod, Start};
 
 use super::pod::SimPod;
 use super::{Ctx, SimNode};
-use crate::model::{CrashAnswer, Refusal};
+use crate::model::CrashAnswer;
 
 /// One round trip.
 #[derive(Clone, Debug)]
@@ -292,9 +292,4 @@ impl SimNode {
             Err(why) => cx.stats.refused(&why),
         }
     }
-}
-
-/// Refusals that say the node's own claim is gone.
-pub fn fences_node(why: &Refusal) -> bool {
-    matches!(why, Refusal::NodeLockLost | Refusal::StaleGeneration)
 }
