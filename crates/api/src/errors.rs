@@ -71,7 +71,8 @@ pub fn to_status(err: Error, fields: Fields<'_>) -> Status {
         Error::IllegalEvent { .. } | Error::BackingOff { .. } => Code::FailedPrecondition,
         Error::VersionConflict { .. }
         | Error::StaleEpoch { .. }
-        | Error::StaleGeneration { .. } => Code::Aborted,
+        | Error::StaleGeneration { .. }
+        | Error::NodeFenced(_) => Code::Aborted,
         Error::StoreUnavailable(cause) => {
             tracing::warn!(%cause, "store unavailable");
             details.set_retry_info(Some(RETRY_AFTER));

@@ -52,6 +52,10 @@ pub enum Error {
     /// that generation: stop and re-check ownership.
     #[error("stale partition generation: held {held}, current {current}")]
     StaleGeneration { held: i64, current: i64 },
+    /// A worker write from a node whose lock session is gone: it holds no partition any
+    /// more, whatever the partition rows still say, until it reconnects.
+    #[error("node {0} has lost its lock session")]
+    NodeFenced(crate::domain::NodeId),
     /// A crashed task's restart backoff has not passed yet.
     #[error("task {task_id} restarts in {wait:?}")]
     BackingOff {
@@ -100,6 +104,7 @@ impl Error {
             Error::VersionConflict { .. } => "VERSION_CONFLICT",
             Error::StaleEpoch { .. } => "STALE_EPOCH",
             Error::StaleGeneration { .. } => "STALE_GENERATION",
+            Error::NodeFenced(_) => "NODE_FENCED",
             Error::BackingOff { .. } => "BACKING_OFF",
             Error::IdempotencyKeyReused { .. } => "IDEMPOTENCY_KEY_REUSED",
             Error::Internal(_) => "INTERNAL",

@@ -6,11 +6,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{create, ctx, pod_meta, running_pod, running_pods, store};
+use common::{create, ctx, live_node, pod_meta, running_pod, running_pods, store};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use taskpod_core::Error;
 use taskpod_core::domain::restart::CrashKind;
-use taskpod_core::domain::{Command, Event, NodeId, Phase, PodState, Status, TaskState};
+use taskpod_core::domain::{Command, Event, Phase, PodState, Status, TaskState};
 use taskpod_core::store::AppendFence;
 
 fn next_phase(from: Phase) -> Event {
@@ -165,7 +165,8 @@ async fn epochs_are_minted_only_by_the_partition_owner_at_its_generation(
         .await
         .unwrap();
     let partition = store.get_task(task).await.unwrap().partition;
-    let (old, new) = (NodeId::new(), NodeId::new());
+    let (old_node, new_node) = (live_node(&store).await, live_node(&store).await);
+    let (old, new) = (old_node.id, new_node.id);
     let old_gen = store.claim_partition(partition, old).await.unwrap();
     let new_gen = store.claim_partition(partition, new).await.unwrap();
     assert_eq!(new_gen, old_gen + 1, "every claim bumps the generation");
@@ -247,7 +248,8 @@ async fn epochs_are_minted_only_by_the_partition_owner_at_its_generation(
 #[sqlx::test(migrations = "../../migrations")]
 async fn a_pod_can_finish_its_task(_: PgPoolOptions, opts: PgConnectOptions) {
     let store = store(opts).await;
-    let (task, epoch, node) = running_pod(&store, "sleep").await;
+    let (task, epoch, live) = running_pod(&store, "sleep").await;
+    let node = live.id;
     let got = store.get_task(task).await.unwrap();
     let pod = got.pod.expect("pod fields while running");
     assert_eq!(
@@ -362,7 +364,8 @@ async fn replaying_a_stored_stream_gives_the_head_state(_: PgPoolOptions, opts: 
     let store = store(opts).await;
     // A pod that started, moved a phase and was restarted; then a pod minted but lost
     // before it started (the mint writes no event, replay must infer it).
-    let (task, epoch, node) = running_pod(&store, "sleep").await;
+    let (task, epoch, live) = running_pod(&store, "sleep").await;
+    let node = live.id;
     let s = store.state(task).await.unwrap();
     store
         .append(
@@ -428,7 +431,8 @@ async fn checkpoints_are_fenced_by_epoch_and_survive_the_pod(
     opts: PgConnectOptions,
 ) {
     let store = store(opts).await;
-    let (task, epoch, node) = running_pod(&store, "sleep").await;
+    let (task, epoch, live) = running_pod(&store, "sleep").await;
+    let node = live.id;
     assert_eq!(store.load_checkpoint(task).await.unwrap(), None);
     let v = store.state(task).await.unwrap().version;
     store
@@ -471,7 +475,8 @@ async fn a_mint_batch_mints_exactly_the_tasks_that_may_start(
 ) {
     use taskpod_core::store::MintRequest;
     let store = store(opts).await;
-    let node = NodeId::new();
+    let live = live_node(&store).await;
+    let node = live.id;
     let mut generations = std::collections::HashMap::new();
     let mut claim = async |task| {
         let partition = store.get_task(task).await.unwrap().partition;

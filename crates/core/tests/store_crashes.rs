@@ -29,7 +29,8 @@ async fn a_crash_looping_task_restarts_within_its_budget_then_fails(
     opts: PgConnectOptions,
 ) {
     let store = store(opts).await;
-    let (task, mut epoch, node) = running_pod(&store, "sleep").await;
+    let (task, mut epoch, live) = running_pod(&store, "sleep").await;
+    let node = live.id;
     let partition = store.get_task(task).await.unwrap().partition;
     let generation = store.partitions().await.unwrap()[partition as usize].generation;
     let policy = policy(Duration::ZERO);
@@ -99,7 +100,8 @@ async fn backoff_holds_the_next_pod_and_stale_owners_cannot_record(
     opts: PgConnectOptions,
 ) {
     let store = store(opts).await;
-    let (task, epoch, node) = running_pod(&store, "sleep").await;
+    let (task, epoch, live) = running_pod(&store, "sleep").await;
+    let node = live.id;
     let partition = store.get_task(task).await.unwrap().partition;
     let generation = store.partitions().await.unwrap()[partition as usize].generation;
     let report = CrashReport {
@@ -155,7 +157,7 @@ async fn backoff_holds_the_next_pod_and_stale_owners_cannot_record(
 
 #[sqlx::test(migrations = "../../migrations")]
 async fn a_task_can_tighten_its_own_restart_budget(_: PgPoolOptions, opts: PgConnectOptions) {
-    use taskpod_core::domain::{NewTask, NodeId};
+    use taskpod_core::domain::NewTask;
     let store = store(opts).await;
     let task = store
         .create_task(
@@ -170,7 +172,8 @@ async fn a_task_can_tighten_its_own_restart_budget(_: PgPoolOptions, opts: PgCon
         .unwrap()
         .task_id()
         .unwrap();
-    let node = NodeId::new();
+    let live = common::live_node(&store).await;
+    let node = live.id;
     let partition = store.get_task(task).await.unwrap().partition;
     let generation = store.claim_partition(partition, node).await.unwrap();
     let epoch = store.mint_pod(task, 0, node, generation).await.unwrap();
@@ -206,9 +209,14 @@ async fn a_batch_of_crashes_gives_each_item_the_answer_it_would_get_alone(
     use taskpod_core::domain::{NodeId, TaskId};
     use taskpod_core::store::crash_batch::CrashItem;
     let store = store(opts).await;
-    let pods = running_pods(&store, "sleep", 4).await;
+    let pods: Vec<(TaskId, i64, NodeId)> = running_pods(&store, "sleep", 4)
+        .await
+        .into_iter()
+        .map(|(task, epoch, node)| (task, epoch, node.id))
+        .collect();
     // One survivor adopts every partition, as after a node loss.
-    let recorder = NodeId::new();
+    let survivor = common::live_node(&store).await;
+    let recorder = survivor.id;
     for (task, _, _) in &pods {
         let partition = store.get_task(*task).await.unwrap().partition;
         store.claim_partition(partition, recorder).await.unwrap();
@@ -403,7 +411,8 @@ async fn regression_a_stored_out_of_range_window_still_records_the_crash(
     opts: PgConnectOptions,
 ) {
     let store = store(opts).await;
-    let (task, epoch, node) = running_pod(&store, "sleep").await;
+    let (task, epoch, live) = running_pod(&store, "sleep").await;
+    let node = live.id;
     sqlx::query(
         "UPDATE tasks SET metadata = '{\"restart\": {\"restart_window_seconds\": 1e12, \
          \"max_restart_attempts\": 4294967295}}' WHERE task_id = $1",
@@ -434,4 +443,222 @@ async fn regression_a_stored_out_of_range_window_still_records_the_crash(
         "auto_restart off is not overridden by the task: {outcome:?}"
     );
     assert_eq!(store.get_task(task).await.unwrap().status, Status::Failed);
+}
+
+/// Issue 12, defect 2: recording a lost pod did not retire its epoch, so a paused owner
+/// that resumed before the adopter minted could still move the task on (19 phase
+/// changes were written under crashed epochs in the SIGSTOP measurement).
+#[sqlx::test(migrations = "../../migrations")]
+async fn regression_a_recorded_loss_retires_the_epoch_for_every_writer(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let store = store(opts).await;
+    let (task, epoch, _paused_owner) = running_pod(&store, "sleep").await;
+    let zombie_view = store.state(task).await.unwrap();
+    let adopter = common::live_node(&store).await;
+    let partition = store.get_task(task).await.unwrap().partition;
+    let generation = store.claim_partition(partition, adopter.id).await.unwrap();
+    let lost = CrashReport {
+        task_id: task,
+        epoch,
+        node: None,
+        reason: "node lost".into(),
+        kind: CrashKind::NodeLost,
+    };
+    store
+        .record_crash(
+            &lost,
+            adopter.id,
+            generation,
+            &policy(Duration::from_secs(30)),
+            0.5,
+            &pod_meta(),
+        )
+        .await
+        .unwrap();
+    let recorded = store.state(task).await.unwrap();
+    assert_eq!(recorded.pod_epoch, epoch, "no new epoch minted yet");
+    assert_eq!(recorded.status, Status::Active);
+
+    // The old owner resumes: at the version it last saw, and at the current one.
+    for version in [zombie_view.version, recorded.version] {
+        let view = taskpod_core::domain::TaskState {
+            version,
+            ..zombie_view.clone()
+        };
+        let err = store
+            .append(
+                task,
+                version,
+                AppendFence::Pod { epoch },
+                &[Event::PhaseChanged {
+                    from: view.phase,
+                    to: taskpod_core::domain::Phase::Planning,
+                }],
+                &pod_meta(),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::StaleEpoch { .. } | Error::VersionConflict { .. }
+            ),
+            "{err:?}"
+        );
+        let batched = store
+            .append_pods(&[taskpod_core::store::PodAppend {
+                before: taskpod_core::domain::TaskState {
+                    version,
+                    ..zombie_view.clone()
+                },
+                events: vec![Event::TaskCompleted {
+                    from_phase: zombie_view.phase,
+                }],
+                metadata: pod_meta(),
+            }])
+            .await;
+        assert!(
+            matches!(batched[0], Err(Error::StaleEpoch { .. })),
+            "{batched:?}"
+        );
+    }
+    let err = store
+        .save_checkpoint(
+            task,
+            epoch,
+            recorded.version,
+            &serde_json::json!({"step": 9}),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::StaleEpoch { .. }), "{err:?}");
+    assert_eq!(store.state(task).await.unwrap(), recorded, "nothing moved");
+}
+
+/// Issue 12, defect 2: a worker whose lock session is gone could still mint epochs and
+/// record crashes until someone else claimed its partitions.
+#[sqlx::test(migrations = "../../migrations")]
+async fn regression_a_node_without_its_lock_session_mints_and_records_nothing(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    use taskpod_core::store::MintRequest;
+    use taskpod_core::store::crash_batch::CrashItem;
+    let store = store(opts).await;
+    let (running, epoch, mut owner) = running_pod(&store, "sleep").await;
+    let waiting = store
+        .create_task(
+            &taskpod_core::domain::NewTask {
+                auto_start: true,
+                ..taskpod_core::domain::NewTask::new("waiting", "sleep")
+            },
+            &common::ctx("alice"),
+        )
+        .await
+        .unwrap()
+        .task_id()
+        .unwrap();
+    let mut generations = Vec::new();
+    for task in [running, waiting] {
+        let partition = store.get_task(task).await.unwrap().partition;
+        generations.push(store.claim_partition(partition, owner.id).await.unwrap());
+    }
+    assert!(store.node_alive(owner.id).await.unwrap());
+    owner.lose_lock(&store).await;
+    assert!(!store.node_alive(owner.id).await.unwrap());
+
+    // Its claims still stand in the partition rows: only the lock says otherwise.
+    let err = store
+        .mint_pod(waiting, 0, owner.id, generations[1])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::NodeFenced(n) if n == owner.id),
+        "{err:?}"
+    );
+    let minted = store
+        .mint_pods(
+            owner.id,
+            &[MintRequest {
+                task_id: waiting,
+                observed_epoch: 0,
+                generation: generations[1],
+            }],
+        )
+        .await
+        .unwrap();
+    assert!(minted.is_empty());
+    let report = CrashReport {
+        task_id: running,
+        epoch,
+        node: Some(owner.id),
+        reason: "boom".into(),
+        kind: CrashKind::Handler,
+    };
+    let err = store
+        .record_crash(
+            &report,
+            owner.id,
+            generations[0],
+            &policy(Duration::ZERO),
+            0.5,
+            &pod_meta(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NodeFenced(_)), "{err:?}");
+    let answers = store
+        .record_crashes(
+            &[CrashItem {
+                report,
+                generation: generations[0],
+                jitter: 0.5,
+                metadata: pod_meta(),
+            }],
+            owner.id,
+            &policy(Duration::ZERO),
+        )
+        .await;
+    assert!(
+        matches!(answers[0], Err(Error::NodeFenced(_))),
+        "{answers:?}"
+    );
+    assert_eq!(store.state(waiting).await.unwrap().pod_epoch, 0);
+    assert!(store.state(running).await.unwrap().has_pod());
+}
+
+/// Issue 12, defect 10: the crash prune was one unbounded DELETE; it now deletes in
+/// batches of its own statements, and still takes everything past the retention.
+#[sqlx::test(migrations = "../../migrations")]
+async fn the_crash_prune_takes_every_old_row_in_batches(_: PgPoolOptions, opts: PgConnectOptions) {
+    let store = store(opts).await;
+    let task = common::create(&store, "sleep").await;
+    sqlx::query(
+        "INSERT INTO pod_crashes (task_id, epoch, node, reason, kind, at) \
+         SELECT $1, e, NULL, 'old', 'handler', now() - interval '2 days' \
+         FROM generate_series(1, 2500) AS e",
+    )
+    .bind(task.as_uuid())
+    .execute(store.pool())
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO pod_crashes (task_id, epoch, node, reason, kind) VALUES ($1, 9999, NULL, 'new', 'handler')",
+    )
+    .bind(task.as_uuid())
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let pruned = store
+        .prune_crashes(Duration::from_secs(86_400))
+        .await
+        .unwrap();
+    assert_eq!(pruned, 2500);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pod_crashes")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 1);
 }

@@ -252,21 +252,23 @@ impl Controller {
         let mut lock = LockSession::connect(self.settings.lock_url(), &self.settings.lock).await?;
         let node = NodeId::new();
         let programs: Vec<String> = self.settings.handlers.programs.keys().cloned().collect();
-        let lock_key = self
-            .store
+        // The key first, the row after: a peer deletes a row whose key nobody holds.
+        let lock_key = self.store.reserve_lock_key().await?;
+        if !lock.try_lock((NODE_NAMESPACE, lock_key)).await? {
+            return Err(WorkerError::Store(Error::Internal(format!(
+                "node key {lock_key} is taken"
+            ))));
+        }
+        self.store
             .register_node(
                 node,
+                lock_key,
                 &self.settings.name,
                 self.settings.capacity as i32,
                 &self.settings.handlers.kinds,
                 &programs,
             )
             .await?;
-        if !lock.try_lock((NODE_NAMESPACE, lock_key)).await? {
-            return Err(WorkerError::Store(Error::Internal(format!(
-                "node key {lock_key} is taken"
-            ))));
-        }
         let old = std::mem::replace(&mut self.node, node);
         if self.lock_key != 0 {
             // The previous incarnation fenced itself; its row goes.
@@ -680,11 +682,12 @@ impl Controller {
                 continue;
             }
             match c.pod_state {
-                PodState::None => match c.not_before {
-                    Some(until) if until > now => {
+                PodState::None => match c.backoff {
+                    Some(left) => {
+                        let until = now + chrono::Duration::from_std(left).unwrap_or_default();
                         self.backoffs.insert(c.task_id, until);
                     }
-                    _ => to_start.push(c),
+                    None => to_start.push(c),
                 },
                 // A pod minted elsewhere (or by an earlier incarnation of this node)
                 // whose owner no longer holds the partition: its node is lost.
@@ -881,7 +884,7 @@ impl Controller {
             return;
         }
         metrics().pod_crashed(&self.settings.name, kind.as_str());
-        if let CrashOutcome::Restart { not_before } = outcome {
+        if let CrashOutcome::Restart { not_before, .. } = outcome {
             self.restarting.insert(task);
             self.backoffs.insert(task, *not_before);
         }

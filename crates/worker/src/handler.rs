@@ -441,7 +441,9 @@ fn phase_span_name(phase: Phase) -> &'static str {
 
 fn store_error(e: Error) -> HandlerError {
     match e {
-        Error::StaleEpoch { .. } | Error::StaleGeneration { .. } => HandlerError::Fenced,
+        Error::StaleEpoch { .. } | Error::StaleGeneration { .. } | Error::NodeFenced(_) => {
+            HandlerError::Fenced
+        }
         Error::NotRunning(_) | Error::IllegalEvent { .. } | Error::TaskNotFound(_) => {
             HandlerError::Stopped
         }

@@ -14,12 +14,7 @@ use sqlx::{ConnectOptions as _, Connection as _};
 
 use crate::settings::LockSettings;
 
-/// "tp" + 1: partition keys.
-pub const PARTITION_NAMESPACE: i32 = 0x7470_0001;
-/// "tp" + 2: node liveness keys.
-pub const NODE_NAMESPACE: i32 = 0x7470_0002;
-
-pub type Key = (i32, i32);
+pub use taskpod_core::store::keys::{Key, NODE_NAMESPACE, PARTITION_NAMESPACE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {

@@ -5,6 +5,7 @@ use tracing::instrument;
 
 use super::Store;
 use super::errors::from_sqlx;
+use super::keys::node_alive_sql;
 use super::traced::Traced as _;
 use super::writes::{Change, lock_state, record_commit, write_changes, write_guarded};
 use crate::domain::{Event, EventMetadata, NodeId, Status, TaskId, TaskState, Writer, evolve};
@@ -13,8 +14,9 @@ use crate::error::Error;
 /// Who is appending and the claim that entitles them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AppendFence {
-    /// The pod holding `epoch`. Refused once the epoch is stale or the task has left
-    /// `active` (except `pod_stopped`, which acknowledges the stop).
+    /// The pod holding `epoch`. Refused once the epoch is stale or retired (its end was
+    /// recorded), or the task has left `active` (except `pod_stopped`, which
+    /// acknowledges the stop).
     Pod { epoch: i64 },
     /// The worker owning the task's partition at `generation` (crash records, failing a
     /// task whose budget is spent).
@@ -232,18 +234,24 @@ impl Store {
         generation: i64,
     ) -> Result<(), Error> {
         // FOR SHARE: a concurrent re-claim (generation bump) waits for this append.
-        let current: Option<(Option<uuid::Uuid>, i64)> = sqlx::query_as(
-            "SELECT p.owner_node, p.generation FROM partitions p JOIN tasks t \
-             ON t.partition = p.partition WHERE t.task_id = $1 FOR SHARE OF p",
-        )
+        let current: Option<(Option<uuid::Uuid>, i64, bool)> = sqlx::query_as(concat!(
+            "SELECT p.owner_node, p.generation, ",
+            node_alive_sql!("$2"),
+            " FROM partitions p JOIN tasks t \
+             ON t.partition = p.partition WHERE t.task_id = $1 FOR SHARE OF p"
+        ))
         .bind(task_id.as_uuid())
+        .bind(node.0)
         .fetch_optional(&mut **tx)
         .traced("SELECT partitions tasks")
         .await
         .map_err(from_sqlx)?;
         match current {
-            Some((Some(owner), g)) if owner == node.0 && g == generation => Ok(()),
-            Some((_, g)) => Err(Error::StaleGeneration {
+            Some((Some(owner), g, true)) if owner == node.0 && g == generation => Ok(()),
+            Some((Some(owner), g, false)) if owner == node.0 && g == generation => {
+                Err(Error::NodeFenced(node))
+            }
+            Some((_, g, _)) => Err(Error::StaleGeneration {
                 held: generation,
                 current: g,
             }),
@@ -262,16 +270,23 @@ fn decide_pod_append(
     events: &[Event],
 ) -> Result<TaskState, Error> {
     check_writer(events, Writer::Pod)?;
+    let stale = Error::StaleEpoch {
+        held: epoch,
+        current: before.pod_epoch,
+    };
     if epoch != before.pod_epoch {
-        return Err(Error::StaleEpoch {
-            held: epoch,
-            current: before.pod_epoch,
-        });
+        return Err(stale);
     }
     // After a stop, cancel or completion the pod may still say it stopped.
     let acknowledging_stop = events.iter().all(|e| matches!(e, Event::PodStopped { .. }));
     if before.status != Status::Active && !acknowledging_stop {
         return Err(Error::NotRunning(task_id));
+    }
+    // A recorded end (`pod_stopped`, `pod_crashed`, `node_lost`) retires the epoch even
+    // before a new one is minted: a paused or cut-off owner that comes back must not
+    // move the task on after its loss was recorded.
+    if !before.has_pod() {
+        return Err(stale);
     }
     check_version(before, expected_version)?;
     events.iter().try_fold(before.clone(), |s, e| evolve(&s, e))

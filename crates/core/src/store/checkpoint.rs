@@ -45,7 +45,7 @@ impl Store {
     ) -> Result<(), Error> {
         let n = sqlx::query(
             "UPDATE task_heads SET handler_state = jsonb_build_object('version', $3::bigint, 'state', $4::jsonb) \
-             WHERE task_id = $1 AND pod_epoch = $2",
+             WHERE task_id = $1 AND pod_epoch = $2 AND pod_state <> 'none'",
         )
         .bind(task_id.as_uuid())
         .bind(epoch)

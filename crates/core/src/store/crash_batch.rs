@@ -16,6 +16,7 @@ use tracing::instrument;
 use super::Store;
 use super::crashes::{CrashOutcome, CrashReport, decide_crash};
 use super::errors::from_sqlx;
+use super::keys::node_alive_sql;
 use super::rows::{StateRow, state_columns};
 use super::traced::Traced as _;
 use super::writes::{Change, record_commit, write_many};
@@ -133,6 +134,20 @@ impl Store {
                 .map(|(t, o, g, r)| (TaskId(t), (o, g, r)))
                 .collect();
 
+        // In this transaction, so the answer holds until it commits: a recorder whose
+        // lock session is gone writes nothing.
+        let alive: bool = sqlx::query_scalar(concat!("SELECT ", node_alive_sql!("$1")))
+            .bind(owner.0)
+            .fetch_one(&mut *tx)
+            .traced("SELECT nodes")
+            .await
+            .map_err(from_sqlx)?;
+        if !alive {
+            return Ok(items
+                .iter()
+                .map(|_| Err(Error::NodeFenced(owner)))
+                .collect());
+        }
         let mut answers: Vec<Option<Result<CrashOutcome, Error>>> =
             (0..items.len()).map(|_| None).collect();
         let mut checked = Vec::new();
@@ -308,7 +323,10 @@ impl Store {
         for d in decided {
             record_commit("worker", started, &d.before, &d.after);
             let outcome = match (d.delay, restarts.get(&d.before.task_id)) {
-                (Some(_), Some(at)) => CrashOutcome::Restart { not_before: *at },
+                (Some(delay), Some(at)) => CrashOutcome::Restart {
+                    not_before: *at,
+                    after: std::time::Duration::from_secs_f64(delay),
+                },
                 _ => d.outcome,
             };
             answers[d.index] = Some(Ok(outcome));

@@ -33,8 +33,13 @@ pub struct CrashReport {
 /// What became of the task.
 #[derive(Clone, Debug, PartialEq)]
 pub enum CrashOutcome {
-    /// A new pod may start from this time (Postgres's clock).
-    Restart { not_before: DateTime<Utc> },
+    /// A new pod may start from `not_before` (Postgres's clock), that is `after` from
+    /// the commit: what a worker waits, by its own monotonic clock, so no skew between
+    /// its clock and Postgres's delays or drops the restart.
+    Restart {
+        not_before: DateTime<Utc>,
+        after: Duration,
+    },
     /// The budget is spent: the task is `failed`.
     Failed { error: String },
     /// The task was no longer active (stopped, cancelled, completed): nothing to restart.
@@ -121,27 +126,31 @@ impl Store {
             .fetch_one(&mut *tx).traced("UPDATE task_heads")
             .await
             .map_err(from_sqlx)?;
-            outcome = CrashOutcome::Restart { not_before };
+            outcome = CrashOutcome::Restart {
+                not_before,
+                after: delay,
+            };
         }
         tx.commit().traced("COMMIT").await.map_err(from_sqlx)?;
         record_commit("worker", started, &before, &after);
         Ok(outcome)
     }
 
-    /// Deletes crash rows older than `retention` (longer than any restart window).
+    /// Deletes crash rows older than `retention` (longer than any restart window), in
+    /// small batches (see [`super::prune`]).
     ///
     /// # Errors
     /// [`Error::StoreUnavailable`].
     pub async fn prune_crashes(&self, retention: Duration) -> Result<u64, Error> {
-        Ok(
-            sqlx::query("DELETE FROM pod_crashes WHERE at < now() - make_interval(secs => $1)")
-                .bind(retention.as_secs_f64())
-                .execute(&self.pool)
-                .traced("DELETE pod_crashes")
-                .await
-                .map_err(from_sqlx)?
-                .rows_affected(),
+        super::prune::in_batches(
+            &self.pool,
+            "DELETE FROM pod_crashes WHERE ctid = ANY(ARRAY( \
+                 SELECT ctid FROM pod_crashes \
+                  WHERE at < now() - make_interval(secs => $1) LIMIT $2))",
+            retention,
+            "DELETE pod_crashes",
         )
+        .await
     }
 }
 

@@ -121,16 +121,15 @@ pub(crate) async fn record(
 }
 
 pub(crate) async fn prune(pool: &PgPool, ttl: Duration) -> Result<u64, Error> {
-    let secs = ttl.as_secs_f64();
-    Ok(sqlx::query(
-        "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)",
+    super::prune::in_batches(
+        pool,
+        "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY( \
+             SELECT ctid FROM idempotency_keys \
+              WHERE created_at < now() - make_interval(secs => $1) LIMIT $2))",
+        ttl,
+        "DELETE idempotency_keys",
     )
-    .bind(secs)
-    .execute(pool)
-    .traced("DELETE idempotency_keys")
     .await
-    .map_err(from_sqlx)?
-    .rows_affected())
 }
 
 /// Decodes a stored response.

@@ -1,10 +1,12 @@
 //! Minting pod epochs: one conditional statement for any number of tasks.
 //!
 //! A mint succeeds only while the epoch is the one the worker observed, the task is
-//! active without a pod and past its restart backoff, and the worker owns the task's
+//! active without a pod and past its restart backoff, the worker owns the task's
 //! partition at the generation it claimed (the partition row read `FOR SHARE`, so a
-//! re-claim that commits meanwhile makes the mint re-check and fail). So a worker that
-//! lost its lock cannot mint, and two starters of one task cannot both win. A batch
+//! re-claim that commits meanwhile makes the mint re-check and fail), and the worker's
+//! lock session is alive (its node key is held, see [`super::keys`]). So a worker that
+//! lost its lock cannot mint, even before anyone else claims its partitions, and two
+//! starters of one task cannot both win. A batch
 //! locks its heads in task-id order first, as every multi-row writer does, so batches
 //! never deadlock each other. Each item keeps its own outcome: the statement returns
 //! the tasks it minted, with everything their pods need to start (the task, the
@@ -16,6 +18,7 @@ use tracing::instrument;
 use super::Store;
 use super::checkpoint::Checkpoint;
 use super::errors::from_sqlx;
+use super::keys::node_alive_sql;
 use super::rows::{TaskRow, task_columns};
 use super::traced::Traced as _;
 use crate::domain::{NodeId, Task, TaskId, TaskState};
@@ -71,7 +74,11 @@ impl Store {
         let generations: Vec<i64> = wanted.iter().map(|w| w.generation).collect();
         let rows: Vec<MintedRow> = sqlx::query_as(concat!(
             r#"
-            WITH wanted AS (
+            WITH alive AS (
+                SELECT "#,
+            node_alive_sql!("$4"),
+            r#" AS ok
+            ), wanted AS (
                 SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::int8[]) AS w(task_id, epoch, generation)
                  LIMIT cardinality($1::uuid[])
             ), owned AS (
@@ -80,6 +87,7 @@ impl Store {
                   JOIN tasks t ON t.task_id = w.task_id
                   JOIN partitions p ON p.partition = t.partition
                  WHERE p.owner_node = $4 AND p.generation = w.generation
+                   AND (SELECT ok FROM alive)
                    FOR SHARE OF p
             ), locked AS (
                 SELECT h.task_id FROM task_heads h
@@ -126,7 +134,7 @@ impl Store {
     /// # Errors
     /// [`Error::StaleEpoch`] when the epoch moved (re-check ownership, never a crash);
     /// [`Error::NotRunning`]/[`Error::AlreadyStarted`] from the task's state;
-    /// [`Error::BackingOff`]; [`Error::StaleGeneration`] when the claim is gone;
+    /// [`Error::NodeFenced`] when the node's lock session is gone; [`Error::BackingOff`]; [`Error::StaleGeneration`] when the claim is gone;
     /// [`Error::TaskNotFound`]; [`Error::StoreUnavailable`].
     #[instrument(skip_all, fields(task.id = %task_id, observed_epoch))]
     pub async fn mint_pod(
@@ -153,6 +161,9 @@ impl Store {
             });
         }
         crate::domain::mint_pod(&state, node)?;
+        if !self.node_alive(node).await? {
+            return Err(Error::NodeFenced(node));
+        }
         if let Some(wait) = self.restart_backoff(task_id).await? {
             return Err(Error::BackingOff { task_id, wait });
         }
@@ -169,6 +180,19 @@ impl Store {
             held: generation,
             current,
         })
+    }
+
+    /// Whether `node`'s lock session is alive, as the fenced writes check it.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    pub async fn node_alive(&self, node: NodeId) -> Result<bool, Error> {
+        sqlx::query_scalar(concat!("SELECT ", node_alive_sql!("$1")))
+            .bind(node.0)
+            .fetch_one(&self.pool)
+            .traced("SELECT nodes")
+            .await
+            .map_err(from_sqlx)
     }
 
     /// The partitions of `claimed` (partition, generation) this node no longer owns at

@@ -45,7 +45,11 @@ pub struct PodCandidate {
     pub pod_epoch: i64,
     pub pod_state: PodState,
     pub owner_node: Option<NodeId>,
-    pub not_before: Option<DateTime<Utc>>,
+    /// What is left of the restart backoff, measured by Postgres's clock at the read
+    /// (`None`: no backoff, or over), so no worker's clock skew shifts a restart.
+    pub backoff: Option<std::time::Duration>,
+    /// The `exec` program an `exec` task names (`payload.program`), for placement.
+    pub program: Option<String>,
     pub created_at: DateTime<Utc>,
     /// The trace context of the head's last writer, for tasks whose pod is not the
     /// asking node's (the ones it may start or adopt): the trace it continues.
@@ -62,7 +66,8 @@ type CandidateRow = (
     i64,
     String,
     Option<uuid::Uuid>,
-    Option<DateTime<Utc>>,
+    Option<f64>,
+    Option<String>,
     DateTime<Utc>,
     Option<String>,
 );
@@ -78,44 +83,70 @@ fn candidate(r: CandidateRow) -> Result<PodCandidate, Error> {
         pod_epoch: r.6,
         pod_state: r.7.parse().map_err(super::errors::corrupt)?,
         owner_node: r.8.map(NodeId),
-        not_before: r.9,
-        created_at: r.10,
-        traceparent: r.11,
+        backoff: r
+            .9
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(|s| std::time::Duration::from_secs_f64(s.min(1e9))),
+        program: r.10,
+        created_at: r.11,
+        traceparent: r.12,
     })
 }
 
 /// The trace context only where the pod is not node `$1`'s own: the running pods, most
 /// of the rows, need none, and a full check reads them all.
 const CANDIDATE_COLUMNS: &str = "t.task_id, t.partition, t.kind, t.priority, h.status, h.version, \
-     h.pod_epoch, h.pod_state, h.owner_node, h.not_before, t.created_at, \
+     h.pod_epoch, h.pod_state, h.owner_node, \
+     CASE WHEN h.not_before > now() THEN EXTRACT(epoch FROM h.not_before - now())::float8 END, \
+     CASE WHEN t.kind = 'exec' THEN t.payload->>'program' END, t.created_at, \
      CASE WHEN h.owner_node IS DISTINCT FROM $1 THEN h.traceparent END";
 
 impl Store {
-    /// Registers a worker process; returns its lock key (unique among nodes).
+    /// A fresh lock key for a node about to register. The node takes its key on its
+    /// lock session first and registers after: peers treat a row whose key nobody
+    /// holds as a dead node and delete it, so the row must never be visible before
+    /// the key is held.
     ///
     /// # Errors
     /// [`Error::StoreUnavailable`].
-    #[instrument(skip_all, fields(node = %node_id, name))]
+    pub async fn reserve_lock_key(&self) -> Result<i32, Error> {
+        sqlx::query_scalar("SELECT nextval('nodes_lock_key_seq')::int4")
+            .fetch_one(&self.pool)
+            .traced("SELECT nextval")
+            .await
+            .map_err(from_sqlx)
+    }
+
+    /// Registers a worker process under a key from [`Store::reserve_lock_key`] that its
+    /// lock session already holds.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    #[instrument(skip_all, fields(node = %node_id, name, lock_key))]
     pub async fn register_node(
         &self,
         node_id: NodeId,
+        lock_key: i32,
         name: &str,
         capacity: i32,
         kinds: &[String],
         programs: &[String],
-    ) -> Result<i32, Error> {
-        sqlx::query_scalar(
-            "INSERT INTO nodes (node_id, name, capacity, kinds, programs) VALUES ($1, $2, $3, $4, $5) \
-             RETURNING lock_key",
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO nodes (node_id, lock_key, name, capacity, kinds, programs) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(node_id.0)
+        .bind(lock_key)
         .bind(name)
         .bind(capacity)
         .bind(kinds)
         .bind(programs)
-        .fetch_one(&self.pool).traced("INSERT nodes")
+        .execute(&self.pool)
+        .traced("INSERT nodes")
         .await
-        .map_err(from_sqlx)
+        .map_err(from_sqlx)?;
+        Ok(())
     }
 
     /// # Errors
@@ -236,8 +267,10 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Active tasks of these partitions plus the given tasks whatever their status: the
-    /// batched check `node` runs every tick (one query, whatever the pod count).
+    /// Active tasks of these partitions, every live pod on them whatever its task's
+    /// status (a pod a lost node left behind on a task that ended meanwhile), and the
+    /// given tasks whatever their status: the full check `node` runs now and then (one
+    /// query; the live pods come from the small partial index of live pods).
     ///
     /// # Errors
     /// [`Error::StoreUnavailable`].
@@ -251,7 +284,10 @@ impl Store {
         let running: Vec<uuid::Uuid> = running.iter().map(TaskId::as_uuid).collect();
         let rows: Vec<CandidateRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {CANDIDATE_COLUMNS} FROM tasks t JOIN task_heads h ON h.task_id = t.task_id \
-             WHERE (t.status = 'active' AND t.partition = ANY($2)) OR t.task_id = ANY($3)"
+             WHERE (t.status = 'active' AND t.partition = ANY($2)) OR t.task_id = ANY($3) \
+             UNION \
+             SELECT {CANDIDATE_COLUMNS} FROM task_heads h JOIN tasks t ON t.task_id = h.task_id \
+             WHERE h.pod_state <> 'none' AND t.partition = ANY($2)"
         )))
         .bind(node.0)
         .bind(partitions)
@@ -314,7 +350,8 @@ impl Store {
             "SELECT {CANDIDATE_COLUMNS} FROM tasks t JOIN task_heads h ON h.task_id = t.task_id \
              WHERE t.task_id IN (SELECT stream_id FROM events \
                                   WHERE tx_id >= $3::text::xid8 AND tx_id < $4::text::xid8) \
-               AND ((h.status = 'active' AND t.partition = ANY($2)) OR h.owner_node = $1)"
+               AND (((h.status = 'active' OR h.pod_state <> 'none') AND t.partition = ANY($2)) \
+                    OR h.owner_node = $1)"
         )))
         .bind(node.0)
         .bind(partitions)

@@ -2,6 +2,7 @@
 //! `#[sqlx::test]` and builds its own pool on it, large enough for the concurrency tests.
 #![allow(dead_code)]
 
+use sqlx::Connection as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use taskpod_core::domain::{Event, EventMetadata, NewTask, NodeId, RequestContext, TaskId};
 use taskpod_core::store::{AppendFence, Store};
@@ -38,9 +39,62 @@ pub fn pod_meta() -> EventMetadata {
     }
 }
 
+/// A node as a worker registers it: its row, and its key held on a connection of its
+/// own for as long as this value lives (the fenced worker writes check it). Dropping it
+/// is a lost lock session.
+#[derive(Debug)]
+pub struct LiveNode {
+    pub id: NodeId,
+    lock: Option<sqlx::PgConnection>,
+}
+
+impl LiveNode {
+    /// Ends the node's lock session, as a crash or a partition would, and waits until
+    /// the server has let go of its locks (a backend exits after the connection closes).
+    pub async fn lose_lock(&mut self, store: &Store) {
+        if let Some(conn) = self.lock.take() {
+            conn.close().await.expect("close the lock session");
+        }
+        for _ in 0..500 {
+            if !store.node_alive(self.id).await.expect("probe") {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the lock session of {} did not end", self.id);
+    }
+}
+
+pub async fn live_node(store: &Store) -> LiveNode {
+    let id = NodeId::new();
+    let key = store.reserve_lock_key().await.expect("lock key");
+    let mut lock = store
+        .pool()
+        .acquire()
+        .await
+        .expect("a lock connection")
+        .detach();
+    let (ns, k) = taskpod_core::store::keys::node_key(key);
+    sqlx::query("SELECT pg_advisory_lock($1, $2)")
+        .bind(ns)
+        .bind(k)
+        .execute(&mut lock)
+        .await
+        .expect("take the node key");
+    store
+        .register_node(id, key, "test", 10, &["sleep".into()], &[])
+        .await
+        .expect("register");
+    LiveNode {
+        id,
+        lock: Some(lock),
+    }
+}
+
 /// A task of `kind` that is active with a running pod, as a worker would leave it:
-/// partition claimed, epoch minted, `pod_started` appended. Returns the epoch.
-pub async fn running_pod(store: &Store, kind: &str) -> (TaskId, i64, NodeId) {
+/// partition claimed, epoch minted, `pod_started` appended. Returns the epoch, and the
+/// node (whose lock session lives as long as the value).
+pub async fn running_pod(store: &Store, kind: &str) -> (TaskId, i64, LiveNode) {
     let task = store
         .create_task(
             &NewTask {
@@ -53,7 +107,8 @@ pub async fn running_pod(store: &Store, kind: &str) -> (TaskId, i64, NodeId) {
         .expect("create")
         .task_id()
         .expect("one id");
-    let node = NodeId::new();
+    let live = live_node(store).await;
+    let node = live.id;
     let partition = store.get_task(task).await.expect("get").partition;
     let generation = store.claim_partition(partition, node).await.expect("claim");
     let epoch = store
@@ -75,11 +130,11 @@ pub async fn running_pod(store: &Store, kind: &str) -> (TaskId, i64, NodeId) {
         )
         .await
         .expect("pod_started");
-    (task, epoch, node)
+    (task, epoch, live)
 }
 
 /// `n` running pods of `kind`, each on a node of its own.
-pub async fn running_pods(store: &Store, kind: &str, n: usize) -> Vec<(TaskId, i64, NodeId)> {
+pub async fn running_pods(store: &Store, kind: &str, n: usize) -> Vec<(TaskId, i64, LiveNode)> {
     let mut pods = Vec::with_capacity(n);
     for _ in 0..n {
         pods.push(running_pod(store, kind).await);
