@@ -16,7 +16,7 @@
 //! pods a lost node left behind are recorded, those of tasks that ended too.
 
 use taskpod_core::domain::{PodState, TaskId};
-use taskpod_worker::lock::PARTITION_NAMESPACE;
+use taskpod_core::store::keys::PARTITION_NAMESPACE;
 
 use crate::node::Health;
 use crate::world::World;

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use taskpod_core::domain::{Event, NodeId, Phase, TaskId, TaskState};
-use taskpod_worker::lock::{NODE_NAMESPACE, PARTITION_NAMESPACE};
+use taskpod_core::store::keys::{NODE_NAMESPACE, PARTITION_NAMESPACE};
 
 use super::step::{Answer, PodEvent, Step, Value};
 use crate::model::{CrashAnswer, Model, PartitionRow, SessionId};

@@ -9,7 +9,7 @@ use taskpod_core::domain::{Event, EventMetadata, NodeId, RequestContext, TaskSta
 use taskpod_core::store::crash_batch::CrashItem;
 use taskpod_core::store::crashes::{CrashOutcome, CrashReport};
 use taskpod_core::store::{AppendFence, MintRequest, Store};
-use taskpod_worker::lock::{NODE_NAMESPACE, PARTITION_NAMESPACE};
+use taskpod_core::store::keys::{NODE_NAMESPACE, PARTITION_NAMESPACE};
 
 use super::model_side::Cluster;
 use super::step::{Answer, Step, Value};
@@ -75,9 +75,10 @@ impl RealSide {
             .fetch_one(&mut conn)
             .await
             .map_err(|e| e.to_string())?;
+        // The key first, then the row: a row is never visible before its key is held.
         let key = self
             .store
-            .register_node(id, &format!("n{node}"), 1, &["sleep".to_owned()], &[])
+            .reserve_lock_key()
             .await
             .map_err(|e| e.to_string())?;
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
@@ -89,6 +90,10 @@ impl RealSide {
         if !got {
             return Err(format!("node key {key} is taken"));
         }
+        self.store
+            .register_node(id, key, &format!("n{node}"), 1, &["sleep".to_owned()], &[])
+            .await
+            .map_err(|e| e.to_string())?;
         // The previous session, if any, was killed; its connection is dropped now.
         self.sessions[node] = Some(LockConn { conn, pid });
         Ok(key)

@@ -59,6 +59,7 @@ impl From<taskpod_core::Error> for Refusal {
             E::VersionConflict { .. } => Refusal::VersionConflict,
             E::StaleEpoch { .. } => Refusal::StaleEpoch,
             E::StaleGeneration { .. } => Refusal::StaleGeneration,
+            E::NodeFenced(_) => Refusal::NodeLockLost,
             E::BackingOff { .. } => Refusal::BackingOff,
             other => Refusal::Illegal(other.to_string()),
         }

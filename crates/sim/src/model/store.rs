@@ -23,7 +23,7 @@ use taskpod_core::domain::restart::{CrashKind, RestartDecision, RestartPolicy};
 use taskpod_core::domain::{
     Command, Event, NodeId, PodState, Status, TaskId, TaskState, Writer, decide, evolve, mint_pod,
 };
-use taskpod_worker::lock::{NODE_NAMESPACE, PARTITION_NAMESPACE};
+use taskpod_core::store::keys::{NODE_NAMESPACE, PARTITION_NAMESPACE};
 
 use super::locks::{Locks, SessionId};
 use super::refusal::Refusal;

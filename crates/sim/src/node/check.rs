@@ -2,16 +2,16 @@
 //! ask `planner::plan`, and carry out its answer (stops at once, crash records and
 //! mints as the next round trips).
 //!
-//! Scopes mirror the controller's: a full check (every active task of the owned
-//! partitions and every pod this node runs) after a claim, a reconnect, or every
-//! `full_check`; otherwise the change feed since the last tick (tasks changed that are
-//! active in an owned partition or whose pod is this node's), plus the tasks wake-ups
-//! named and the backoffs now over.
+//! Scopes mirror the store's candidate queries: a full check (every active task and
+//! every live pod of the owned partitions, and every pod this node runs) after a
+//! claim, a reconnect, or every `full_check`; otherwise the change feed since the last
+//! tick (tasks changed that are active or have a live pod in an owned partition, or
+//! whose pod is this node's), plus the tasks wake-ups named and the backoffs now over.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use taskpod_core::domain::{Status, TaskId};
+use taskpod_core::domain::{PodState, Status, TaskId};
 use taskpod_worker::planner::{NodeView, PodSlot, TaskView, plan};
 
 use super::ops::Op;
@@ -54,7 +54,11 @@ impl SimNode {
             ids.extend(
                 cx.model
                     .tasks()
-                    .filter(|r| active_in(r, &owned) || running.contains(&r.state.task_id))
+                    .filter(|r| {
+                        active_in(r, &owned)
+                            || live_in(r, &owned)
+                            || running.contains(&r.state.task_id)
+                    })
                     .map(|r| r.state.task_id),
             );
         } else {
@@ -64,7 +68,11 @@ impl SimNode {
                 ids.extend(cx.model.changed(from, to).into_iter().filter(|t| {
                     cx.model
                         .task(*t)
-                        .is_some_and(|r| active_in(r, &owned) || r.state.owner_node == Some(me))
+                        .is_some_and(|r| {
+                            active_in(r, &owned)
+                                || live_in(r, &owned)
+                                || r.state.owner_node == Some(me)
+                        })
                 }));
             }
             ids.extend(std::mem::take(&mut inc.woken));
@@ -146,6 +154,12 @@ impl SimNode {
 
 fn active_in(r: &TaskRow, owned: &BTreeSet<i32>) -> bool {
     r.state.status == Status::Active && owned.contains(&r.partition)
+}
+
+/// A live pod on an owned partition, whatever its task's status: one a lost node may
+/// have left behind on a task that ended meanwhile.
+fn live_in(r: &TaskRow, owned: &BTreeSet<i32>) -> bool {
+    r.state.pod_state != PodState::None && owned.contains(&r.partition)
 }
 
 /// A task as the candidate query returns it: the head plus the backoff left by

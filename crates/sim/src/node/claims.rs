@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use taskpod_core::domain::NodeId;
-use taskpod_worker::lock::NODE_NAMESPACE;
+use taskpod_core::store::keys::NODE_NAMESPACE;
 use taskpod_worker::planner::{Member, claimable, hand_backs, placement};
 
 use super::ops::Op;

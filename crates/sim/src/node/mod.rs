@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use rand_chacha::ChaCha8Rng;
 use taskpod_core::domain::{NodeId, TaskId};
-use taskpod_worker::lock::NODE_NAMESPACE;
+use taskpod_core::store::keys::NODE_NAMESPACE;
 
 use crate::config::Timers;
 use crate::model::{Model, SessionId};

@@ -4,7 +4,7 @@
 
 use taskpod_core::domain::TaskId;
 use taskpod_core::domain::restart::CrashKind;
-use taskpod_worker::lock::PARTITION_NAMESPACE;
+use taskpod_core::store::keys::PARTITION_NAMESPACE;
 use taskpod_worker::planner::{Loss, LostPod, Start};
 
 use super::pod::SimPod;
