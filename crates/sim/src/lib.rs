@@ -38,4 +38,4 @@ pub mod time;
 pub mod trace;
 pub mod world;
 
-pub use run::{Failure, Until, run_many, run_seed};
+pub use run::{Failure, run_many, run_seed};

@@ -8,8 +8,8 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use taskpod_core::domain::{Event, EventMetadata, NodeId, RequestContext, TaskState};
 use taskpod_core::store::crash_batch::CrashItem;
 use taskpod_core::store::crashes::{CrashOutcome, CrashReport};
-use taskpod_core::store::{AppendFence, MintRequest, Store};
 use taskpod_core::store::keys::{NODE_NAMESPACE, PARTITION_NAMESPACE};
+use taskpod_core::store::{AppendFence, MintRequest, Store};
 
 use super::model_side::Cluster;
 use super::step::{Answer, Step, Value};

@@ -66,13 +66,9 @@ impl SimNode {
                 let to = cx.model.watermark();
                 let from = inc.feed.replace(to).unwrap_or(to);
                 ids.extend(cx.model.changed(from, to).into_iter().filter(|t| {
-                    cx.model
-                        .task(*t)
-                        .is_some_and(|r| {
-                            active_in(r, &owned)
-                                || live_in(r, &owned)
-                                || r.state.owner_node == Some(me)
-                        })
+                    cx.model.task(*t).is_some_and(|r| {
+                        active_in(r, &owned) || live_in(r, &owned) || r.state.owner_node == Some(me)
+                    })
                 }));
             }
             ids.extend(std::mem::take(&mut inc.woken));

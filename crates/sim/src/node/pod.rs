@@ -13,7 +13,7 @@
 //! but crashes (the handler's `Retry`) now and then.
 
 use rand::Rng as _;
-use taskpod_core::domain::{Event, NodeId, Phase, PodState, Status, TaskId, TaskState};
+use taskpod_core::domain::{Event, NodeId, Phase, Status, TaskId, TaskState};
 
 use super::{Ctx, Effect, SimNode};
 use crate::model::Refusal;
@@ -131,7 +131,10 @@ impl SimNode {
                 reason: "stopped".into(),
             };
             match append(cx, node, pod, event) {
-                Err(Refusal::VersionConflict) => catch_up(cx, pod),
+                Err(Refusal::VersionConflict) => {
+                    catch_up(cx, pod);
+                    retry_in_flight(pod, inflight, fresh);
+                }
                 _ => pod.exit = Some(Exit::Stopped),
             }
             return;
@@ -144,6 +147,10 @@ impl SimNode {
             };
             match append(cx, node, pod, event) {
                 Ok(_) => pod.started = true,
+                Err(Refusal::VersionConflict) => {
+                    catch_up(cx, pod);
+                    retry_in_flight(pod, inflight, fresh);
+                }
                 Err(why) => refused(cx, pod, &why),
             }
             fenced_after(pod, fresh);
@@ -182,16 +189,28 @@ impl SimNode {
         match append(cx, node, pod, event) {
             Ok(_) if completes => pod.stop = true,
             Ok(_) => {}
+            Err(Refusal::VersionConflict) => {
+                catch_up(cx, pod);
+                retry_in_flight(pod, inflight, fresh);
+            }
             Err(why) => refused(cx, pod, &why),
         }
         fenced_after(pod, fresh);
     }
 }
 
+/// A conflict inside an append in flight: the pod's append loop catches up and sends
+/// again at once, without reading its liveness in between (as the worker's does).
+fn retry_in_flight(pod: &mut SimPod, inflight: bool, fresh: bool) {
+    if inflight && !fresh && pod.exit.is_none() {
+        pod.inflight = true;
+    }
+}
+
 /// An append that was in flight when the node froze went out; now the pod reads its
 /// liveness, finds it stale, and stops without another write.
 fn fenced_after(pod: &mut SimPod, fresh: bool) {
-    if !fresh && pod.exit.is_none() {
+    if !fresh && !pod.inflight && pod.exit.is_none() {
         pod.exit = Some(Exit::Fenced);
     }
 }
@@ -242,20 +261,23 @@ fn refused(cx: &mut Ctx<'_>, pod: &mut SimPod, why: &Refusal) {
     }
 }
 
-/// Reads the head again and decides from it: go on, stop, or stand fenced.
+/// Reads the head again and decides from it, as the worker's pod does: a moved epoch
+/// fences it, a task no longer active stops it, otherwise it goes on at the new
+/// version. It does not look at the pod state: that its loss was recorded is the
+/// store's to say (the epoch is retired), not the pod's to notice.
 fn catch_up(cx: &mut Ctx<'_>, pod: &mut SimPod) {
     let Some(row) = cx.model.task(pod.task) else {
         pod.exit = Some(Exit::Fenced);
         return;
     };
     let s = &row.state;
-    if s.pod_epoch != pod.epoch || s.pod_state == PodState::None {
+    if s.pod_epoch != pod.epoch {
         pod.exit = Some(Exit::Fenced);
         return;
     }
     pod.version = s.version;
     pod.phase = s.phase;
-    if s.status != Status::Active || s.pod_state == PodState::Stopping {
+    if s.status != Status::Active {
         pod.stop = true;
     }
 }
