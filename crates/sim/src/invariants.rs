@@ -27,13 +27,10 @@ use crate::world::World;
 /// The violation.
 pub fn check(w: &mut World) -> Result<(), String> {
     if let Some(stale) = w.history.follow(w.model.log()).into_iter().next() {
-        let write = format!("{:?}", stale.write);
-        return Err(format!(
-            "stale write accepted at {}ms: {} ({})",
-            stale.at,
-            names(w, &write),
-            stale.why
-        ));
+        return Err(w.trace.rename(&format!(
+            "stale write accepted at {}ms: {:?} ({})",
+            stale.at, stale.write, stale.why
+        )));
     }
     one_live_epoch(w)?;
     claims_are_locked(w)?;
@@ -180,18 +177,4 @@ fn runs(w: &World, task: TaskId, epoch: i64) -> bool {
                 .get(&task)
                 .is_some_and(|p| p.running() && p.epoch == epoch)
         })
-}
-
-/// Replaces the ids in a debug string by the trace's short names.
-fn names(w: &World, text: &str) -> String {
-    let mut out = text.to_owned();
-    for row in w.model.tasks() {
-        let id = row.state.task_id;
-        out = out.replace(&format!("TaskId({})", id.as_uuid()), &w.trace.task(id));
-        out = out.replace(&id.as_uuid().to_string(), &w.trace.task(id));
-    }
-    for (node, _) in w.model.nodes() {
-        out = out.replace(&format!("NodeId({})", node.0), &w.trace.node(node));
-    }
-    out
 }

@@ -62,6 +62,20 @@ impl Trace {
             .unwrap_or_else(|| id.to_string())
     }
 
+    /// `text` with every id it knows replaced by its short name.
+    pub fn rename(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for (id, name) in &self.tasks {
+            out = out.replace(&format!("TaskId({})", id.as_uuid()), name);
+            out = out.replace(&id.as_uuid().to_string(), name);
+        }
+        for (id, name) in &self.nodes {
+            out = out.replace(&format!("NodeId({})", id.0), name);
+            out = out.replace(&id.0.to_string(), name);
+        }
+        out
+    }
+
     pub fn lines(&self) -> &[String] {
         &self.lines
     }

@@ -215,7 +215,8 @@ pub async fn conform(seed: u64, steps: usize, opts: PgConnectOptions) -> Result<
             found.push(what);
         }
         if !found.is_empty() {
-            report.mismatches.push(fail(i, found.join("; "), &trace));
+            let what = rename(&cluster, &found.join("; "));
+            report.mismatches.push(fail(i, what, &trace));
         }
     }
     real.close().await;
@@ -264,6 +265,22 @@ async fn resync(
         model.model.resync_write(w);
     }
     Ok(())
+}
+
+/// `text` with the run's ids replaced by the names the trace uses (`n1.0`, `t3`).
+fn rename(c: &Cluster, text: &str) -> String {
+    let mut out = text.to_owned();
+    for (n, incs) in c.incs.iter().enumerate() {
+        for (i, inc) in incs.iter().enumerate() {
+            out = out.replace(&format!("NodeId({})", inc.id.0), &format!("n{n}.{i}"));
+            out = out.replace(&inc.id.0.to_string(), &format!("n{n}.{i}"));
+        }
+    }
+    for (i, t) in c.tasks.iter().enumerate() {
+        out = out.replace(&format!("TaskId({})", t.as_uuid()), &format!("t{i}"));
+        out = out.replace(&t.as_uuid().to_string(), &format!("t{i}"));
+    }
+    out
 }
 
 /// The operation's kind, to group mismatches by.
