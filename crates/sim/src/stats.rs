@@ -12,6 +12,8 @@ pub struct Stats {
     pub seeds: u64,
     pub steps: u64,
     pub claims: u64,
+    /// Partitions handed back (released, then unlocked).
+    pub handbacks: u64,
     pub mints: u64,
     pub pod_appends: u64,
     pub self_fences: u64,
@@ -47,6 +49,7 @@ impl Stats {
         self.seeds += o.seeds;
         self.steps += o.steps;
         self.claims += o.claims;
+        self.handbacks += o.handbacks;
         self.mints += o.mints;
         self.pod_appends += o.pod_appends;
         self.self_fences += o.self_fences;

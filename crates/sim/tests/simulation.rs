@@ -108,6 +108,10 @@ fn every_seed_keeps_the_ownership_invariants() {
         assert!(stats.refusals.contains_key("epoch retired"));
         assert!(stats.refusals.contains_key("node lock lost"));
         assert!(stats.lost_wakeups > 0 && stats.skews > 0);
+        assert!(
+            stats.handbacks > 0,
+            "membership settled and partitions moved"
+        );
     }
 }
 

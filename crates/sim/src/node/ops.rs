@@ -126,6 +126,9 @@ impl SimNode {
         inc.leaving.remove(&p);
         if let Some(generation) = inc.owned.remove(&p) {
             let answer = cx.model.release(id, p, generation);
+            if answer.is_ok() {
+                cx.stats.handbacks += 1;
+            }
             cx.trace.note(cx.now, |t| {
                 format!(
                     "{} hands back p{p} at g{generation}: {answer:?}",
