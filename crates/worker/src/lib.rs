@@ -19,15 +19,21 @@
 //! `metrics_listen`.
 
 pub mod appender;
+mod checks;
 pub mod controller;
 pub mod handler;
 pub mod handlers;
 pub mod liveness;
 pub mod lock;
+pub mod maintenance;
+pub mod ownership;
 pub mod planner;
 pub mod pod;
+mod pod_table;
+mod recorder;
 pub mod settings;
 pub mod slots;
+pub mod supervisor;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;

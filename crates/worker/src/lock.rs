@@ -24,6 +24,12 @@ pub enum LockError {
     Timeout(Duration),
     #[error("advisory unlock of {0:?} found it not held")]
     NotHeld(Key),
+    /// The session failed earlier; the keeper that owned it has ended.
+    #[error("lock session lost: {0}")]
+    Lost(String),
+    /// The keeper is gone (its session was lost or closed).
+    #[error("the lock session is gone")]
+    Gone,
 }
 
 /// The session and the keys it holds. Every call is bounded by the ping timeout: a

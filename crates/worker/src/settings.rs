@@ -26,9 +26,11 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "claim_interval_ms",
     "settle_ms",
     "drain_grace_ms",
+    "handback_deadline_ms",
     "restart",
     "handlers",
     "bus",
+    "maintenance",
 ];
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -57,11 +59,16 @@ pub struct WorkerSettings {
     pub settle_ms: u64,
     /// How long pods get to stop on SIGTERM before they are cut off.
     pub drain_grace_ms: u64,
+    /// How long a partition being handed back (to balance the cluster) keeps running
+    /// its pods: it is released as soon as they end, and their pods are stopped (not
+    /// crashed) once this passes.
+    pub handback_deadline_ms: u64,
     pub restart: RestartSettings,
     pub handlers: HandlerSettings,
     /// Redis, for prompt wake-ups and status fan-out; without it the worker notices
     /// changes at its next tick.
     pub bus: BusSettings,
+    pub maintenance: MaintenanceSettings,
 }
 
 impl Default for WorkerSettings {
@@ -81,9 +88,11 @@ impl Default for WorkerSettings {
             claim_interval_ms: 500,
             settle_ms: 2_000,
             drain_grace_ms: 10_000,
+            handback_deadline_ms: 60_000,
             restart: RestartSettings::default(),
             handlers: HandlerSettings::default(),
             bus: BusSettings::default(),
+            maintenance: MaintenanceSettings::default(),
         }
     }
 }
@@ -123,6 +132,64 @@ impl Default for LockSettings {
             tcp_user_timeout_ms: 5_000,
             idle_session_timeout_ms: 10_000,
         }
+    }
+}
+
+/// The periodic chores, each a service of its own (see [`crate::maintenance`]).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MaintenanceSettings {
+    /// How often the node row's heartbeat is written (shown in membership listings;
+    /// liveness itself is the lock probe's).
+    pub heartbeat_ms: u64,
+    /// How often the cluster-wide pending-pod gauges are read (a scan of the active
+    /// tasks: often enough for a gauge, not every tick).
+    pub gauges_ms: u64,
+    /// How often crash rows past `restart.crash_retention_seconds` are pruned.
+    pub crash_prune_ms: u64,
+    /// How often the monthly event partitions are kept ahead of the clock.
+    pub partition_upkeep_ms: u64,
+    /// How often the store is probed through the pool.
+    pub store_probe_ms: u64,
+    /// A node that cannot reach the store through its pool this long, while its lock
+    /// session still answers (a dead pooler or sidecar on `store.url`), lets go of its
+    /// partitions, so that a node that can reach the store runs their tasks.
+    pub store_fence_after_ms: u64,
+}
+
+impl Default for MaintenanceSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 5_000,
+            gauges_ms: 2_000,
+            crash_prune_ms: 3_600_000,
+            partition_upkeep_ms: 3_600_000,
+            store_probe_ms: 1_000,
+            store_fence_after_ms: 5_000,
+        }
+    }
+}
+
+impl MaintenanceSettings {
+    fn check(&self) -> Result<(), SettingsError> {
+        for (name, ms) in [
+            ("maintenance.heartbeat_ms", self.heartbeat_ms),
+            ("maintenance.gauges_ms", self.gauges_ms),
+            ("maintenance.crash_prune_ms", self.crash_prune_ms),
+            ("maintenance.partition_upkeep_ms", self.partition_upkeep_ms),
+            ("maintenance.store_probe_ms", self.store_probe_ms),
+        ] {
+            if ms == 0 {
+                return invalid(name, "must be positive");
+            }
+        }
+        if self.store_fence_after_ms < self.store_probe_ms {
+            return invalid(
+                "maintenance.store_fence_after_ms",
+                "must be at least one probe interval (maintenance.store_probe_ms)",
+            );
+        }
+        Ok(())
     }
 }
 
@@ -250,6 +317,7 @@ impl WorkerSettings {
                 return invalid("handlers.kinds", format!("no handler for kind {kind:?}"));
             }
         }
+        self.maintenance.check()?;
         if self.restart.crash_retention_seconds < self.restart.restart_window_seconds {
             return invalid(
                 "restart.crash_retention_seconds",
@@ -269,6 +337,36 @@ impl WorkerSettings {
 
     pub fn tick(&self) -> Duration {
         Duration::from_millis(self.tick_ms)
+    }
+
+    pub fn full_check(&self) -> Duration {
+        Duration::from_millis(self.full_check_ms)
+    }
+
+    pub fn claim_interval(&self) -> Duration {
+        Duration::from_millis(self.claim_interval_ms)
+    }
+
+    pub fn settle(&self) -> Duration {
+        Duration::from_millis(self.settle_ms)
+    }
+
+    pub fn drain_grace(&self) -> Duration {
+        Duration::from_millis(self.drain_grace_ms)
+    }
+
+    pub fn handback_deadline(&self) -> Duration {
+        Duration::from_millis(self.handback_deadline_ms)
+    }
+
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_millis(self.lock.ping_interval_ms)
+    }
+
+    /// How long one worker store call may take before it is abandoned as unanswered:
+    /// a connection, then a statement, each bounded by its own setting.
+    pub fn store_call_timeout(&self) -> Duration {
+        Duration::from_millis(self.store.acquire_timeout_ms + self.store.statement_timeout_ms)
     }
 
     /// How long after its last answered ping a node still counts its lock session as

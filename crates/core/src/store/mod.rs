@@ -150,6 +150,19 @@ impl Store {
         self.partition_count
     }
 
+    /// One round trip through the pool: whether the store answers at all.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    pub async fn ping(&self) -> Result<(), Error> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .traced("SELECT 1")
+            .await
+            .map_err(errors::from_sqlx)?;
+        Ok(())
+    }
+
     /// Deletes idempotency records older than `ttl`. Returns how many went.
     ///
     /// # Errors

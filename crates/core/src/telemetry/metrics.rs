@@ -137,6 +137,7 @@ pub struct Metrics {
     task_duration: Latencies<FinishedLabels>,
     pods_running: Family<NodeLabels, Gauge>,
     partitions_owned: Family<NodeLabels, Gauge>,
+    pods_unplaceable: Family<NodeLabels, Gauge>,
     pods_pending: Gauge,
     pods_pending_oldest: Gauge<f64, AtomicU64>,
     pod_crashes: Family<CrashLabels, Counter>,
@@ -161,6 +162,7 @@ struct Otel {
     task_duration: Histogram<f64>,
     pods_running: OtelGauge<i64>,
     partitions_owned: OtelGauge<i64>,
+    pods_unplaceable: OtelGauge<i64>,
     pods_pending: OtelGauge<i64>,
     pods_pending_oldest: OtelGauge<f64>,
     pod_crashes: OtelCounter<u64>,
@@ -196,6 +198,7 @@ impl Metrics {
             task_duration: Family::new_with_constructor(task_latency),
             pods_running: Family::default(),
             partitions_owned: Family::default(),
+            pods_unplaceable: Family::default(),
             pods_pending: Gauge::default(),
             pods_pending_oldest: Gauge::default(),
             pod_crashes: Family::default(),
@@ -303,6 +306,11 @@ impl Metrics {
                 "taskpod_partitions_owned",
                 "Partitions this node owns",
                 self.partitions_owned.clone(),
+            );
+            r.register(
+                "taskpod_pods_unplaceable",
+                "Active tasks of this node's partitions whose kind or program it cannot run",
+                self.pods_unplaceable.clone(),
             );
             r.register(
                 "taskpod_pods_pending",
@@ -439,6 +447,20 @@ impl Metrics {
             let attrs = [KeyValue::new("node", node.to_owned())];
             o.pods_running.record(pods, &attrs);
             o.partitions_owned.record(partitions, &attrs);
+        }
+    }
+
+    /// Active tasks of this node's partitions that wait for a node that can run their
+    /// kind or program (a rolling deploy), as its last check counted them.
+    pub fn pods_unplaceable(&self, node: &str, count: i64) {
+        self.pods_unplaceable
+            .get_or_create(&NodeLabels {
+                node: node.to_owned(),
+            })
+            .set(count);
+        if let Some(o) = self.otel.get() {
+            o.pods_unplaceable
+                .record(count, &[KeyValue::new("node", node.to_owned())]);
         }
     }
 
@@ -600,6 +622,13 @@ impl Otel {
                 .i64_gauge("taskpod.partitions.owned")
                 .with_unit("{partition}")
                 .with_description("Partitions this node owns")
+                .build(),
+            pods_unplaceable: m
+                .i64_gauge("taskpod.pods.unplaceable")
+                .with_unit("{task}")
+                .with_description(
+                    "Active tasks of this node's partitions whose kind or program it cannot run",
+                )
                 .build(),
             pods_pending: m
                 .i64_gauge("taskpod.pods.pending")

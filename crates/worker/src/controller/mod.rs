@@ -1,0 +1,486 @@
+//! The control loop: one task that owns the worker's parts and carries out what the
+//! planner decides.
+//!
+//! The parts, each testable alone: [`crate::ownership`] (this incarnation, its lock
+//! keeper, claims and hand-backs), [`crate::planner`] (pure rules), [`crate::checks`]
+//! (which tasks the next check reads), [`crate::pod_table`] (the pods), the
+//! [`crate::recorder`] (crash records, in a task of its own) and the
+//! [`crate::maintenance`] services under the [`crate::supervisor`].
+//!
+//! The loop waits on: shutdown; the incarnation's fence (its lock session was lost:
+//! pods have already been stopped by the fence itself, the loop only drops the books);
+//! a supervised task dying; crash outcomes; pods ending; the store probe's verdict;
+//! bus wake-ups; backoffs ending; and its tick, which (re)registers when needed, reads
+//! membership and claims every `claim_interval_ms`, and runs the feed's check. Nothing
+//! here is needed for the lock session to stay alive, or for a node that lost it to
+//! stop its pods.
+
+mod check;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use taskpod_core::Error;
+use taskpod_core::bus::{BusEvent, Publisher, Subscription, TaskUpdate, channels};
+use taskpod_core::domain::{NodeId, Status, TaskId};
+use taskpod_core::store::Store;
+use taskpod_core::telemetry::metrics::metrics;
+use taskpod_core::telemetry::spans::{Destination, process_span};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::appender::Appender;
+use crate::checks::Checks;
+use crate::handler::Handler;
+use crate::maintenance;
+use crate::ownership::Incarnation;
+use crate::pod_table::PodTable;
+use crate::recorder::{self, Recorded, Recorder, RecorderIo};
+use crate::settings::WorkerSettings;
+use crate::slots::Slots;
+use crate::supervisor::Supervisor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("store: {0}")]
+    Store(#[from] Error),
+    #[error("lock session: {0}")]
+    Lock(#[from] crate::lock::LockError),
+    #[error("{0}")]
+    Settings(String),
+}
+
+/// How long after its own fence a node treats adopted pods as interrupted rather than
+/// lost: a Postgres restart ends every session at once, and nobody is to blame.
+const INTERRUPTION_WINDOW: Duration = Duration::from_secs(30);
+
+/// How long a drain waits for the crash records of its last pods.
+const DRAIN_RECORDS: Duration = Duration::from_secs(5);
+
+/// The worker: see the module docs.
+pub struct Controller {
+    settings: WorkerSettings,
+    store: Store,
+    /// Announces changes; pods and the recorder publish their own.
+    bus: Publisher,
+    handlers: BTreeMap<String, Arc<dyn Handler>>,
+    slots: BTreeMap<String, Slots>,
+    kinds: BTreeSet<String>,
+    programs: BTreeSet<String>,
+    /// The pods' appends, batched; its flushers run on `flushers`, waited for at the end
+    /// of the drain.
+    appender: Appender,
+    flushers: TaskTracker,
+    /// The current incarnation; `None` between a fence and the next registration.
+    incarnation: Option<Incarnation>,
+    /// The current incarnation's node id, for the heartbeat service.
+    node_id: watch::Sender<Option<NodeId>>,
+    pods: PodTable,
+    checks: Checks,
+    recorder: Recorder,
+    /// Outcomes of the recorder's jobs; the channel outlives recorder tasks.
+    recorded: mpsc::UnboundedReceiver<Recorded>,
+    services: Supervisor,
+    /// Stops the maintenance services at the end of the drain.
+    chores_stop: CancellationToken,
+    /// False while the store probe cannot reach the store through the pool.
+    store_healthy: watch::Receiver<bool>,
+    /// The wake-up subscription: one channel per owned partition.
+    subscription: Option<Subscription>,
+    last_claim: Option<Instant>,
+    /// When this node last lost an incarnation's lock session.
+    last_fence: Option<Instant>,
+    /// When a dead peer was last found: adopted pods count their failover from it.
+    peer_lost_at: Option<Instant>,
+    /// Tasks whose last pod ran elsewhere and did not stop cleanly: their `exec` pods
+    /// wait the fence margin.
+    adopted: HashSet<TaskId>,
+    /// Tasks whose next pod is a restart after a crash (`taskpod_pod_restarts_total`).
+    restarting: HashSet<TaskId>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("node", &self.node())
+            .field("pods", &self.pods.running())
+            .finish()
+    }
+}
+
+impl Controller {
+    /// Connects the pool, registers the first incarnation and starts the background
+    /// services.
+    ///
+    /// # Errors
+    /// When the store or the lock session cannot be reached.
+    pub async fn start(settings: WorkerSettings) -> Result<Self, WorkerError> {
+        let store = Store::connect(&settings.store).await?;
+        let handlers = crate::handlers::registry(&settings.handlers);
+        let slots = handlers
+            .keys()
+            .map(|kind| {
+                let n = settings
+                    .handlers
+                    .concurrency
+                    .get(kind)
+                    .copied()
+                    .unwrap_or(settings.capacity);
+                (kind.clone(), Slots::new(n as usize))
+            })
+            .collect();
+        let bus =
+            Publisher::new(&settings.bus).map_err(|e| WorkerError::Settings(e.to_string()))?;
+        let flushers = TaskTracker::new();
+        let appender = Appender::start(store.clone(), &flushers);
+        let (recorder, recorded, inbox) = recorder::channel();
+        let (node_id, node_rx) = watch::channel(None);
+        let (chores, store_healthy) = maintenance::services(&store, &settings, node_rx);
+        let mut services = Supervisor::new();
+        let io = RecorderIo {
+            store: store.clone(),
+            bus: bus.clone(),
+            policy: settings.restart.policy(),
+            name: settings.name.clone(),
+        };
+        services.start(
+            "recorder",
+            Box::new(move || Box::pin(recorder::run(io.clone(), inbox.clone()))),
+        );
+        let chores_stop = CancellationToken::new();
+        for (name, make) in chores {
+            let stop = chores_stop.clone();
+            services.start(
+                name,
+                Box::new(move || Box::pin(maintenance::run(make(), stop.clone()))),
+            );
+        }
+        let mut controller = Self {
+            kinds: handlers.keys().cloned().collect(),
+            programs: settings.handlers.programs.keys().cloned().collect(),
+            checks: Checks::new(settings.full_check()),
+            handlers,
+            slots,
+            appender,
+            flushers,
+            incarnation: None,
+            node_id,
+            pods: PodTable::default(),
+            recorder,
+            recorded,
+            services,
+            chores_stop,
+            store_healthy,
+            subscription: None,
+            last_claim: None,
+            last_fence: None,
+            peer_lost_at: None,
+            adopted: HashSet::new(),
+            restarting: HashSet::new(),
+            bus,
+            store,
+            settings,
+        };
+        controller.connect().await?;
+        Ok(controller)
+    }
+
+    /// The current incarnation's node id (nil between incarnations).
+    pub fn node(&self) -> NodeId {
+        self.incarnation
+            .as_ref()
+            .map_or(NodeId(uuid::Uuid::nil()), Incarnation::node)
+    }
+
+    async fn connect(&mut self) -> Result<(), WorkerError> {
+        let incarnation = Incarnation::connect(&self.store, &self.settings).await?;
+        self.node_id.send_replace(Some(incarnation.node()));
+        self.incarnation = Some(incarnation);
+        self.last_claim = None;
+        self.checks.reset();
+        Ok(())
+    }
+
+    /// Runs until `shutdown`, then drains: pods stop cleanly, partitions are handed back,
+    /// the node deregisters. Other workers take over at once and record no crash.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.settings.tick());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let bus_stop = shutdown.child_token();
+        let (mut wakeups, bus_task) =
+            match Subscription::start(&self.settings.bus, bus_stop.clone()) {
+                Some((subscription, rx, task)) => {
+                    self.subscription = Some(subscription);
+                    (Some(rx), Some(task))
+                }
+                None => (None, None),
+            };
+        loop {
+            let backoff = self.checks.next_backoff();
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                () = fenced(&self.incarnation) => self.lost_incarnation("lock session lost"),
+                death = self.services.next_death() => {
+                    if death.name == "recorder" {
+                        self.pods.forget_recording();
+                    }
+                }
+                Some(recorded) = self.recorded.recv() => self.settle(recorded),
+                Some(ended) = self.pods.join_next() => self.reap(ended),
+                Ok(()) = self.store_healthy.changed() => {
+                    if !*self.store_healthy.borrow_and_update() && self.incarnation.is_some() {
+                        self.lost_incarnation("the store is unreachable through the pool");
+                    }
+                }
+                Some(event) = next_wakeup(&mut wakeups) => {
+                    // Messages that arrived meanwhile share the check.
+                    self.wake(event);
+                    if let Some(rx) = &mut wakeups {
+                        while let Ok(event) = rx.try_recv() {
+                            self.wake(event);
+                        }
+                    }
+                    let scope = self.checks.woken_scope();
+                    let checked = self.check(scope).await;
+                    self.outcome(checked);
+                }
+                () = sleep_until(backoff), if backoff.is_some() => {
+                    let due = self.checks.due_backoffs();
+                    let checked = self.check(crate::checks::Scope::Tasks(due)).await;
+                    self.outcome(checked);
+                }
+                _ = tick.tick() => {
+                    let stepped = self.step().await;
+                    self.outcome(stepped);
+                }
+            }
+        }
+        self.drain().await;
+        bus_stop.cancel();
+        if let Some(task) = bus_task {
+            let _ = task.await;
+        }
+    }
+
+    /// Acts on a step's failure: a lock session that failed ends the incarnation; any
+    /// other failure waits for the next tick.
+    fn outcome(&mut self, result: Result<(), WorkerError>) {
+        match result {
+            Ok(()) => {}
+            Err(WorkerError::Lock(e)) => {
+                tracing::warn!(error = %e, "lock session failed");
+                self.lost_incarnation("lock session failed");
+            }
+            Err(e) => tracing::warn!(error = %e, "control step failed"),
+        }
+    }
+
+    /// The tick: (re)register, membership and claims when due, the feed's check.
+    async fn step(&mut self) -> Result<(), WorkerError> {
+        if self.incarnation.is_none() {
+            if !*self.store_healthy.borrow() {
+                return Ok(());
+            }
+            self.connect().await?;
+        }
+        let claim_due = self
+            .last_claim
+            .is_none_or(|t| t.elapsed() >= self.settings.claim_interval());
+        if claim_due {
+            self.claim_round().await?;
+            self.last_claim = Some(Instant::now());
+        }
+        let watermark = self.store.watermark().await?;
+        let scope = self.checks.tick_scope(watermark);
+        self.check(scope).await?;
+        if let Some(inc) = &self.incarnation {
+            metrics().node_load(
+                &self.settings.name,
+                self.pods.running() as i64,
+                inc.owned().len() as i64,
+            );
+        }
+        Ok(())
+    }
+
+    /// Membership, claims, hand-backs and releases.
+    async fn claim_round(&mut self) -> Result<(), WorkerError> {
+        let partitions = self.store.partition_count() as usize;
+        let busy = self.pods.busy_partitions();
+        let Some(inc) = &mut self.incarnation else {
+            return Ok(());
+        };
+        if inc
+            .refresh_membership(&self.store, partitions)
+            .await?
+            .peer_lost
+        {
+            self.peer_lost_at = Some(Instant::now());
+        }
+        let claimed = inc.claim(&self.store).await;
+        if matches!(claimed, Ok(n) if n > 0) || claimed.is_err() {
+            // Their tasks, and a dead owner's pods, are found by a full check.
+            self.checks.read_everything();
+        }
+        claimed?;
+        inc.rebalance(
+            &busy,
+            self.settings.settle(),
+            self.settings.handback_deadline(),
+        );
+        self.pods.stop_in(&inc.evicting(Instant::now()));
+        inc.release_idle(&self.store, &busy).await?;
+        if let Some(subscription) = &self.subscription {
+            subscription.set_channels(
+                inc.owned()
+                    .keys()
+                    .map(|p| channels::partition(*p))
+                    .collect(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The incarnation is over (its session was lost, or must be let go): its pods stop
+    /// (the fence has already told them), its books are dropped without waiting on the
+    /// store, and the next tick registers a new one.
+    fn lost_incarnation(&mut self, why: &str) {
+        let Some(inc) = self.incarnation.take() else {
+            return;
+        };
+        tracing::warn!(node = %inc.node(), pods = self.pods.running(), why, "fencing");
+        self.last_fence = Some(Instant::now());
+        inc.abandon();
+        self.pods.stop_all();
+        self.node_id.send_replace(None);
+        self.checks.reset();
+        if let Some(subscription) = &self.subscription {
+            subscription.set_channels(BTreeSet::new());
+        }
+    }
+
+    /// Notes what a bus event asks to look at.
+    fn wake(&mut self, event: BusEvent) {
+        let update = match event {
+            BusEvent::Connected => {
+                self.checks.read_everything();
+                return;
+            }
+            BusEvent::Message { payload, .. } => {
+                // A message that does not parse names nothing; the feed still has it.
+                match serde_json::from_slice::<TaskUpdate>(&payload) {
+                    Ok(update) => update,
+                    Err(_) => return,
+                }
+            }
+        };
+        consumed(&update);
+        let Some(inc) = &self.incarnation else {
+            return;
+        };
+        // Only a task of this node's may need something of it: a pod it runs, or an
+        // active task of a partition it owns and keeps. Its own pods moving on need no
+        // check.
+        let epoch = self.pods.epoch_of(update.task_id);
+        let own_progress = epoch == Some(update.epoch)
+            && update.status == Status::Active
+            && matches!(update.event_type.as_str(), "pod_started" | "phase_changed");
+        let may_need_a_pod = update.status == Status::Active
+            && inc.owned().contains_key(&update.partition)
+            && !inc.leaving().contains(&update.partition);
+        if (epoch.is_some() || may_need_a_pod) && !own_progress {
+            self.checks.wake(update.task_id);
+        }
+    }
+
+    /// SIGTERM: pods stop cleanly within the grace, the ones still running are cut off
+    /// and recorded as interrupted (charged to no task), partitions are handed back and
+    /// the node deregisters, so the others take over at once.
+    async fn drain(mut self) {
+        tracing::info!(node = %self.node(), pods = self.pods.running(), "draining");
+        self.pods.stop_all();
+        let grace = self.settings.drain_grace();
+        let _ = tokio::time::timeout(grace, async {
+            while let Some(ended) = self.pods.join_next().await {
+                self.reap(ended);
+            }
+        })
+        .await;
+        for (task, epoch, partition) in self.pods.abort_all() {
+            self.record_end(
+                task,
+                epoch,
+                partition,
+                None,
+                taskpod_core::domain::restart::CrashKind::Interrupted,
+                "cut off by the drain".into(),
+            );
+        }
+        // The crash records of the last pods, before the partitions go.
+        let _ = tokio::time::timeout(DRAIN_RECORDS, async {
+            while !self.pods.slots().is_empty() {
+                match self.recorded.recv().await {
+                    Some(recorded) => self.settle(recorded),
+                    None => break,
+                }
+            }
+        })
+        .await;
+        if let Some(mut inc) = self.incarnation.take() {
+            if let Err(e) = inc.release_all(&self.store).await {
+                tracing::warn!(error = %e, "hand-back failed; the locks end with the session");
+            }
+            inc.close(&self.store).await;
+        }
+        self.chores_stop.cancel();
+        let services = std::mem::take(&mut self.services);
+        services.shutdown().await;
+        // The pods are gone, and with this the last handle on the appender.
+        let flushers = self.flushers.clone();
+        drop(self);
+        flushers.close();
+        flushers.wait().await;
+        tracing::info!("drained");
+    }
+}
+
+/// Resolves when the incarnation's fence is cancelled (never without one).
+async fn fenced(incarnation: &Option<Incarnation>) {
+    match incarnation {
+        Some(inc) => inc.fence().cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_wakeup(wakeups: &mut Option<mpsc::Receiver<BusEvent>>) -> Option<BusEvent> {
+    match wakeups {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A wake-up is the consumption of a writer's update: when spans are exported, it is
+/// a CONSUMER span in the writer's trace (the check it triggers follows at once).
+fn consumed(update: &TaskUpdate) {
+    if !taskpod_core::telemetry::traces_exported() {
+        return;
+    }
+    let task_id = update.task_id.to_string();
+    let _span = process_span(
+        Destination::Partition,
+        &task_id,
+        update.traceparent.as_deref(),
+    )
+    .entered();
+}
