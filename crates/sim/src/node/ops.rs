@@ -2,6 +2,8 @@
 //! actors interleave between them; a lock-session call that finds the session gone
 //! fences the node, as a failed ping does.
 
+use std::collections::BTreeSet;
+
 use taskpod_core::domain::TaskId;
 use taskpod_core::domain::restart::CrashKind;
 use taskpod_core::store::keys::PARTITION_NAMESPACE;
@@ -203,6 +205,10 @@ impl SimNode {
         };
         let id = inc.id;
         let mut refused = false;
+        let claims: BTreeSet<(i32, i64)> = starts
+            .iter()
+            .map(|s| (s.task.partition, s.generation))
+            .collect();
         // One statement for the batch: every item is decided at once.
         for s in starts {
             let task = s.task.task_id;
@@ -239,15 +245,14 @@ impl SimNode {
             }
         }
         if refused {
-            // Drop the partitions whose claim is gone (the lock says otherwise only
-            // until the next ping fails).
-            let gone: Vec<i32> = inc
-                .owned
+            // Drop the partitions of the batch whose claim another replaced (only a
+            // lost session lets another node lock them: the next ping will say so).
+            let gone: Vec<i32> = claims
                 .iter()
                 .filter(|(p, g)| {
                     cx.model
-                        .partition(**p)
-                        .is_none_or(|r| r.owner != Some(id) || r.generation != **g)
+                        .partition(*p)
+                        .is_none_or(|r| r.owner != Some(id) || r.generation != *g)
                 })
                 .map(|(p, _)| *p)
                 .collect();
