@@ -181,6 +181,7 @@ async fn regression_a_busy_loop_with_redis_black_holed_keeps_its_lock_session() 
             ("TASKPOD_BUS__TIMEOUT_MS", "1000"),
             ("TASKPOD_LOCK__IDLE_SESSION_TIMEOUT_MS", "1000"),
             ("TASKPOD_LOCK__PING_INTERVAL_MS", "200"),
+            ("TASKPOD_LOCK__PING_TIMEOUT_MS", "500"),
             ("TASKPOD_HANDLERS__PROGRAMS__crash__PATH", program.as_str()),
             ("TASKPOD_RESTART__MAX_RESTART_ATTEMPTS", "1000"),
             ("TASKPOD_RESTART__BACKOFF_BASE_MS", "1"),

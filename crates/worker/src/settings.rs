@@ -279,6 +279,11 @@ pub struct ExecSettings {
     /// A guard that heard nothing this long kills its run: the bound on how long a
     /// paused (SIGSTOP) or hung worker's programs outlive it.
     pub guard_timeout_ms: u64,
+    /// How long an adopted `exec` pod waits before running its program, so that the
+    /// old owner's runs are dead first. Unset: ping interval + ping timeout + guard
+    /// timeout + kill timeout, which holds whatever Postgres does. A smaller value is
+    /// accepted only where it still holds (see [`WorkerSettings::check`]).
+    pub fence_margin_ms: Option<u64>,
 }
 
 impl Default for ExecSettings {
@@ -286,6 +291,7 @@ impl Default for ExecSettings {
         Self {
             feed_interval_ms: 100,
             guard_timeout_ms: 1_000,
+            fence_margin_ms: None,
         }
     }
 }
@@ -366,10 +372,59 @@ impl WorkerSettings {
                 ),
             );
         }
+        self.check_fencing()?;
         if self.restart.crash_retention_seconds < self.restart.restart_window_seconds {
             return invalid(
                 "restart.crash_retention_seconds",
                 "must cover the restart window",
+            );
+        }
+        Ok(())
+    }
+
+    /// The relation that keeps one live run per task (docs/architecture.md, "What each
+    /// fault costs"): with D = ping interval + ping timeout (how long after its last
+    /// answered ping a node has fenced itself), S the soonest Postgres may end a silent
+    /// lock session after that ping (`lock.keepalive_idle_secs` for a cut network,
+    /// `lock.idle_session_timeout_ms` for a paused process), G the guard timeout and M
+    /// the fence margin:
+    /// - D < S: a node fences itself before Postgres frees its locks for another node,
+    ///   and a healthy session's pings keep it from ever looking idle;
+    /// - M >= D + G - S: an adopted `exec` pod starts only after the old owner's runs
+    ///   were killed (at the latest when their guards starve, D + G after that ping).
+    ///
+    /// # Errors
+    /// [`SettingsError::Invalid`] naming the settings when either does not hold.
+    fn check_fencing(&self) -> Result<(), SettingsError> {
+        let d = self.lock.ping_interval_ms + self.lock.ping_timeout_ms;
+        let s = (u64::from(self.lock.keepalive_idle_secs) * 1000)
+            .min(u64::from(self.lock.idle_session_timeout_ms));
+        if d >= s {
+            return invalid(
+                "lock.ping_interval_ms",
+                format!(
+                    "lock.ping_interval_ms + lock.ping_timeout_ms ({d} ms) must be below the \
+                     soonest Postgres ends a silent lock session, the smaller of \
+                     lock.keepalive_idle_secs and lock.idle_session_timeout_ms ({s} ms): \
+                     otherwise another node could take this one's partitions before it \
+                     has fenced itself"
+                ),
+            );
+        }
+        let needed = (d + self.handlers.exec.guard_timeout_ms).saturating_sub(s);
+        if let Some(margin) = self.handlers.exec.fence_margin_ms
+            && margin < needed
+        {
+            return invalid(
+                "handlers.exec.fence_margin_ms",
+                format!(
+                    "{margin} ms is too short: with lock.ping_interval_ms + \
+                     lock.ping_timeout_ms = {d} ms, handlers.exec.guard_timeout_ms = {} ms \
+                     and Postgres ending a silent session after {s} ms at the soonest, an \
+                     adopted program could start while the old owner's still runs; it \
+                     must be at least {needed} ms",
+                    self.handlers.exec.guard_timeout_ms
+                ),
             );
         }
         Ok(())
@@ -411,12 +466,6 @@ impl WorkerSettings {
         Duration::from_millis(self.lock.ping_interval_ms)
     }
 
-    /// How long one worker store call may take before it is abandoned as unanswered:
-    /// a connection, then a statement, each bounded by its own setting.
-    pub fn store_call_timeout(&self) -> Duration {
-        Duration::from_millis(self.store.acquire_timeout_ms + self.store.statement_timeout_ms)
-    }
-
     /// How long after its last answered ping a node still counts its lock session as
     /// alive: one ping interval for the next ping to start, one timeout for it to fail.
     pub fn lock_detection_bound(&self) -> Duration {
@@ -429,18 +478,62 @@ impl WorkerSettings {
     /// after its last answered ping, its guards heard their last byte then and kill
     /// within the guard timeout; the kill timeout is the guards' slack to do it.
     pub fn fence_margin(&self) -> Duration {
-        Duration::from_millis(
+        Duration::from_millis(self.handlers.exec.fence_margin_ms.unwrap_or(
             self.lock.ping_interval_ms
                 + self.lock.ping_timeout_ms
                 + self.handlers.exec.guard_timeout_ms
                 + crate::handlers::exec::KILL_TIMEOUT_MS,
-        )
+        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_that_would_notice_its_loss_after_postgres_frees_its_locks_is_refused() {
+        let mut s = WorkerSettings::default();
+        assert!(s.check().is_ok());
+        s.lock.ping_timeout_ms = 4_800;
+        let err = s.check().unwrap_err().to_string();
+        for setting in [
+            "lock.ping_interval_ms",
+            "lock.ping_timeout_ms",
+            "lock.keepalive_idle_secs",
+            "lock.idle_session_timeout_ms",
+        ] {
+            assert!(err.contains(setting), "{err}");
+        }
+        s.lock.ping_timeout_ms = 1_000;
+        s.lock.idle_session_timeout_ms = 1_200;
+        assert!(s.check().is_err(), "a healthy session would look idle");
+    }
+
+    #[test]
+    fn a_fence_margin_shorter_than_the_old_owners_kill_is_refused() {
+        let mut s = WorkerSettings::default();
+        // D = 1.3 s, G = 1 s, S = 5 s: the old runs are dead before Postgres frees the
+        // locks, so no wait is needed at all.
+        s.handlers.exec.fence_margin_ms = Some(0);
+        assert!(s.check().is_ok());
+        assert_eq!(s.fence_margin(), Duration::ZERO);
+        s.lock.keepalive_idle_secs = 2;
+        s.lock.ping_timeout_ms = 1_500;
+        // D = 1.8 s, G = 1 s, S = 2 s: 0.8 s needed.
+        let err = s.check().unwrap_err().to_string();
+        assert!(
+            err.contains("handlers.exec.fence_margin_ms") && err.contains("800 ms"),
+            "{err}"
+        );
+        s.handlers.exec.fence_margin_ms = Some(800);
+        assert!(s.check().is_ok());
+        s.handlers.exec.fence_margin_ms = None;
+        assert_eq!(
+            s.fence_margin(),
+            Duration::from_millis(300 + 1_500 + 1_000 + 2_000)
+        );
+    }
 
     #[test]
     fn the_lock_session_uses_its_own_url_when_set() {

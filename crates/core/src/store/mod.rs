@@ -26,6 +26,7 @@ pub mod checkpoint;
 pub mod crash_batch;
 pub mod crashes;
 pub mod create;
+mod deadline;
 mod errors;
 pub mod execute;
 mod idempotency;
@@ -42,6 +43,7 @@ mod writes;
 
 use std::time::Duration;
 
+use sqlx::Connection as _;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tracing::instrument;
@@ -78,6 +80,7 @@ impl Store {
     /// timeout, or the schema is not migrated.
     #[instrument(skip_all)]
     pub async fn connect(settings: &StoreSettings) -> Result<Self, Error> {
+        deadline::set_call_limit(settings.call_limit());
         let pool = pool_options(settings)
             .connect_with(connect_options(settings)?)
             .await
@@ -110,6 +113,7 @@ impl Store {
     /// # Errors
     /// When the settings do not form a valid connection.
     pub fn connect_lazy(settings: &StoreSettings, partition_count: u32) -> Result<Self, Error> {
+        deadline::set_call_limit(settings.call_limit());
         let pool = pool_options(settings).connect_lazy_with(connect_options(settings)?);
         Ok(Self {
             pool,
@@ -180,6 +184,17 @@ fn pool_options(settings: &StoreSettings) -> PgPoolOptions {
         // A ping per acquire costs a round trip on every call; a dead connection shows
         // as StoreUnavailable once instead, and the pool replaces it.
         .test_before_acquire(false)
+        // While calls time out, a released connection must answer a bounded ping or
+        // be closed: sqlx's own check on release has no bound (see `deadline`).
+        .after_release(|conn, _| {
+            Box::pin(async move {
+                if !deadline::suspect() {
+                    return Ok(true);
+                }
+                let answered = tokio::time::timeout(deadline::RELEASE_PING, conn.ping()).await;
+                Ok(matches!(answered, Ok(Ok(()))))
+            })
+        })
 }
 
 fn connect_options(settings: &StoreSettings) -> Result<PgConnectOptions, Error> {

@@ -67,4 +67,11 @@ impl StoreSettings {
     pub fn acquire_timeout(&self) -> Duration {
         Duration::from_millis(self.acquire_timeout_ms)
     }
+
+    /// The client-side bound on one call: a connection, then a statement, each within
+    /// its own setting, and a second of slack. Past it the call fails as unavailable
+    /// even when the network is silent (where `statement_timeout` cannot fire).
+    pub fn call_limit(&self) -> Duration {
+        Duration::from_millis(self.acquire_timeout_ms + self.statement_timeout_ms + 1_000)
+    }
 }
