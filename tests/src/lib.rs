@@ -21,6 +21,7 @@
 //! Set `TEST_LOG=1` to see the binary's output as it runs.
 
 pub mod api;
+pub mod chaos;
 pub mod cli;
 pub mod cluster;
 pub mod os;

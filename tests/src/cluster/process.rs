@@ -226,6 +226,8 @@ impl ServerProcess {
         }
         let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
         cmd.env("RUST_LOG", rust_log)
+            // Plain logs: they are read as files.
+            .env("NO_COLOR", "1")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
