@@ -65,15 +65,17 @@ pub fn check(input: &Input<'_>) -> Vec<Violation> {
                 .map(|c| format!("  {}", snapshot.crash_line(c)))
                 .collect::<Vec<_>>()
         };
+        // The head decides (the listing row is checked against it elsewhere).
         let head = snapshot.heads.get(id);
-        let terminal = TERMINAL.contains(&task.status.as_str());
+        let (status, phase) = head.map_or((&task.status, &task.phase), |h| (&h.status, &h.phase));
+        let terminal = TERMINAL.contains(&status.as_str());
         if !terminal {
             out.push(
                 v(
                     "terminal-in-time",
                     format!(
-                        "still {} (phase {}) {:?} after healing",
-                        task.status, task.phase, input.settle_timeout
+                        "still {status} (phase {phase}) {:?} after healing",
+                        input.settle_timeout
                     ),
                 )
                 .with(snapshot.rows(id))
@@ -86,8 +88,7 @@ pub fn check(input: &Input<'_>) -> Vec<Violation> {
                 v(
                     "terminal-pod-state-none",
                     format!(
-                        "{} with pod_state {}",
-                        task.status,
+                        "{status} with pod_state {}",
                         head.map_or("?", |h| h.pod_state.as_str())
                     ),
                 )
@@ -118,7 +119,7 @@ pub fn check(input: &Input<'_>) -> Vec<Violation> {
         let error = task.last_error.as_deref().unwrap_or_default();
         let early = (error.starts_with("restart budget spent") && handler < handler_limit)
             || (error.starts_with("poison budget spent") && lost < lost_limit);
-        if task.status == "failed" && early {
+        if status == "failed" && early {
             out.push(
                 v(
                     "budget-not-spent-early",

@@ -21,6 +21,8 @@ pub mod exec;
 pub mod liveness;
 pub mod oracle;
 pub mod streams;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt;
