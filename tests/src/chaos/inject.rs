@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::schedule::Fault;
 use crate::cluster::Cluster;
+use crate::proxy::Delivery;
 
 /// What became of one scheduled fault.
 #[derive(Clone, Debug)]
@@ -98,6 +99,38 @@ pub async fn apply(cluster: &mut Cluster, fault: &Fault) -> anyhow::Result<(bool
             sleep(*down_ms).await;
             member.restart().await?;
             Ok((true, format!("{name} killed, restarted")))
+        }
+        Fault::PartitionWorker { worker, hold_ms } => {
+            let name = worker_name(cluster, *worker)?;
+            let proxy = cluster
+                .worker(&name)?
+                .proxy()
+                .ok_or_else(|| anyhow::anyhow!("{name} has no fault proxy"))?;
+            proxy.hold();
+            sleep(*hold_ms).await;
+            proxy.heal();
+            Ok((true, format!("{name}'s link to Postgres held silent")))
+        }
+        Fault::AmbiguousCommits { api, for_ms } => {
+            let member = cluster
+                .apis()
+                .get(*api)
+                .ok_or_else(|| anyhow::anyhow!("no API replica #{api}"))?;
+            let proxy = member
+                .proxy()
+                .ok_or_else(|| anyhow::anyhow!("{} has no fault proxy", member.name()))?;
+            let before = proxy.resets();
+            proxy.reset_on(b"COMMIT", Delivery::Deliver);
+            sleep(*for_ms).await;
+            proxy.heal();
+            let lost = proxy.resets() - before;
+            Ok((
+                lost > 0,
+                format!(
+                    "{}: {lost} committed transactions lost their answer",
+                    member.name()
+                ),
+            ))
         }
     }
 }

@@ -26,9 +26,17 @@ pub enum Fault {
     KillRedis { down_ms: u64 },
     /// SIGKILL an API replica, down `down_ms`, start again on the same port.
     KillApi { api: usize, down_ms: u64 },
+    /// Silence a worker's link to Postgres (its fault proxy holds every socket open
+    /// and passes nothing) for `hold_ms`, then heal: a network partition that no FIN
+    /// or RST announces.
+    PartitionWorker { worker: usize, hold_ms: u64 },
+    /// For `for_ms`, every COMMIT an API replica sends reaches Postgres and commits,
+    /// and the answer is lost (its fault proxy resets the connection): ambiguous
+    /// outcomes that only request ids make safe to retry.
+    AmbiguousCommits { api: usize, for_ms: u64 },
 }
 
-/// The fault kinds, each of which a CI run must include at least once.
+/// The kinds of fault.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum FaultKind {
     KillWorker,
@@ -37,10 +45,13 @@ pub enum FaultKind {
     CrashPostgres,
     KillRedis,
     KillApi,
+    PartitionWorker,
+    AmbiguousCommits,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 6] = [
+    /// The kinds every CI run must include at least once.
+    pub const REQUIRED: [FaultKind; 6] = [
         FaultKind::KillWorker,
         FaultKind::PauseWorker,
         FaultKind::TerminateLockSession,
@@ -48,6 +59,19 @@ impl FaultKind {
         FaultKind::KillRedis,
         FaultKind::KillApi,
     ];
+
+    /// The kinds a cluster of `shape` can take: the network faults need a member that
+    /// reaches Postgres through a fault proxy.
+    pub fn available(shape: &Shape) -> Vec<FaultKind> {
+        let mut kinds = Self::REQUIRED.to_vec();
+        if shape.proxied_worker.is_some() {
+            kinds.push(FaultKind::PartitionWorker);
+        }
+        if shape.proxied_api.is_some() {
+            kinds.push(FaultKind::AmbiguousCommits);
+        }
+        kinds
+    }
 }
 
 impl Fault {
@@ -59,6 +83,8 @@ impl Fault {
             Fault::CrashPostgres { .. } => FaultKind::CrashPostgres,
             Fault::KillRedis { .. } => FaultKind::KillRedis,
             Fault::KillApi { .. } => FaultKind::KillApi,
+            Fault::PartitionWorker { .. } => FaultKind::PartitionWorker,
+            Fault::AmbiguousCommits { .. } => FaultKind::AmbiguousCommits,
         }
     }
 
@@ -70,6 +96,8 @@ impl Fault {
             | Fault::KillRedis { down_ms }
             | Fault::KillApi { down_ms, .. } => *down_ms,
             Fault::PauseWorker { pause_ms, .. } => *pause_ms,
+            Fault::PartitionWorker { hold_ms, .. } => *hold_ms,
+            Fault::AmbiguousCommits { for_ms, .. } => *for_ms,
             Fault::TerminateLockSession { .. } => 0,
         })
     }
@@ -95,6 +123,14 @@ impl Fault {
             FaultKind::KillApi => Fault::KillApi {
                 api: rng.index(shape.apis),
                 down_ms: rng.range(200, 2_000),
+            },
+            FaultKind::PartitionWorker => Fault::PartitionWorker {
+                worker: shape.proxied_worker.unwrap_or_default(),
+                hold_ms: shape.idle_session_timeout_ms + rng.range(1_000, 5_000),
+            },
+            FaultKind::AmbiguousCommits => Fault::AmbiguousCommits {
+                api: shape.proxied_api.unwrap_or_default(),
+                for_ms: rng.range(1_000, 4_000),
             },
         }
     }
@@ -122,6 +158,16 @@ impl fmt::Display for Fault {
             Fault::KillApi { api, down_ms } => {
                 write!(f, "SIGKILL API replica #{api}, restart after {down_ms} ms")
             }
+            Fault::PartitionWorker { worker, hold_ms } => {
+                write!(
+                    f,
+                    "silence worker #{worker}'s Postgres link for {hold_ms} ms"
+                )
+            }
+            Fault::AmbiguousCommits { api, for_ms } => write!(
+                f,
+                "lose the answer to every COMMIT of API replica #{api} for {for_ms} ms"
+            ),
         }
     }
 }
@@ -140,6 +186,9 @@ pub struct Shape {
     pub apis: usize,
     /// The workers' `lock.idle_session_timeout_ms`: a pause must outlast it.
     pub idle_session_timeout_ms: u64,
+    /// The worker and the replica that reach Postgres through a fault proxy.
+    pub proxied_worker: Option<usize>,
+    pub proxied_api: Option<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,11 +198,12 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// Every fault kind once, in a random order, then random faults until the planned
-    /// time (quiet gaps plus fault durations) reaches `length`.
+    /// Every available fault kind once, in a random order, then random faults until
+    /// the planned time (quiet gaps plus fault durations) reaches `length`.
     pub fn generate(seed: u64, length: Duration, shape: &Shape) -> Self {
         let mut rng = Rng::derived(seed, "schedule");
-        let mut kinds = FaultKind::ALL.to_vec();
+        let available = FaultKind::available(shape);
+        let mut kinds = available.clone();
         rng.shuffle(&mut kinds);
         let budget = u64::try_from(length.as_millis()).unwrap_or(u64::MAX);
         let mut steps = Vec::new();
@@ -162,7 +212,7 @@ impl Schedule {
         loop {
             let kind = match kinds.get(i) {
                 Some(kind) => *kind,
-                None if planned < budget => FaultKind::ALL[rng.index(FaultKind::ALL.len())],
+                None if planned < budget => available[rng.index(available.len())],
                 None => break,
             };
             i += 1;
@@ -216,6 +266,8 @@ mod tests {
             workers: 3,
             apis: 2,
             idle_session_timeout_ms: 3_000,
+            proxied_worker: Some(2),
+            proxied_api: Some(1),
         }
     }
 
@@ -232,20 +284,36 @@ mod tests {
         for seed in 0..50 {
             let s = Schedule::generate(seed, Duration::from_secs(45), &shape());
             let kinds: BTreeSet<FaultKind> = s.steps.iter().map(|st| st.fault.kind()).collect();
-            assert_eq!(kinds.len(), FaultKind::ALL.len(), "{s}");
+            assert_eq!(kinds.len(), FaultKind::available(&shape()).len(), "{s}");
+            assert!(FaultKind::REQUIRED.iter().all(|k| kinds.contains(k)), "{s}");
             assert!(s.planned() >= Duration::from_secs(45), "{s}");
         }
     }
 
     #[test]
-    fn pauses_outlast_the_idle_session_timeout() {
+    fn pauses_and_partitions_outlast_the_idle_session_timeout() {
         for seed in 0..50 {
             let s = Schedule::generate(seed, Duration::from_secs(30), &shape());
             for step in &s.steps {
-                if let Fault::PauseWorker { pause_ms, .. } = step.fault {
-                    assert!(pause_ms >= 5_000);
+                match step.fault {
+                    Fault::PauseWorker { pause_ms, .. } => assert!(pause_ms >= 5_000),
+                    Fault::PartitionWorker { worker, hold_ms } => {
+                        assert_eq!(worker, 2, "only the proxied worker");
+                        assert!(hold_ms >= 4_000);
+                    }
+                    _ => {}
                 }
             }
         }
+    }
+
+    #[test]
+    fn network_faults_need_a_proxy() {
+        let direct = Shape {
+            proxied_worker: None,
+            proxied_api: None,
+            ..shape()
+        };
+        assert_eq!(FaultKind::available(&direct), FaultKind::REQUIRED);
     }
 }

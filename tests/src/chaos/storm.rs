@@ -147,6 +147,14 @@ impl StormConfig {
             .worker_env("TASKPOD_RESTART__BACKOFF_MAX_MS", 1_000)
             .worker_env("TASKPOD_RESTART__MAX_NODE_LOSSES", b.max_node_losses)
             .worker_env("TASKPOD_HANDLERS__SLEEP_PHASE_MS", self.sleep_phase_ms);
+        // The last worker and the last replica reach Postgres through fault proxies,
+        // for the network faults.
+        if let Some(last) = self.workers.checked_sub(1) {
+            spec = spec.worker_via_proxy(last);
+        }
+        if let Some(last) = self.apis.checked_sub(1) {
+            spec = spec.api_via_proxy(last);
+        }
         // Unequal capacities: shares are weighted by them.
         for (i, capacity) in [400, 400, 200].iter().enumerate().take(self.workers) {
             spec = spec.one_worker_env(i, "TASKPOD_CAPACITY", capacity);
@@ -271,6 +279,8 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
         workers: config.workers,
         apis: config.apis,
         idle_session_timeout_ms: config.idle_session_timeout_ms,
+        proxied_worker: config.workers.checked_sub(1),
+        proxied_api: config.apis.checked_sub(1),
     };
     let schedule = Schedule::generate(config.seed, config.storm, &shape);
     let history = Arc::new(History::new());
