@@ -1,6 +1,7 @@
 //! The checker: after a chaos run has been healed and has settled, holds the store (the
-//! oracle, [`oracle::Snapshot`]) to what clients were told ([`History`]) and to the
-//! invariants of the design, and reports every violation with its evidence rows.
+//! oracle, [`oracle::Snapshot`]) to what clients were told
+//! ([`super::history::History`]) and to the invariants of the design, and reports every
+//! violation with its evidence rows.
 //!
 //! One module per family of invariants:
 //! - [`clients`]: acknowledged creates exist, no request id made two tasks, refused
