@@ -100,6 +100,9 @@ impl Outcome {
     }
 }
 
+/// The `client` of calls resent after healing ([`super::load::Load::resolve`]).
+pub const RESOLVER: usize = usize::MAX;
+
 /// One call: invoke, then (unless the run ended first) its outcome.
 #[derive(Clone, Debug)]
 pub struct Entry {
@@ -278,9 +281,13 @@ impl Intent {
             .iter()
             .map(|a| {
                 format!(
-                    "  attempt {} by client {} via {} at {}ms -> {}",
+                    "  attempt {} by {} via {} at {}ms -> {}",
                     a.id,
-                    a.client,
+                    if a.client == RESOLVER {
+                        "the resolver".to_owned()
+                    } else {
+                        format!("client {}", a.client)
+                    },
                     a.replica,
                     a.invoked_ms,
                     match (&a.outcome, a.completed_ms) {

@@ -16,7 +16,7 @@ use taskpod_proto::v1::{self, task_service_client::TaskServiceClient};
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
-use super::history::{Call, History, Outcome};
+use super::history::{Call, History, Outcome, RESOLVER};
 use super::programs::Program;
 use super::rng::Rng;
 
@@ -299,11 +299,7 @@ impl Load {
             let Some(request) = request else { continue };
             let mut resolved = false;
             for round in 0..rounds.max(1) {
-                if !self
-                    .attempt(usize::MAX, round, &request)
-                    .await
-                    .is_retryable()
-                {
+                if !self.attempt(RESOLVER, round, &request).await.is_retryable() {
                     resolved = true;
                     break;
                 }

@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use uuid::Uuid;
 
 use super::check::oracle::{Snapshot, clock};
-use super::check::{self, Budget, Input, Report};
+use super::check::{self, Budget, Input, Report, Violation};
 use super::history::History;
 use super::inject::{self, Applied};
 use super::load::{Load, LoadConfig};
@@ -313,12 +313,20 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
     let storm_start_unix_ms = unix_ms();
     let ms = |t: Instant| u64::try_from(t.duration_since(storm_start).as_millis()).unwrap_or(0);
     let mut applied = Vec::new();
+    // Members that died by themselves: (fault index, name, status, log tail).
+    let mut exits = Vec::new();
     for (index, step) in schedule.steps.iter().enumerate() {
         tokio::time::sleep(Duration::from_millis(step.quiet_ms)).await;
         let started = Instant::now();
         let (effective, note) = inject::apply(&mut cluster, &step.fault)
             .await
             .with_context(|| format!("fault {index} ({}) of seed {}", step.fault, config.seed))?;
+        exits.extend(
+            cluster
+                .unexpected_exits()
+                .into_iter()
+                .map(|(name, status, log)| (index, name, status, log)),
+        );
         applied.push(Applied {
             index,
             fault: step.fault.clone(),
@@ -331,6 +339,12 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
     let acked = running.await.unwrap_or(0);
     lap("storm", &mut timings);
 
+    exits.extend(
+        cluster
+            .unexpected_exits()
+            .into_iter()
+            .map(|(name, status, log)| (schedule.steps.len(), name, status, log)),
+    );
     cluster.heal().await.context("heal the cluster")?;
     let unresolved = load.resolve(20).await;
     lap("heal+resolve", &mut timings);
@@ -355,6 +369,16 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
     report
         .figures
         .insert("exec log lines torn by a kill", torn.to_string());
+    for (index, name, status, log) in exits {
+        report.violations.push(
+            Violation::new(
+                "member-exited",
+                None,
+                format!("{name} exited on its own ({status}), noticed after fault {index}"),
+            )
+            .with(log.lines().map(|l| format!("  {l}"))),
+        );
+    }
     lap("check", &mut timings);
     drop(cluster);
     lap("teardown", &mut timings);

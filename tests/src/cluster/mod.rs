@@ -467,6 +467,24 @@ impl Cluster {
             .await
     }
 
+    /// Members that exited on their own since the last call (not killed or drained
+    /// through a handle): a server that crashes under a fault. Each is reported once,
+    /// with the end of its log; [`Cluster::heal`] starts it again.
+    pub fn unexpected_exits(&mut self) -> Vec<(String, String, String)> {
+        self.workers
+            .iter_mut()
+            .chain(self.apis.iter_mut())
+            .filter_map(|m| {
+                let status = m.process.exited_on_its_own()?;
+                Some((
+                    m.name().to_owned(),
+                    status.to_string(),
+                    os::log_tail(m.process.log_path(), 12),
+                ))
+            })
+            .collect()
+    }
+
     /// Undoes every fault: proxies pass, Postgres and Redis run, every member runs
     /// (resumed, or started again if it died).
     ///

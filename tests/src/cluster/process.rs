@@ -102,6 +102,16 @@ impl ServerProcess {
         }
     }
 
+    /// The exit status of a child that exited without being killed or drained
+    /// through this handle (a crash of the server itself), once; `None` while it runs
+    /// or after a deliberate stop.
+    pub fn exited_on_its_own(&mut self) -> Option<ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        self.paused = false;
+        Some(status)
+    }
+
     /// Sends `signal`.
     ///
     /// # Errors

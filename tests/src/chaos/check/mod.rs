@@ -11,7 +11,9 @@
 //! - [`epochs`]: pod epochs unique and increasing, nothing written under an epoch after
 //!   its `pod_crashed`, crash rows and `pod_crashed` events agree;
 //! - [`liveness`]: every task terminal in time with no pod left, crash budgets kept;
-//! - [`exec`]: two epochs' `exec` runs of one task overlap at most the bound.
+//! - [`exec`]: two epochs' `exec` runs of one task overlap at most the bound;
+//! - `member-exited`, reported by the storm (which watches the processes, not the
+//!   store): no worker or API replica exits on its own under any fault.
 //!
 //! Invariant names are stable identifiers (`no-write-after-crash`, ...), so a report
 //! can be grepped and compared across runs.
