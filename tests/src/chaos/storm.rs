@@ -320,7 +320,12 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
         let started = Instant::now();
         let (effective, note) = inject::apply(&mut cluster, &step.fault)
             .await
-            .with_context(|| format!("fault {index} ({}) of seed {}", step.fault, config.seed))?;
+            .with_context(|| {
+                format!(
+                    "fault {index} ({}) of seed {} could not be carried out\n{schedule}",
+                    step.fault, config.seed
+                )
+            })?;
         exits.extend(
             cluster
                 .unexpected_exits()
