@@ -233,6 +233,7 @@ async fn ambiguous_commits_never_make_a_request_id_create_twice() {
             max_node_losses: 5,
         },
         settle_timeout: Duration::ZERO,
+        store_outages: &[],
     });
     let client_side: Vec<_> = report
         .violations

@@ -364,12 +364,21 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
     let log = std::fs::read_to_string(cluster.programs_dir().join(EXEC_LOG)).unwrap_or_default();
     let (exec_lines, torn) = overlap::parse(&log);
     let intents = history.intents();
+    let store_outages: Vec<(i64, i64)> = applied
+        .iter()
+        .filter(|a| a.fault.kind() == FaultKind::CrashPostgres)
+        .map(|a| {
+            let at = |ms: u64| storm_start_unix_ms + i64::try_from(ms).unwrap_or(0);
+            (at(a.started_ms), at(a.ended_ms))
+        })
+        .collect();
     let mut report = check::check(&Input {
         snapshot: &snapshot,
         intents: &intents,
         exec_lines: &exec_lines,
         budget: &config.budget,
         settle_timeout: config.settle_timeout,
+        store_outages: &store_outages,
     });
     report
         .figures

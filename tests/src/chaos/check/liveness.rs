@@ -8,14 +8,21 @@
 //!   at most `max_node_losses + 1` node losses, with the task's own `metadata.restart`
 //!   tightening the workers' settings as the store does;
 //! - `budget-not-spent-early`: a task failed for a spent budget really had that many
-//!   crashes in a window.
+//!   crashes in a window;
+//! - `interrupted-only-by-outage`: a pod loss is charged to no budget (`interrupted`)
+//!   only when the store went down while the pod lived ("an interruption that hits
+//!   every node at once"); a pod lost while Postgres stayed up (its one worker killed,
+//!   paused, cut off or fenced) is `node_lost`, charged to the poison budget.
 
 use std::time::Duration;
 
-use super::oracle::{CrashRow, TaskRow};
+use super::oracle::{CrashRow, TaskRow, clock};
 use super::{Budget, Input, Violation};
 
 const TERMINAL: [&str; 3] = ["completed", "cancelled", "failed"];
+/// Clock slack when lining fault times up with Postgres's timestamps (one machine,
+/// one clock; this covers scheduling and the time a fault takes to act).
+const CLOCK_SLACK_MS: i64 = 1_000;
 
 /// The most crashes of `kind` within any `window`.
 fn most_in_window(crashes: &[CrashRow], kind: &str, window: Duration) -> usize {
@@ -115,6 +122,51 @@ pub fn check(input: &Input<'_>) -> Vec<Violation> {
                 .with(snapshot.rows(id))
                 .with(crash_lines()),
             );
+        }
+        for crash in crashes.iter().filter(|c| c.kind == "interrupted") {
+            let events = snapshot.events_of(id);
+            let started = events
+                .iter()
+                .find(|e| e.kind == "pod_started" && e.data_epoch() == Some(crash.epoch));
+            // Minted but never started: it lived at least since the event before the
+            // loss was recorded.
+            let since = started.map(|e| e.recorded_ms).or_else(|| {
+                events
+                    .iter()
+                    .filter(|e| e.recorded_ms <= crash.at_ms && e.kind != "pod_crashed")
+                    .map(|e| e.recorded_ms)
+                    .next_back()
+            });
+            let Some(since) = since else { continue };
+            let outage = input.store_outages.iter().any(|(down, up)| {
+                *down <= crash.at_ms + CLOCK_SLACK_MS && *up >= since - CLOCK_SLACK_MS
+            });
+            if !outage {
+                let mut violation = v(
+                    "interrupted-only-by-outage",
+                    format!(
+                        "epoch {} lost as interrupted (charged to no budget), but the store did \
+                         not go down between {} and {}",
+                        crash.epoch,
+                        clock(since),
+                        clock(crash.at_ms)
+                    ),
+                )
+                .with([format!("  {}", snapshot.crash_line(crash))]);
+                violation
+                    .evidence
+                    .extend(started.map(|e| format!("  {}", snapshot.event_line(e))));
+                violation.evidence.push(format!(
+                    "  store outages: {}",
+                    input
+                        .store_outages
+                        .iter()
+                        .map(|(d, u)| format!("{}..{}", clock(*d), clock(*u)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+                out.push(violation);
+            }
         }
         let error = task.last_error.as_deref().unwrap_or_default();
         let early = (error.starts_with("restart budget spent") && handler < handler_limit)

@@ -10,7 +10,8 @@
 //!   listing row agrees with the head, the stream's terminal event agrees with both;
 //! - [`epochs`]: pod epochs unique and increasing, nothing written under an epoch after
 //!   its `pod_crashed`, crash rows and `pod_crashed` events agree;
-//! - [`liveness`]: every task terminal in time with no pod left, crash budgets kept;
+//! - [`liveness`]: every task terminal in time with no pod left, crash budgets kept,
+//!   losses charged to no budget only across a store outage;
 //! - [`exec`]: two epochs' `exec` runs of one task overlap at most the bound;
 //! - `member-exited`, reported by the storm (which watches the processes, not the
 //!   store): no worker or API replica exits on its own under any fault.
@@ -92,6 +93,9 @@ pub struct Input<'a> {
     pub budget: &'a Budget,
     /// The hang detector's limit, for the message.
     pub settle_timeout: Duration,
+    /// When Postgres was down (unix ms, from the crash to the restart): the only
+    /// time pods may be lost as `interrupted`.
+    pub store_outages: &'a [(i64, i64)],
 }
 
 /// Every violation found, and figures about the run.

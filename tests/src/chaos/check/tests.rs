@@ -178,6 +178,15 @@ fn budget() -> Budget {
 
 /// The invariants broken, sorted, with duplicates.
 fn broken(snapshot: &Snapshot, intents: &[Intent], exec: &[LogLine]) -> Vec<&'static str> {
+    broken_with_outages(snapshot, intents, exec, &[])
+}
+
+fn broken_with_outages(
+    snapshot: &Snapshot,
+    intents: &[Intent],
+    exec: &[LogLine],
+    store_outages: &[(i64, i64)],
+) -> Vec<&'static str> {
     let budget = budget();
     let report = check(&Input {
         snapshot,
@@ -185,6 +194,7 @@ fn broken(snapshot: &Snapshot, intents: &[Intent], exec: &[LogLine]) -> Vec<&'st
         exec_lines: exec,
         budget: &budget,
         settle_timeout: Duration::from_secs(120),
+        store_outages,
     });
     let mut names: Vec<&'static str> = report.violations.iter().map(|v| v.invariant).collect();
     names.sort_unstable();
@@ -412,5 +422,31 @@ fn exec_runs_overlapping_past_the_bound_are_caught() {
     assert_eq!(
         broken(&s, &history.intents(), &lines[..60]),
         Vec::<&str>::new()
+    );
+}
+
+#[test]
+fn losses_charged_to_no_budget_need_a_store_outage() {
+    let history = History::new();
+    // Started at 3 s, lost as interrupted at 4 s.
+    let mut f = TaskFixture::created("lost");
+    f.event("pod_started", serde_json::json!({"epoch": 1}), Some(1))
+        .crash(1, "interrupted", 4_000)
+        .event("pod_started", serde_json::json!({"epoch": 2}), Some(2))
+        .event("task_completed", serde_json::json!({}), Some(2))
+        .event("pod_stopped", serde_json::json!({"epoch": 2}), Some(2))
+        .finish("completed", 2);
+    acked_create(&history, "lost", f.id);
+    let s = snapshot(vec![f]);
+    let intents = history.intents();
+    // Postgres went down while the pod lived: fine.
+    assert_eq!(
+        broken_with_outages(&s, &intents, &[], &[(3_500, 3_900)]),
+        Vec::<&str>::new()
+    );
+    // Postgres was down only long before: the loss was a node's, not everyone's.
+    assert_eq!(
+        broken_with_outages(&s, &intents, &[], &[(-60_000, -50_000)]),
+        ["interrupted-only-by-outage"]
     );
 }
