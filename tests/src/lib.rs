@@ -12,13 +12,21 @@
 //! - [`worker`]: real `taskpod-worker` processes;
 //! - [`otlp`]: an OTLP receiver the binaries export traces and metrics to;
 //! - [`cli`]: the `taskpod` client commands run against them, on a database migrated by
-//!   `taskpod migrate`.
+//!   `taskpod migrate`;
+//! - [`cluster`]: a whole cluster with its own Postgres and Redis, for tests that crash
+//!   and restart any part of it; [`proxy`]: a TCP fault proxy to put between a process
+//!   and Postgres; [`chaos`]: client histories, fault schedules and the invariant
+//!   checker of the crash-storm test.
 //!
 //! Set `TEST_LOG=1` to see the binary's output as it runs.
 
 pub mod api;
+pub mod chaos;
 pub mod cli;
+pub mod cluster;
+pub mod os;
 pub mod otlp;
+pub mod proxy;
 pub mod worker;
 
 /// Starts a `taskpod-api` on a free loopback port over the database at `db_url` (auth

@@ -1,0 +1,144 @@
+//! Carries out one [`Fault`] on a [`Cluster`], including its end (the restart, the
+//! SIGCONT), and says what it actually did: a fault that found nothing to act on (a
+//! worker without a lock session at that instant) is reported as not effective, so a
+//! run can tell which faults really happened.
+
+use std::time::{Duration, Instant};
+
+use super::schedule::Fault;
+use crate::cluster::Cluster;
+use crate::proxy::Delivery;
+
+/// What became of one scheduled fault.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    pub index: usize,
+    pub fault: Fault,
+    /// Milliseconds since the storm began.
+    pub started_ms: u64,
+    pub ended_ms: u64,
+    /// Whether it acted on something.
+    pub effective: bool,
+    /// Whom it hit (names, pids), or why it did nothing.
+    pub note: String,
+}
+
+/// How long to look for a worker's lock session (it may be reconnecting).
+const FIND_SESSION_FOR: Duration = Duration::from_secs(5);
+
+/// Applies `fault` and waits out its planned duration.
+///
+/// # Errors
+/// When the cluster cannot be put back (a restart fails): the run cannot go on.
+pub async fn apply(cluster: &mut Cluster, fault: &Fault) -> anyhow::Result<(bool, String)> {
+    let sleep = |ms: u64| tokio::time::sleep(Duration::from_millis(ms));
+    match fault {
+        Fault::KillWorker { worker, down_ms } => {
+            let name = worker_name(cluster, *worker)?;
+            let member = cluster.worker_mut(&name)?;
+            let pid = member.pid();
+            member.kill().await?;
+            sleep(*down_ms).await;
+            member.restart().await?;
+            Ok((
+                true,
+                format!("{name} (pid {pid:?}) killed, now pid {:?}", member.pid()),
+            ))
+        }
+        Fault::PauseWorker { worker, pause_ms } => {
+            let name = worker_name(cluster, *worker)?;
+            let member = cluster.worker_mut(&name)?;
+            member.pause()?;
+            sleep(*pause_ms).await;
+            member.resume()?;
+            Ok((true, format!("{name} (pid {:?}) paused", member.pid())))
+        }
+        Fault::TerminateLockSession { worker } => {
+            let name = worker_name(cluster, *worker)?;
+            let started = Instant::now();
+            loop {
+                if let Some(backend) = cluster.terminate_lock_session(&name).await? {
+                    return Ok((
+                        true,
+                        format!("{name}'s lock session (backend {backend}) terminated"),
+                    ));
+                }
+                if started.elapsed() > FIND_SESSION_FOR {
+                    return Ok((
+                        false,
+                        format!("{name} had no lock session for {FIND_SESSION_FOR:?}"),
+                    ));
+                }
+                sleep(200).await;
+            }
+        }
+        Fault::CrashPostgres { down_ms } => {
+            let pid = cluster.postgres().pid();
+            cluster.crash_postgres().await?;
+            sleep(*down_ms).await;
+            cluster.restart_postgres().await?;
+            Ok((
+                true,
+                format!("postmaster {pid:?} stopped -m immediate, restarted"),
+            ))
+        }
+        Fault::KillRedis { down_ms } => {
+            cluster.kill_redis().await?;
+            sleep(*down_ms).await;
+            cluster.restart_redis().await?;
+            Ok((true, "redis killed, restarted".to_owned()))
+        }
+        Fault::KillApi { api, down_ms } => {
+            let name = cluster
+                .apis()
+                .get(*api)
+                .map(|m| m.name().to_owned())
+                .ok_or_else(|| anyhow::anyhow!("no API replica #{api}"))?;
+            let member = cluster.api_mut(&name)?;
+            member.kill().await?;
+            sleep(*down_ms).await;
+            member.restart().await?;
+            Ok((true, format!("{name} killed, restarted")))
+        }
+        Fault::PartitionWorker { worker, hold_ms } => {
+            let name = worker_name(cluster, *worker)?;
+            let proxy = cluster
+                .worker(&name)?
+                .proxy()
+                .ok_or_else(|| anyhow::anyhow!("{name} has no fault proxy"))?;
+            proxy.hold();
+            sleep(*hold_ms).await;
+            proxy.heal();
+            Ok((true, format!("{name}'s link to Postgres held silent")))
+        }
+        Fault::AmbiguousCommits { api, for_ms } => {
+            let member = cluster
+                .apis()
+                .get(*api)
+                .ok_or_else(|| anyhow::anyhow!("no API replica #{api}"))?;
+            let proxy = member
+                .proxy()
+                .ok_or_else(|| anyhow::anyhow!("{} has no fault proxy", member.name()))?;
+            let before = proxy.resets();
+            proxy.reset_on(b"COMMIT", Delivery::Deliver);
+            sleep(*for_ms).await;
+            proxy.heal();
+            let lost = proxy.resets() - before;
+            Ok((
+                lost > 0,
+                format!(
+                    "{}: {lost} committed transactions lost their answer",
+                    member.name()
+                ),
+            ))
+        }
+    }
+}
+
+fn worker_name(cluster: &Cluster, index: usize) -> anyhow::Result<String> {
+    cluster
+        .workers()
+        .get(index)
+        .map(|m| m.name().to_owned())
+        .ok_or_else(|| anyhow::anyhow!("no worker #{index}"))
+}

@@ -1,0 +1,24 @@
+//! Chaos testing: a client history, seeded fault schedules, and a checker that holds a
+//! cluster's store to what its clients were told and to the design's invariants after
+//! a crash storm.
+//!
+//! - [`history`]: every call as invoke, then ok / fail / unknown;
+//! - [`load`]: the clients (creates with request ids, retried with the same id, and
+//!   some cancels);
+//! - [`programs`] and [`overlap`]: the `exec` programs whose process trees log when
+//!   they run, and how long two epochs' runs overlapped;
+//! - [`schedule`] and [`inject`]: the seeded fault schedule and carrying it out;
+//! - [`check`]: the invariants, with Postgres as the oracle;
+//! - [`storm`]: one storm end to end, and the plan (seeds, length) from the
+//!   environment;
+//! - [`rng`]: the seeded generator behind schedules and mixes.
+
+pub mod check;
+pub mod history;
+pub mod inject;
+pub mod load;
+pub mod overlap;
+pub mod programs;
+pub mod rng;
+pub mod schedule;
+pub mod storm;

@@ -1,0 +1,136 @@
+//! A private Redis for one cluster, from the system's `redis-server`, that a test can
+//! SIGKILL and start again on the same port (the bus carries hints, not data, so it
+//! runs without persistence: a restart starts empty, as it would in production).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio::process::{Child, Command};
+
+use crate::os::{self, Signal};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug)]
+pub struct RedisServer {
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` on a free loopback port with its log in `dir`.
+    ///
+    /// # Errors
+    /// When the binary is missing or the server does not accept connections.
+    pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+        let mut server = Self {
+            dir: dir.to_path_buf(),
+            port: os::free_port()?,
+            child: None,
+        };
+        server.launch().await?;
+        Ok(server)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// SIGKILL: every subscription and every message in flight is gone at once.
+    ///
+    /// # Errors
+    /// When it is not reaped in time.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .context("redis-server did not die after SIGKILL")??;
+        }
+        Ok(())
+    }
+
+    /// Starts it again on the same port.
+    ///
+    /// # Errors
+    /// When it does not come up.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        if self.is_running() {
+            return Ok(());
+        }
+        self.child = None;
+        self.launch().await
+    }
+
+    async fn launch(&mut self) -> anyhow::Result<()> {
+        let log = self.dir.join("redis.log");
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        os::die_with_parent(&mut cmd, Signal::KILL);
+        let child = cmd
+            .spawn()
+            .context("spawn redis-server (apt-get install redis-server)")?;
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if !self.is_running() {
+                bail!(
+                    "redis-server exited while starting; the end of {}:\n{}",
+                    log.display(),
+                    os::log_tail(&log, 10)
+                );
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("redis-server did not accept connections within {READY_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+            for _ in 0..300 {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
