@@ -11,13 +11,31 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// The fence margin with the workers' default lock settings: ping interval (300 ms) +
-/// ping timeout (1 s) + child-kill timeout (2 s) + 0.5 s (`WorkerSettings::fence_margin`).
-pub const FENCE_MARGIN: Duration = Duration::from_millis(3_800);
+/// The overlap of two epochs' runs that docs/architecture.md states for a run's
+/// settings ("The fencing relation"), in milliseconds: an old owner's runs are dead at
+/// most D + G after its last answered ping (D = ping interval + ping timeout, G the
+/// guard timeout), Postgres ends its session at the soonest `server_end` after that
+/// ping, and the adopter then waits the fence margin M: max(0, D + G - S - M).
+pub const fn documented_bound_ms(
+    ping_interval: u64,
+    ping_timeout: u64,
+    guard_timeout: u64,
+    server_end: u64,
+    fence_margin: u64,
+) -> u64 {
+    (ping_interval + ping_timeout + guard_timeout).saturating_sub(server_end + fence_margin)
+}
+
+/// The storm's workers: default lock and guard settings (P 300 ms, T 1 s, G 1 s, kill
+/// timeout K 2 s, keepalive idle 5 s) with `idle_session_timeout` at 3 s, and the
+/// default fence margin P + T + G + K.
+pub const STORM_DOCUMENTED_BOUND: Duration =
+    Duration::from_millis(documented_bound_ms(300, 1_000, 1_000, 3_000, 4_300));
 /// What scheduling on a busy two-core machine may add.
 pub const OVERLAP_SLACK: Duration = Duration::from_secs(1);
-/// The longest two epochs of one task may both be running their program.
-pub const EXEC_OVERLAP_BOUND: Duration = Duration::from_millis(3_800 + 1_000);
+/// The longest two epochs of one task may both be running their program in the storm.
+pub const EXEC_OVERLAP_BOUND: Duration =
+    Duration::from_millis(STORM_DOCUMENTED_BOUND.as_millis() as u64 + 1_000);
 /// Lines of one epoch further apart than this belong to different segments.
 pub const SEGMENT_GAP_MS: u64 = 500;
 
@@ -229,7 +247,12 @@ mod tests {
     }
 
     #[test]
-    fn the_bound_is_the_fence_margin_plus_slack() {
-        assert_eq!(EXEC_OVERLAP_BOUND, FENCE_MARGIN + OVERLAP_SLACK);
+    fn the_bound_is_the_documented_overlap_plus_slack() {
+        // With the default fence margin the docs state no overlap at all.
+        assert_eq!(STORM_DOCUMENTED_BOUND, Duration::ZERO);
+        assert_eq!(EXEC_OVERLAP_BOUND, STORM_DOCUMENTED_BOUND + OVERLAP_SLACK);
+        // A margin cut to nothing with a slow server-side end: the old runs may live
+        // D + G - S past the adopter's start.
+        assert_eq!(documented_bound_ms(300, 1_000, 1_000, 1_500, 0), 800);
     }
 }

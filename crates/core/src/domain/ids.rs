@@ -60,6 +60,13 @@ impl NodeId {
     pub fn new() -> Self {
         Self(Uuid::now_v7())
     }
+
+    /// When the incarnation began (by its worker's clock): node ids are UUIDv7.
+    /// `None` for ids of another version.
+    pub fn created_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let (secs, nanos) = self.0.get_timestamp()?.to_unix();
+        chrono::DateTime::from_timestamp(i64::try_from(secs).ok()?, nanos)
+    }
 }
 
 impl Default for NodeId {

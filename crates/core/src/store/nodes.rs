@@ -149,6 +149,19 @@ impl Store {
         Ok(())
     }
 
+    /// When the Postgres server last started: a node registered before it lost its
+    /// session to the restart, which is nobody's fault.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    pub async fn server_started_at(&self) -> Result<DateTime<Utc>, Error> {
+        sqlx::query_scalar("SELECT pg_postmaster_start_time()")
+            .fetch_one(&self.pool)
+            .traced("SELECT pg_postmaster_start_time")
+            .await
+            .map_err(from_sqlx)
+    }
+
     /// # Errors
     /// [`Error::StoreUnavailable`].
     pub async fn heartbeat_node(&self, node_id: NodeId) -> Result<(), Error> {

@@ -21,9 +21,6 @@ use crate::model::{Model, TaskRow};
 impl SimNode {
     pub(super) fn check(&mut self, cx: &mut Ctx<'_>, tick: bool) {
         let now_l = self.local(cx.now);
-        let recently_fenced = self
-            .last_fence
-            .is_some_and(|t| now_l.saturating_sub(t) < cx.timers.interruption_window);
         let capacity = self.capacity as usize;
         let Some(inc) = self.inc.as_mut() else {
             return;
@@ -112,8 +109,10 @@ impl SimNode {
             kinds: &self.kinds,
             programs: &programs,
             room: capacity.saturating_sub(inc.pods.len()),
-            live: &inc.live,
-            recently_fenced,
+            // Which kind a loss is recorded as does not matter to the ownership
+            // invariants: every loss retires its epoch alike.
+            lost_together: &BTreeSet::new(),
+            server_started_at: None,
         };
         let answer = plan(&node_view, tasks);
         cx.trace.note(cx.now, |t| {

@@ -15,7 +15,7 @@ use taskpod_core::telemetry::metrics::metrics;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
-use super::{Controller, INTERRUPTION_WINDOW, WorkerError};
+use super::{Controller, WorkerError};
 use crate::checks::Scope;
 use crate::ownership::claims_of;
 use crate::planner::{self, Loss, NodeView, Start, TaskView};
@@ -77,10 +77,8 @@ impl Controller {
             kinds: &self.kinds,
             programs: &self.programs,
             room: (self.settings.capacity as usize).saturating_sub(self.pods.running()),
-            live: inc.live(),
-            recently_fenced: self
-                .last_fence
-                .is_some_and(|t| t.elapsed() < INTERRUPTION_WINDOW),
+            lost_together: &self.lost_together,
+            server_started_at: self.server_started_at,
         };
         let plan = planner::plan(&view, candidates.into_iter().map(task_view).collect());
         if full {

@@ -53,10 +53,6 @@ pub enum WorkerError {
     Settings(String),
 }
 
-/// How long after its own fence a node treats adopted pods as interrupted rather than
-/// lost: a Postgres restart ends every session at once, and nobody is to blame.
-const INTERRUPTION_WINDOW: Duration = Duration::from_secs(30);
-
 /// How long a drain waits for the crash records of its last pods.
 const DRAIN_RECORDS: Duration = Duration::from_secs(5);
 
@@ -91,8 +87,15 @@ pub struct Controller {
     /// The wake-up subscription: one channel per owned partition.
     subscription: Option<Subscription>,
     last_claim: Option<Instant>,
-    /// When this node last lost an incarnation's lock session.
-    last_fence: Option<Instant>,
+    /// The incarnation that lost its session last, and the nodes alive at its last
+    /// membership read: compared with the next incarnation's first read, they tell an
+    /// interruption of every node at once from the loss of some.
+    previous: Option<(NodeId, BTreeSet<NodeId>)>,
+    /// Nodes whose pods are interruptions, not node losses: they lost their sessions
+    /// together with every other node.
+    lost_together: BTreeSet<NodeId>,
+    /// When the Postgres server last started, read at each registration.
+    server_started_at: Option<chrono::DateTime<chrono::Utc>>,
     /// When a dead peer was last found: adopted pods count their failover from it.
     peer_lost_at: Option<Instant>,
     /// Tasks whose last pod ran elsewhere and did not stop cleanly: their `exec` pods
@@ -176,7 +179,9 @@ impl Controller {
             store_healthy,
             subscription: None,
             last_claim: None,
-            last_fence: None,
+            previous: None,
+            lost_together: BTreeSet::new(),
+            server_started_at: None,
             peer_lost_at: None,
             adopted: HashSet::new(),
             restarting: HashSet::new(),
@@ -196,6 +201,7 @@ impl Controller {
     }
 
     async fn connect(&mut self) -> Result<(), WorkerError> {
+        self.server_started_at = Some(self.store.server_started_at().await?);
         let incarnation = Incarnation::connect(&self.store, &self.settings).await?;
         self.node_id.send_replace(Some(incarnation.node()));
         self.incarnation = Some(incarnation);
@@ -321,6 +327,15 @@ impl Controller {
         {
             self.peer_lost_at = Some(Instant::now());
         }
+        if let Some((old, mut alive)) = self.previous.take() {
+            // Every node the last incarnation saw alive is gone now (Postgres was
+            // unreachable for all of them at once): their pods are interruptions.
+            alive.insert(old);
+            if alive.len() >= 2 && alive.iter().all(|n| !inc.live().contains(n)) {
+                tracing::info!(nodes = alive.len(), "every node lost its session at once");
+                self.lost_together.extend(alive);
+            }
+        }
         let claimed = inc.claim(&self.store).await;
         if matches!(claimed, Ok(n) if n > 0) || claimed.is_err() {
             // Their tasks, and a dead owner's pods, are found by a full check.
@@ -353,7 +368,7 @@ impl Controller {
             return;
         };
         tracing::warn!(node = %inc.node(), pods = self.pods.running(), why, "fencing");
-        self.last_fence = Some(Instant::now());
+        self.previous = Some((inc.node(), inc.live().clone()));
         inc.abandon();
         self.pods.stop_all();
         self.node_id.send_replace(None);

@@ -7,10 +7,12 @@
 //!   the head still shows it live (`starting` or `running`: a recorded loss or a stop
 //!   request retires it), and its partition is owned and not being evicted;
 //! - a live pod in the head that this node does not run was left behind: by a lost
-//!   node (`node_lost`), or by this very node or a live peer (a mint whose answer was
-//!   lost, a pod whose last record failed before a hand-back), which is an interruption
-//!   charged to no task. Pods of tasks
-//!   that already ended are recorded too, so no terminal task keeps a phantom pod;
+//!   node (`node_lost`, counted against the task's poison budget), or, charged to no
+//!   task (an interruption): by this very incarnation (a mint whose answer was lost, a
+//!   pod whose last record failed), by a node that lost its session to a Postgres
+//!   restart (it began before the server did), or by a node that lost it together with
+//!   every other node. Pods of tasks that already ended are recorded too, so no
+//!   terminal task keeps a phantom pod;
 //! - an `active` task without a pod gets one, unless its partition is leaving, its kind
 //!   or program is one this node cannot run (it waits, counted as unplaceable, never
 //!   failed), or its restart backoff (measured by Postgres's clock) is not over.
@@ -64,13 +66,13 @@ pub struct NodeView<'a> {
     pub programs: &'a BTreeSet<String>,
     /// How many more pods this node may run.
     pub room: usize,
-    /// Nodes whose lock session is alive. A live node's pod left on a partition this
-    /// node now owns was handed back with its last record missing: not a node loss.
-    pub live: &'a BTreeSet<NodeId>,
-    /// This node lost its own lock session a short while ago: pods adopted now were
-    /// most likely cut off by the same interruption (a Postgres restart ends every
-    /// session at once), which is charged to no task.
-    pub recently_fenced: bool,
+    /// Nodes that lost their lock sessions together with every other node (found at
+    /// this node's first membership read after its own fence): an interruption that hit
+    /// every node at once, charged to no task.
+    pub lost_together: &'a BTreeSet<NodeId>,
+    /// When the Postgres server last started: an incarnation that began before lost its
+    /// session to the restart.
+    pub server_started_at: Option<DateTime<Utc>>,
 }
 
 impl NodeView<'_> {
@@ -157,14 +159,21 @@ pub fn plan(view: &NodeView<'_>, tasks: Vec<TaskView>) -> Plan {
         };
         if task.pod_state != PodState::None {
             let own = task.owner_node == Some(view.node);
-            let alive = task.owner_node.is_some_and(|n| view.live.contains(&n));
+            let together = task
+                .owner_node
+                .is_some_and(|n| view.lost_together.contains(&n));
+            let restarted = task
+                .owner_node
+                .and_then(|n| n.created_at())
+                .zip(view.server_started_at)
+                .is_some_and(|(born, started)| born < started);
             out.lost.push(LostPod {
                 task_id: task.task_id,
                 epoch: task.pod_epoch,
                 partition: task.partition,
                 generation,
                 owner: task.owner_node,
-                loss: if own || alive || view.recently_fenced {
+                loss: if own || together || restarted {
                     Loss::Interrupted
                 } else {
                     Loss::NodeLost
@@ -233,7 +242,7 @@ mod tests {
         pods: HashMap<TaskId, PodSlot>,
         kinds: BTreeSet<String>,
         programs: BTreeSet<String>,
-        live: BTreeSet<NodeId>,
+        together: BTreeSet<NodeId>,
     }
 
     impl Fixture {
@@ -245,7 +254,7 @@ mod tests {
                 pods: HashMap::new(),
                 kinds: ["sleep".to_owned(), "exec".to_owned()].into(),
                 programs: ["build".to_owned()].into(),
-                live: [node(1), node(5)].into(),
+                together: BTreeSet::new(),
             }
         }
 
@@ -259,8 +268,8 @@ mod tests {
                 kinds: &self.kinds,
                 programs: &self.programs,
                 room,
-                live: &self.live,
-                recently_fenced: false,
+                lost_together: &self.together,
+                server_started_at: None,
             }
         }
     }
@@ -411,14 +420,13 @@ mod tests {
         let f = Fixture::new();
         let theirs = running(&task(1, 0), 4, node(2));
         let ours = running(&task(2, 1), 1, node(1));
-        let live_peers = running(&task(4, 1), 6, node(5));
         // A pod still stopping after its task ended: recorded all the same.
         let phantom = TaskView {
             status: Status::Completed,
             pod_state: PodState::Stopping,
             ..running(&task(3, 0), 2, node(2))
         };
-        let plan = plan(&f.view(10), vec![theirs, ours, phantom, live_peers]);
+        let plan = plan(&f.view(10), vec![theirs, ours, phantom]);
         let lost: Vec<(TaskId, i64, i64, Loss)> = plan
             .lost
             .iter()
@@ -430,19 +438,39 @@ mod tests {
                 (task(1, 0).task_id, 4, 7, Loss::NodeLost),
                 (task(2, 1).task_id, 1, 3, Loss::Interrupted),
                 (task(3, 0).task_id, 2, 7, Loss::NodeLost),
-                (task(4, 1).task_id, 6, 3, Loss::Interrupted),
             ]
         );
         assert!(plan.start.is_empty());
     }
 
     #[test]
-    fn adoption_right_after_this_nodes_own_fence_is_an_interruption() {
-        let f = Fixture::new();
+    fn nodes_lost_together_or_to_a_server_restart_are_interruptions() {
+        let mut f = Fixture::new();
+        f.together.insert(node(2));
+        let born = |secs: u64| {
+            NodeId(uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
+                uuid::NoContext,
+                secs,
+                0,
+            )))
+        };
+        let before_restart = born(1_700_000_000);
+        let after_restart = born(1_700_000_100);
         let mut view = f.view(10);
-        view.recently_fenced = true;
-        let plan = plan(&view, vec![running(&task(1, 0), 4, node(2))]);
-        assert_eq!(plan.lost[0].loss, Loss::Interrupted);
+        view.server_started_at = DateTime::from_timestamp(1_700_000_050, 0);
+        let plan = plan(
+            &view,
+            vec![
+                running(&task(1, 0), 4, node(2)),
+                running(&task(2, 0), 1, before_restart),
+                running(&task(3, 0), 1, after_restart),
+            ],
+        );
+        let losses: Vec<Loss> = plan.lost.iter().map(|l| l.loss).collect();
+        assert_eq!(
+            losses,
+            vec![Loss::Interrupted, Loss::Interrupted, Loss::NodeLost]
+        );
     }
 
     fn arb_task() -> impl Strategy<Value = TaskView> {

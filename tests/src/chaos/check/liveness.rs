@@ -11,8 +11,10 @@
 //!   crashes in a window;
 //! - `interrupted-only-by-outage`: a pod loss is charged to no budget (`interrupted`)
 //!   only when the store went down while the pod lived ("an interruption that hits
-//!   every node at once"); a pod lost while Postgres stayed up (its one worker killed,
-//!   paused, cut off or fenced) is `node_lost`, charged to the poison budget.
+//!   every node at once"), or when its own node recorded it (a drain's cut-off, a pod
+//!   whose mint answer or last record was lost: nothing was lost to a dead node); a
+//!   pod lost while Postgres stayed up (its one worker killed, paused, cut off or
+//!   fenced) is `node_lost`, charged to the poison budget.
 
 use std::time::Duration;
 
@@ -125,6 +127,15 @@ pub fn check(input: &Input<'_>) -> Vec<Violation> {
         }
         for crash in crashes.iter().filter(|c| c.kind == "interrupted") {
             let events = snapshot.events_of(id);
+            let by_its_own_node = crash.node.is_some_and(|node| {
+                let own = format!("worker:{node}");
+                events.iter().any(|e| {
+                    e.kind == "pod_crashed" && e.data_epoch() == Some(crash.epoch) && e.actor == own
+                })
+            });
+            if by_its_own_node {
+                continue;
+            }
             let started = events
                 .iter()
                 .find(|e| e.kind == "pod_started" && e.data_epoch() == Some(crash.epoch));

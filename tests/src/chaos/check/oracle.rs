@@ -46,6 +46,8 @@ pub struct EventRow {
     pub epoch: Option<i64>,
     /// The writing transaction (`tx_id`).
     pub tx: u64,
+    /// `metadata.actor_id`: who wrote it (`worker:<node>` for pods and workers).
+    pub actor: String,
     pub recorded_ms: i64,
 }
 
@@ -130,6 +132,7 @@ type EventTuple = (
     Option<i64>,
     String,
     i64,
+    String,
 );
 
 impl Snapshot {
@@ -190,18 +193,20 @@ impl Snapshot {
         }
         let events: Vec<EventTuple> = sqlx::query_as(
             "SELECT stream_id, version, type, data, (metadata->>'epoch')::bigint, tx_id::text, \
-                        (extract(epoch FROM recorded_at) * 1000)::bigint \
+                        (extract(epoch FROM recorded_at) * 1000)::bigint, \
+                        COALESCE(metadata->>'actor_id', '') \
                  FROM events ORDER BY stream_id, version",
         )
         .fetch_all(pool)
         .await?;
-        for (stream, version, kind, data, epoch, tx, recorded_ms) in events {
+        for (stream, version, kind, data, epoch, tx, recorded_ms, actor) in events {
             snapshot.events.entry(stream).or_default().push(EventRow {
                 version,
                 kind,
                 data,
                 epoch,
                 tx: tx.parse().unwrap_or_default(),
+                actor,
                 recorded_ms,
             });
         }

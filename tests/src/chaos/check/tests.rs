@@ -89,6 +89,7 @@ impl TaskFixture {
             data,
             epoch,
             tx: 100 + version as u64,
+            actor: "tester".into(),
             recorded_ms: 1_000 * version,
         });
         self.head.version = version;
@@ -448,5 +449,31 @@ fn losses_charged_to_no_budget_need_a_store_outage() {
     assert_eq!(
         broken_with_outages(&s, &intents, &[], &[(-60_000, -50_000)]),
         ["interrupted-only-by-outage"]
+    );
+}
+
+#[test]
+fn a_loss_its_own_node_recorded_is_charged_to_no_budget_without_an_outage() {
+    let history = History::new();
+    let node = uuid::Uuid::from_u128(7);
+    let mut f = TaskFixture::created("own");
+    f.event("pod_started", serde_json::json!({"epoch": 1}), Some(1))
+        .crash(1, "interrupted", 4_000);
+    // The draining node recorded its own cut-off pod.
+    if let Some(e) = f.events.last_mut() {
+        e.actor = format!("worker:{node}");
+    }
+    if let Some(c) = f.crashes.last_mut() {
+        c.node = Some(node);
+    }
+    f.event("pod_started", serde_json::json!({"epoch": 2}), Some(2))
+        .event("task_completed", serde_json::json!({}), Some(2))
+        .event("pod_stopped", serde_json::json!({"epoch": 2}), Some(2))
+        .finish("completed", 2);
+    acked_create(&history, "own", f.id);
+    let s = snapshot(vec![f]);
+    assert_eq!(
+        broken_with_outages(&s, &history.intents(), &[], &[]),
+        Vec::<&str>::new()
     );
 }
