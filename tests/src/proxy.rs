@@ -40,6 +40,9 @@ pub enum Mode {
     ResetOn {
         pattern: Vec<u8>,
         delivery: Delivery,
+        /// Reset one connection only, then pass again: the fault hits one call, its
+        /// retry goes through.
+        once: bool,
     },
     Hold,
 }
@@ -51,6 +54,11 @@ pub enum Delivery {
     Drop,
     /// Forwarded and answered, the answer lost: an ambiguous outcome.
     Deliver,
+    /// The message carrying the pattern passes, and the next one from the same client
+    /// is forwarded and its answer lost. A client that prepares statements (sqlx) sends
+    /// a statement's text in a Parse message and runs it with the Bind and Execute
+    /// that follow: this makes the statement run and its answer vanish.
+    DeliverNext,
 }
 
 #[derive(Debug, Default)]
@@ -127,6 +135,16 @@ impl FaultProxy {
         self.set_mode(Mode::ResetOn {
             pattern: pattern.to_vec(),
             delivery,
+            once: false,
+        });
+    }
+
+    /// Resets the first connection that carries `pattern`, then heals by itself.
+    pub fn reset_once_on(&self, pattern: &[u8], delivery: Delivery) {
+        self.set_mode(Mode::ResetOn {
+            pattern: pattern.to_vec(),
+            delivery,
+            once: true,
         });
     }
 
@@ -162,12 +180,7 @@ async fn accept_loop(
         };
         stats.connections.fetch_add(1, Ordering::Relaxed);
         let _ = client.set_nodelay(true);
-        connections.spawn(serve(
-            client,
-            upstream,
-            mode.subscribe(),
-            Arc::clone(&stats),
-        ));
+        connections.spawn(serve(client, upstream, mode.clone(), Arc::clone(&stats)));
     }
 }
 
@@ -179,9 +192,10 @@ async fn wait_while_held(mode: &mut watch::Receiver<Mode>) -> bool {
 async fn serve(
     mut client: TcpStream,
     upstream: SocketAddr,
-    mut mode: watch::Receiver<Mode>,
+    switch: watch::Sender<Mode>,
     stats: Arc<Stats>,
 ) {
+    let mut mode = switch.subscribe();
     if !wait_while_held(&mut mode).await {
         return;
     }
@@ -190,7 +204,7 @@ async fn serve(
         return;
     };
     let _ = server.set_nodelay(true);
-    if pump(&mut client, &mut server, &mut mode).await == End::Reset {
+    if pump(&mut client, &mut server, &mut mode, &switch).await == End::Reset {
         stats.resets.fetch_add(1, Ordering::Relaxed);
         reset(&client);
         reset(&server);
@@ -207,6 +221,7 @@ async fn pump(
     client: &mut TcpStream,
     server: &mut TcpStream,
     mode: &mut watch::Receiver<Mode>,
+    switch: &watch::Sender<Mode>,
 ) -> End {
     let (mut client_read, mut client_write) = client.split();
     let (mut server_read, mut server_write) = server.split();
@@ -215,6 +230,8 @@ async fn pump(
     // The end of what went upstream, so a pattern split across two reads is found.
     let mut tail: Vec<u8> = Vec::new();
     let (mut client_done, mut server_done) = (false, false);
+    // A `DeliverNext` fault fired on this connection: the next message is its victim.
+    let mut armed = false;
     while !(client_done && server_done) {
         let current = mode.borrow_and_update().clone();
         let held = current == Mode::Hold;
@@ -234,10 +251,34 @@ async fn pump(
                     Ok(n) => n,
                 };
                 let chunk = &up[..n];
-                if let Mode::ResetOn { pattern, delivery } = &current {
+                if armed {
+                    if server_write.write_all(chunk).await.is_ok() {
+                        let _ = tokio::time::timeout(REPLY_WAIT, server_read.read(&mut down)).await;
+                    }
+                    return End::Reset;
+                }
+                if let Mode::ResetOn { pattern, delivery, once } = &current {
                     let mut window = tail.clone();
                     window.extend_from_slice(chunk);
-                    if contains(&window, pattern) {
+                    // A one-shot reset belongs to the first connection that claims it.
+                    let fire = contains(&window, pattern)
+                        && (!*once
+                            || switch.send_if_modified(|m| {
+                                let ours = *m == current;
+                                if ours {
+                                    *m = Mode::Pass;
+                                }
+                                ours
+                            }));
+                    if fire && *delivery == Delivery::DeliverNext {
+                        // Pass this one (and its answer) on; the next message runs it.
+                        armed = true;
+                        if server_write.write_all(chunk).await.is_err() {
+                            return End::Reset;
+                        }
+                        continue;
+                    }
+                    if fire {
                         if *delivery == Delivery::Deliver && server_write.write_all(chunk).await.is_ok() {
                             // The answer proves the server acted; it is not passed on.
                             let _ = tokio::time::timeout(REPLY_WAIT, server_read.read(&mut down)).await;
@@ -414,6 +455,43 @@ mod tests {
             Some(b"new".to_vec())
         );
         assert_eq!(proxy.resets(), 0);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_one_shot_reset_cuts_the_first_carrier_only_then_heals() -> anyhow::Result<()> {
+        let echo = Echo::start().await?;
+        let proxy = FaultProxy::start(echo.addr).await?;
+        proxy.reset_once_on(b"COMMIT", Delivery::Drop);
+        let mut first = TcpStream::connect(proxy.addr()).await?;
+        first.write_all(b"COMMIT;").await?;
+        assert!(is_cut_off(&mut first).await);
+        assert_eq!(proxy.mode(), Mode::Pass, "healed by itself");
+        let mut retry = TcpStream::connect(proxy.addr()).await?;
+        assert_eq!(
+            round_trip(&mut retry, b"COMMIT;").await?,
+            Some(b"COMMIT;".to_vec())
+        );
+        assert_eq!(proxy.resets(), 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn deliver_next_runs_the_message_after_the_pattern_and_loses_its_answer()
+    -> anyhow::Result<()> {
+        let echo = Echo::start().await?;
+        let proxy = FaultProxy::start(echo.addr).await?;
+        proxy.reset_once_on(b"PARSE", Delivery::DeliverNext);
+        let mut conn = TcpStream::connect(proxy.addr()).await?;
+        assert_eq!(
+            round_trip(&mut conn, b"PARSE;").await?,
+            Some(b"PARSE;".to_vec()),
+            "the carrier passes both ways"
+        );
+        conn.write_all(b"EXECUTE;").await?;
+        assert!(is_cut_off(&mut conn).await);
+        assert_eq!(echo.received(), "PARSE;EXECUTE;", "the server ran it");
+        assert_eq!(proxy.resets(), 1);
         Ok(())
     }
 

@@ -272,6 +272,9 @@ impl Cluster {
             pair("TASKPOD_CLAIM_INTERVAL_MS", "200"),
             pair("TASKPOD_SETTLE_MS", "500"),
         ];
+        if worker.lock_direct {
+            env.push(pair("TASKPOD_LOCK__URL", &self.database_url()));
+        }
         if let Some(redis) = &self.redis {
             env.push(pair("TASKPOD_BUS__URL", &redis.url()));
         }

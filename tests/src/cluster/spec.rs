@@ -19,6 +19,9 @@ pub struct WorkerSpec {
     pub env: Vec<(String, String)>,
     /// Reach Postgres (pool and lock session) through a [`crate::proxy::FaultProxy`].
     pub via_proxy: bool,
+    /// With `via_proxy`: only the pool goes through the proxy, the lock session
+    /// connects directly (a pooler in front of `store.url`, `lock.url` direct).
+    pub lock_direct: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -53,6 +56,7 @@ impl ClusterSpec {
                     name: format!("w{i}"),
                     env: Vec::new(),
                     via_proxy: false,
+                    lock_direct: false,
                 })
                 .collect(),
             apis: (1..=apis)
@@ -104,6 +108,17 @@ impl ClusterSpec {
     pub fn worker_via_proxy(mut self, index: usize) -> Self {
         if let Some(w) = self.workers.get_mut(index) {
             w.via_proxy = true;
+        }
+        self
+    }
+
+    /// Route a worker's pool (by index) through a fault proxy, and its lock session
+    /// directly to Postgres: a pooler or sidecar that can fail on its own.
+    #[must_use]
+    pub fn worker_pool_via_proxy(mut self, index: usize) -> Self {
+        if let Some(w) = self.workers.get_mut(index) {
+            w.via_proxy = true;
+            w.lock_direct = true;
         }
         self
     }
