@@ -45,6 +45,9 @@ pub enum Mode {
         once: bool,
     },
     Hold,
+    /// A dead pooler: every connection, open or new, is reset as soon as the client
+    /// sends anything (new ones at once), so calls fail fast instead of hanging.
+    Refuse,
 }
 
 /// Whether the message that triggers a reset reaches the server.
@@ -131,6 +134,10 @@ impl FaultProxy {
         self.set_mode(Mode::Hold);
     }
 
+    pub fn refuse(&self) {
+        self.set_mode(Mode::Refuse);
+    }
+
     pub fn reset_on(&self, pattern: &[u8], delivery: Delivery) {
         self.set_mode(Mode::ResetOn {
             pattern: pattern.to_vec(),
@@ -199,6 +206,11 @@ async fn serve(
     if !wait_while_held(&mut mode).await {
         return;
     }
+    if *mode.borrow() == Mode::Refuse {
+        stats.resets.fetch_add(1, Ordering::Relaxed);
+        reset(&client);
+        return;
+    }
     let Ok(mut server) = TcpStream::connect(upstream).await else {
         reset(&client);
         return;
@@ -251,6 +263,9 @@ async fn pump(
                     Ok(n) => n,
                 };
                 let chunk = &up[..n];
+                if current == Mode::Refuse {
+                    return End::Reset;
+                }
                 if armed {
                     if server_write.write_all(chunk).await.is_ok() {
                         let _ = tokio::time::timeout(REPLY_WAIT, server_read.read(&mut down)).await;
@@ -492,6 +507,24 @@ mod tests {
         assert!(is_cut_off(&mut conn).await);
         assert_eq!(echo.received(), "PARSE;EXECUTE;", "the server ran it");
         assert_eq!(proxy.resets(), 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn refuse_cuts_open_and_new_connections_at_once() -> anyhow::Result<()> {
+        let echo = Echo::start().await?;
+        let proxy = FaultProxy::start(echo.addr).await?;
+        let mut open = TcpStream::connect(proxy.addr()).await?;
+        assert!(round_trip(&mut open, b"before").await?.is_some());
+        proxy.refuse();
+        open.write_all(b"after").await?;
+        assert!(is_cut_off(&mut open).await);
+        let mut new = TcpStream::connect(proxy.addr()).await?;
+        assert!(is_cut_off(&mut new).await);
+        proxy.heal();
+        let mut healed = TcpStream::connect(proxy.addr()).await?;
+        assert!(round_trip(&mut healed, b"again").await?.is_some());
+        assert_eq!(echo.received(), "beforeagain");
         Ok(())
     }
 

@@ -199,10 +199,11 @@ async fn regression_a_mint_whose_answer_was_lost_is_an_interruption() {
 }
 
 /// Defect 7: a dead pool beside a live lock session (a pooler or sidecar on
-/// `store.url` died) kept the node's partitions forever with nothing running. The node
-/// lets go, a peer runs its tasks, and it rejoins once its pool answers again.
+/// `store.url` died: every call fails at once) kept the node's partitions forever with
+/// nothing running. The node lets go, a peer runs its tasks, and it rejoins once its
+/// pool answers again.
 #[tokio::test]
-async fn regression_a_node_whose_pool_is_silent_lets_go_of_its_partitions() {
+async fn regression_a_node_whose_pool_is_dead_lets_go_of_its_partitions() {
     let spec = ClusterSpec::new(2, 1)
         .worker_pool_via_proxy(0)
         .one_worker_env(0, "TASKPOD_MAINTENANCE__STORE_FENCE_AFTER_MS", 2_000)
@@ -225,7 +226,7 @@ async fn regression_a_node_whose_pool_is_silent_lets_go_of_its_partitions() {
     })
     .await;
     let proxy = cluster.worker("w1").unwrap().proxy().unwrap();
-    proxy.hold();
+    proxy.refuse();
     eventually("w2 owns every partition and runs every pod", || async {
         let on_w2: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM task_heads h JOIN nodes n ON n.node_id = h.owner_node \
