@@ -7,7 +7,8 @@ use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use taskpod_worker::handlers::exec::guard::{Guarded, Launch, StartError};
+use taskpod_worker::handlers::exec::guard::StartError;
+use taskpod_worker::handlers::exec::launch::{Guarded, Launch};
 use taskpod_worker::liveness::{Liveness, LivenessFeed};
 
 const WAIT: Duration = Duration::from_secs(20);

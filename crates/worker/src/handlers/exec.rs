@@ -18,6 +18,7 @@
 //! least every `CHUNK_INTERVAL`, up to `OUTPUT_LIMIT` bytes per run (then truncated).
 
 pub mod guard;
+pub mod launch;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -142,7 +143,7 @@ async fn run_once(
     }
     let cannot =
         |e: std::io::Error| HandlerError::Retry(format!("cannot start the exec guard: {e}"));
-    let mut launch = guard::Launch::new(
+    let mut launch = launch::Launch::new(
         Path::new(GUARD_EXE),
         Duration::from_millis(settings.guard_timeout_ms),
         &program.path,
