@@ -6,7 +6,8 @@
 //! bounded here, by the time it may legitimately take (acquiring a connection, then
 //! the statement, plus a little), and a call past it fails as unavailable.
 //!
-//! A connection whose call was abandoned may be silent for good. sqlx tests every
+//! A connection whose call was abandoned (past the limit, or dropped by a client's
+//! deadline or cancellation) may be silent for good. sqlx tests every
 //! connection it gets back with a ping that has no bound of its own, so the pool's
 //! `after_release` hook runs a bounded ping first, while calls have been timing out
 //! lately, and closes the connection when that ping gets no answer: it is never
@@ -15,7 +16,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use std::time::Instant;
 
 /// The bound on one call, in milliseconds; 30 s until a store is connected with its
 /// settings.
@@ -55,8 +56,26 @@ pub(crate) fn note_timeout() {
 
 /// Whether a call timed out lately: released connections are checked before reuse.
 pub(crate) fn suspect() -> bool {
+    suspect_at(now_ms())
+}
+
+fn suspect_at(now_ms: u64) -> bool {
     let last = LAST_TIMEOUT_MS.load(Ordering::Relaxed);
-    last != 0 && now_ms().saturating_sub(last) < SUSPECT_FOR.as_millis() as u64
+    last != 0 && now_ms.saturating_sub(last) < SUSPECT_FOR.as_millis() as u64
+}
+
+/// Marks connections suspect when the call it guards is dropped before it finished
+/// (a client's deadline or cancellation abandons it midway just like a timeout does).
+struct Abandoned {
+    finished: bool,
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if !self.finished {
+            note_timeout();
+        }
+    }
 }
 
 /// Runs `call` within the call limit; past it the call is abandoned as unavailable.
@@ -64,7 +83,10 @@ pub(crate) async fn bounded<T>(
     call: impl Future<Output = Result<T, sqlx::Error>>,
 ) -> Result<T, sqlx::Error> {
     let limit = call_limit();
-    match tokio::time::timeout(limit, call).await {
+    let mut guard = Abandoned { finished: false };
+    let answer = tokio::time::timeout(limit, call).await;
+    guard.finished = answer.is_ok();
+    match answer {
         Ok(result) => result,
         Err(_) => {
             note_timeout();
@@ -80,18 +102,33 @@ pub(crate) async fn bounded<T>(
 mod tests {
     use super::*;
 
+    // The state is process-wide: each test looks only at what its own calls changed.
+
     #[tokio::test(start_paused = true)]
     async fn a_call_past_the_limit_fails_as_unavailable_and_makes_connections_suspect() {
         set_call_limit(Duration::from_millis(500));
         let silent = bounded(std::future::pending::<Result<(), sqlx::Error>>()).await;
+        set_call_limit(Duration::from_secs(30));
         let err = silent.expect_err("abandoned");
         assert!(matches!(
             crate::store::errors::from_sqlx(err),
             crate::Error::StoreUnavailable(_)
         ));
         assert!(suspect());
-        tokio::time::advance(SUSPECT_FOR + Duration::from_millis(2)).await;
-        assert!(!suspect());
-        set_call_limit(Duration::from_secs(30));
+        let later = now_ms() + SUSPECT_FOR.as_millis() as u64 + 1;
+        assert!(!suspect_at(later), "suspect for a while only");
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_midway_makes_connections_suspect() {
+        let finished = bounded(async { Ok::<_, sqlx::Error>(()) }).await;
+        assert!(finished.is_ok());
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(10),
+            bounded(std::future::pending::<Result<(), sqlx::Error>>()),
+        )
+        .await;
+        assert!(dropped.is_err());
+        assert!(suspect());
     }
 }
