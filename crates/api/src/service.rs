@@ -321,7 +321,7 @@ impl TaskService for TaskApi {
             self.creates
                 .call((new, ctx))
                 .await
-                .unwrap_or_else(|| Err(Error::StoreUnavailable("the server is stopping".into())))
+                .unwrap_or_else(|e| Err(Error::StoreUnavailable(e.to_string())))
                 .map_err(|e| to_status(e, fields))?
         };
         let task_id = created

@@ -70,17 +70,37 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
         Self { tx }
     }
 
-    /// Sends `request` and waits for its answer; `None` once the flushers stopped.
-    pub async fn call(&self, request: T) -> Option<R> {
+    /// Sends `request` and waits for its answer, at most the store's call limit
+    /// (`store::call_limit`) in all: a caller never waits on the flushes queued ahead of
+    /// it (each with its own bound) one after the other. A request whose caller gave
+    /// up before it was flushed is dropped; one already flushing may still take effect,
+    /// as any call past its deadline may.
+    ///
+    /// # Errors
+    /// [`NoAnswer`]: the flushers stopped, or no answer came in time.
+    pub async fn call(&self, request: T) -> Result<R, NoAnswer> {
+        let limit = crate::store::call_limit();
         let (reply, answer) = oneshot::channel();
         let item = Item {
             request,
             span: Span::current(),
             reply,
         };
-        self.tx.send(item).await.ok()?;
-        answer.await.ok()
+        let sent = tokio::time::timeout(limit, async {
+            self.tx.send(item).await.map_err(|_| NoAnswer::Stopped)?;
+            answer.await.map_err(|_| NoAnswer::Stopped)
+        });
+        sent.await.unwrap_or(Err(NoAnswer::TimedOut(limit)))
     }
+}
+
+/// Why a [`Batcher::call`] got no answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NoAnswer {
+    #[error("the flushers stopped")]
+    Stopped,
+    #[error("no answer from the store within {0:?}")]
+    TimedOut(std::time::Duration),
 }
 
 async fn run<T, R, F, Fut>(rx: Arc<Mutex<mpsc::Receiver<Item<T, R>>>>, max_batch: usize, flush: F)
@@ -102,6 +122,8 @@ where
                     Err(_) => break,
                 }
             }
+            // Nobody waits for these any more (their callers' bound passed).
+            batch.retain(|item| !item.reply.is_closed());
         }
         let span = match batch.as_slice() {
             [only] => only.span.clone(),
@@ -162,10 +184,55 @@ mod tests {
             .collect();
         for call in calls {
             let (n, answer) = call.await.unwrap();
-            assert_eq!(answer, Some(n * 2));
+            assert_eq!(answer, Ok(n * 2));
         }
         let flushes = flushes.load(Ordering::Relaxed);
         assert!(flushes < 200, "calls shared flushes: {flushes}");
+        drop(batcher);
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_waits_at_most_the_call_limit_and_a_request_left_behind_is_not_flushed() {
+        let tracker = TaskTracker::new();
+        let flushed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let batcher = Batcher::start(
+            Shape {
+                max_batch: 4,
+                flushers: 1,
+            },
+            &tracker,
+            {
+                let flushed = flushed.clone();
+                move |batch: Vec<u32>| {
+                    let flushed = flushed.clone();
+                    async move {
+                        if let Ok(mut f) = flushed.lock() {
+                            f.extend(batch.iter().copied());
+                        }
+                        // A silent store: every flush hangs far past the limit.
+                        tokio::time::sleep(crate::store::call_limit() * 10).await;
+                        batch
+                    }
+                }
+            },
+        );
+        let first = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.call(1).await }
+        });
+        tokio::task::yield_now().await;
+        // Queued behind the hanging flush: it gives up at the limit, not after it.
+        let second = batcher.call(2).await;
+        assert!(matches!(second, Err(NoAnswer::TimedOut(_))));
+        assert!(matches!(first.await, Ok(Err(NoAnswer::TimedOut(_)))));
+        tokio::time::sleep(crate::store::call_limit() * 20).await;
+        assert_eq!(
+            flushed.lock().map(|f| f.clone()).unwrap_or_default(),
+            vec![1],
+            "the request whose caller gave up was never flushed"
+        );
         drop(batcher);
         tracker.close();
         tracker.wait().await;

@@ -673,3 +673,44 @@ async fn the_crash_prune_takes_every_old_row_in_batches(_: PgPoolOptions, opts: 
         .unwrap();
     assert_eq!(left, 1);
 }
+
+/// Issue 19: an `exec` output chunk held in a cut worker's socket reached Postgres after
+/// the heal and was stored under an epoch whose loss had been recorded, beside the next
+/// epoch's output. Chunks are fenced like the pod's appends now.
+#[sqlx::test(migrations = "../../migrations")]
+async fn regression_output_of_a_retired_epoch_is_refused(_: PgPoolOptions, opts: PgConnectOptions) {
+    let store = store(opts).await;
+    let (task, epoch, _cut_off) = running_pod(&store, "exec").await;
+    store
+        .append_output(task, epoch, 0, "stdout", b"before the cut\n")
+        .await
+        .unwrap();
+    let adopter = common::live_node(&store).await;
+    let partition = store.get_task(task).await.unwrap().partition;
+    let generation = store.claim_partition(partition, adopter.id).await.unwrap();
+    store
+        .record_crash(
+            &CrashReport {
+                task_id: task,
+                epoch,
+                node: None,
+                reason: "node lost".into(),
+                kind: CrashKind::NodeLost,
+            },
+            adopter.id,
+            generation,
+            &policy(Duration::from_secs(30)),
+            0.5,
+            &pod_meta(),
+        )
+        .await
+        .unwrap();
+    let err = store
+        .append_output(task, epoch, 2, "stdout", b"after the heal\n")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::StaleEpoch { .. }), "{err:?}");
+    let stored = store.read_output(task).await.unwrap();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0].data, b"before the cut\n");
+}

@@ -42,6 +42,6 @@ impl Appender {
         self.batcher
             .call(append)
             .await
-            .unwrap_or_else(|| Err(Error::StoreUnavailable("the worker is stopping".into())))
+            .unwrap_or_else(|e| Err(Error::StoreUnavailable(e.to_string())))
     }
 }

@@ -61,6 +61,11 @@ pub use settings::{Secret, StoreSettings};
 use crate::error::Error;
 use traced::Traced as _;
 
+/// The client-side bound on one store call in this process (see `deadline`).
+pub fn call_limit() -> Duration {
+    deadline::call_limit()
+}
+
 /// The migrations under `migrations/` at the repository root, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 

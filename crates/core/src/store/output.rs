@@ -18,8 +18,13 @@ pub struct OutputChunk {
 
 impl Store {
     /// Stores one chunk; `(task, epoch, seq)` is unique, so a retried write is a no-op.
+    /// Fenced like a pod's appends: only while `epoch` is the task's live pod, so a
+    /// chunk that reaches Postgres after its pod's end was recorded (held in a cut
+    /// worker's socket, delivered by TCP after the heal) is refused, never stored beside
+    /// the next epoch's output.
     ///
     /// # Errors
+    /// [`Error::StaleEpoch`] when the epoch is not the task's live pod;
     /// [`Error::StoreUnavailable`].
     pub async fn append_output(
         &self,
@@ -29,19 +34,31 @@ impl Store {
         stream: &str,
         data: &[u8],
     ) -> Result<(), Error> {
-        sqlx::query(
-            "INSERT INTO task_output (task_id, epoch, seq, stream, data) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT DO NOTHING",
+        let (live, current): (bool, Option<i64>) = sqlx::query_as(
+            "WITH head AS (SELECT pod_epoch, pod_epoch = $2 AND pod_state <> 'none' AS live \
+                             FROM task_heads WHERE task_id = $1), \
+                  stored AS (INSERT INTO task_output (task_id, epoch, seq, stream, data) \
+                             SELECT $1, $2, $3, $4, $5 WHERE (SELECT live FROM head) \
+                             ON CONFLICT DO NOTHING) \
+             SELECT COALESCE((SELECT live FROM head), false), (SELECT pod_epoch FROM head)",
         )
         .bind(task_id.as_uuid())
         .bind(epoch)
         .bind(seq)
         .bind(stream)
         .bind(data)
-        .execute(&self.pool).traced("INSERT task_output")
+        .fetch_one(&self.pool)
+        .traced("INSERT task_output")
         .await
         .map_err(from_sqlx)?;
-        Ok(())
+        if live {
+            Ok(())
+        } else {
+            Err(Error::StaleEpoch {
+                held: epoch,
+                current: current.unwrap_or_default(),
+            })
+        }
     }
 
     /// A task's output, oldest first.
