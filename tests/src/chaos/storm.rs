@@ -15,7 +15,7 @@ use super::check::oracle::{Snapshot, clock};
 use super::check::{self, Budget, Input, Report, Violation};
 use super::history::History;
 use super::inject::{self, Applied};
-use super::load::{Load, LoadConfig};
+use super::load::{Load, LoadConfig, Mix};
 use super::overlap;
 use super::programs::{EXEC_LOG, Program};
 use super::schedule::{FaultKind, Schedule, Shape};
@@ -296,6 +296,7 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
             duration: schedule.planned(),
             clients: 16,
             exec_percent: 15,
+            mix: Mix::Storm,
             cancel_percent: 5,
             call_timeout: Duration::from_secs(5),
             retry_grace: Duration::from_secs(10),
@@ -379,6 +380,7 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
         budget: &config.budget,
         settle_timeout: config.settle_timeout,
         store_outages: &store_outages,
+        exec_overlap_bound: overlap::EXEC_OVERLAP_BOUND,
     });
     report
         .figures
