@@ -11,7 +11,14 @@
 
 use std::time::Duration;
 
+use taskpod_e2e::chaos::partition::{self, PartitionConfig, Target};
 use taskpod_e2e::cluster::{CutKind, Netns, Ports};
+
+/// Set to 1 to run with the product's lock defaults (idle_session_timeout 10 s) and a
+/// 16 s cut instead of CI's settings.
+const DEFAULTS_ENV: &str = "TASKPOD_PARTITION_DEFAULTS";
+/// Seconds each cut lasts, instead of the default (10 s; 12 s for a replica).
+const CUT_SECS_ENV: &str = "TASKPOD_PARTITION_CUT_SECS";
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::Command;
@@ -129,4 +136,61 @@ async fn each_cut_drops_exactly_what_it_says() {
         );
     });
     futures::future::join_all(runs).await;
+}
+
+/// Runs one cut and fails with its whole report when anything is violated.
+async fn partition(kind: CutKind, target: Target) {
+    let seed = std::env::var("TASKPOD_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| u64::from(std::process::id()));
+    let mut config = PartitionConfig::new(kind, target, seed);
+    if std::env::var_os(DEFAULTS_ENV).is_some_and(|v| v != "0") {
+        config = config.with_product_defaults();
+    }
+    if let Some(secs) = std::env::var(CUT_SECS_ENV)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+    {
+        config.cut_for = Duration::from_secs(secs);
+    }
+    let outcome = partition::run(&config)
+        .await
+        .unwrap_or_else(|e| panic!("the partition could not run: {e:#}"));
+    eprintln!("{}", outcome.render());
+    assert!(
+        outcome.report.is_clean(),
+        "{} violation(s) under a {kind}; the report is printed above",
+        outcome.report.violations.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_from_postgres_and_redis() {
+    partition(CutKind::Full, Target::Worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_from_postgres_only() {
+    partition(CutKind::Postgres, Target::Worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_from_redis_only() {
+    partition(CutKind::Redis, Target::Worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_packets_to_postgres_are_lost() {
+    partition(CutKind::ToPostgres, Target::Worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_replies_from_postgres_are_lost() {
+    partition(CutKind::FromPostgres, Target::Worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_replica_cut_from_postgres() {
+    partition(CutKind::Postgres, Target::Api).await;
 }

@@ -128,25 +128,12 @@ impl StormConfig {
     }
 
     fn cluster_spec(&self) -> ClusterSpec {
-        let b = &self.budget;
-        let mut spec = ClusterSpec::new(self.workers, self.apis)
-            .worker_env(
-                "TASKPOD_LOCK__IDLE_SESSION_TIMEOUT_MS",
-                self.idle_session_timeout_ms,
-            )
-            .worker_env("TASKPOD_RESTART__AUTO_RESTART", "true")
-            .worker_env(
-                "TASKPOD_RESTART__MAX_RESTART_ATTEMPTS",
-                b.max_restart_attempts,
-            )
-            .worker_env(
-                "TASKPOD_RESTART__RESTART_WINDOW_SECONDS",
-                b.restart_window.as_secs(),
-            )
-            .worker_env("TASKPOD_RESTART__BACKOFF_BASE_MS", 50)
-            .worker_env("TASKPOD_RESTART__BACKOFF_MAX_MS", 1_000)
-            .worker_env("TASKPOD_RESTART__MAX_NODE_LOSSES", b.max_node_losses)
-            .worker_env("TASKPOD_HANDLERS__SLEEP_PHASE_MS", self.sleep_phase_ms);
+        let mut spec = worker_settings(
+            ClusterSpec::new(self.workers, self.apis),
+            Some(self.idle_session_timeout_ms),
+            &self.budget,
+            self.sleep_phase_ms,
+        );
         // The last worker and the last replica reach Postgres through fault proxies,
         // for the network faults.
         if let Some(last) = self.workers.checked_sub(1) {
@@ -164,6 +151,35 @@ impl StormConfig {
         }
         spec
     }
+}
+
+/// The workers' settings of a chaos run: the restart `budget` (auto restart on, short
+/// backoffs), `sleep` phases of `sleep_phase_ms`, and the lock session's
+/// `idle_session_timeout` when given (else the product's default).
+pub fn worker_settings(
+    spec: ClusterSpec,
+    idle_session_timeout_ms: Option<u64>,
+    budget: &Budget,
+    sleep_phase_ms: u64,
+) -> ClusterSpec {
+    let mut spec = spec
+        .worker_env("TASKPOD_RESTART__AUTO_RESTART", "true")
+        .worker_env(
+            "TASKPOD_RESTART__MAX_RESTART_ATTEMPTS",
+            budget.max_restart_attempts,
+        )
+        .worker_env(
+            "TASKPOD_RESTART__RESTART_WINDOW_SECONDS",
+            budget.restart_window.as_secs(),
+        )
+        .worker_env("TASKPOD_RESTART__BACKOFF_BASE_MS", 50)
+        .worker_env("TASKPOD_RESTART__BACKOFF_MAX_MS", 1_000)
+        .worker_env("TASKPOD_RESTART__MAX_NODE_LOSSES", budget.max_node_losses)
+        .worker_env("TASKPOD_HANDLERS__SLEEP_PHASE_MS", sleep_phase_ms);
+    if let Some(ms) = idle_session_timeout_ms {
+        spec = spec.worker_env("TASKPOD_LOCK__IDLE_SESSION_TIMEOUT_MS", ms);
+    }
+    spec
 }
 
 /// What a storm did and what the checker found.
@@ -415,12 +431,12 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
 
 /// How long a terminal task's pod gets to acknowledge its stop (`pod_state` back to
 /// `none`) once every task is terminal.
-const POD_STOP_GRACE: Duration = Duration::from_secs(20);
+pub const POD_STOP_GRACE: Duration = Duration::from_secs(20);
 
 /// The hang detector's wait: until every task is terminal (at most `timeout`), then
 /// until no terminal task has a pod left (at most `grace` more). What is still open
 /// then is reported by the checker.
-async fn settle(cluster: &Cluster, timeout: Duration, grace: Duration) {
+pub async fn settle(cluster: &Cluster, timeout: Duration, grace: Duration) {
     let open = |sql: &'static str| async move {
         sqlx::query_scalar::<_, i64>(sql)
             .fetch_one(cluster.pool())
@@ -443,7 +459,9 @@ async fn settle(cluster: &Cluster, timeout: Duration, grace: Duration) {
     }
 }
 
-fn unix_ms() -> i64 {
+/// Now, in unix milliseconds (the clock Postgres's timestamps and the `exec` log use
+/// on this one machine).
+pub fn unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -453,13 +471,13 @@ fn unix_ms() -> i64 {
 /// Watches `nodes` during the storm, so evidence can name every worker incarnation
 /// (`w2#3`: w2's third), including those whose rows were deleted as dead.
 #[derive(Debug)]
-struct NodeWatch {
+pub struct NodeWatch {
     seen: Arc<std::sync::Mutex<BTreeMap<Uuid, String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl NodeWatch {
-    fn start(pool: sqlx::PgPool) -> Self {
+    pub fn start(pool: sqlx::PgPool) -> Self {
         let seen = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
         let task = {
             let seen = Arc::clone(&seen);
@@ -488,14 +506,14 @@ impl NodeWatch {
         Self { seen, task }
     }
 
-    fn stop(self) -> BTreeMap<Uuid, String> {
+    pub fn stop(self) -> BTreeMap<Uuid, String> {
         self.task.abort();
         self.seen.lock().map(|s| s.clone()).unwrap_or_default()
     }
 }
 
 /// Waits until no `exec` program process is left (at most `timeout`).
-async fn wait_for_programs(cluster: &Cluster, timeout: Duration) {
+pub async fn wait_for_programs(cluster: &Cluster, timeout: Duration) {
     let Some(dir) = cluster.programs_dir().to_str() else {
         return;
     };
