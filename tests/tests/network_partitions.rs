@@ -194,3 +194,110 @@ async fn a_worker_whose_replies_from_postgres_are_lost() {
 async fn an_api_replica_cut_from_postgres() {
     partition(CutKind::Postgres, Target::Api).await;
 }
+
+/// The timeline of every cut (issue 19, item 6), as a markdown table for
+/// BENCHMARKS.md: one cut of the namespaced worker per kind, one after the other, each
+/// `TASKPOD_PARTITION_ROUNDS` times (default 1), with CI's settings or, with
+/// `TASKPOD_PARTITION_DEFAULTS=1`, the product's lock defaults and a 16 s cut. Prints
+/// the table (and writes it to `TASKPOD_PARTITION_TABLE` when set); fails only when a
+/// cut could not be run: violations are listed in the table, the tests above assert
+/// them.
+///
+/// `cargo nextest run -p taskpod-e2e --test network_partitions --run-ignored only
+/// --no-capture partition_timelines`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement (about 30 s per cut): run by hand for BENCHMARKS.md"]
+async fn partition_timelines() {
+    let rounds: usize = std::env::var("TASKPOD_PARTITION_ROUNDS")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1);
+    let defaults = std::env::var_os(DEFAULTS_ENV).is_some_and(|v| v != "0");
+    let mut table = partition::timeline::Timeline::header()
+        .replace("| rejoin: owning |\n", "| rejoin: owning | violations |\n")
+        .replace("| ---: |\n", "| ---: | --- |\n");
+    let mut api_lines = Vec::new();
+    for round in 0..rounds {
+        for kind in CutKind::ALL {
+            let seed = u64::from(std::process::id()) + round as u64;
+            let mut config = PartitionConfig::new(kind, Target::Worker, seed);
+            if defaults {
+                config = config.with_product_defaults();
+            }
+            let outcome = partition::run(&config)
+                .await
+                .unwrap_or_else(|e| panic!("{kind}: the partition could not run: {e:#}"));
+            eprintln!("{}", outcome.render());
+            let mut invariants: Vec<&str> = outcome
+                .report
+                .violations
+                .iter()
+                .map(|v| v.invariant)
+                .collect();
+            invariants.sort_unstable();
+            invariants.dedup();
+            table.push_str(&outcome.timeline.row().replace(
+                " |\n",
+                &format!(
+                    " | {} |\n",
+                    if invariants.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        invariants.join(", ")
+                    }
+                ),
+            ));
+        }
+        let mut config = PartitionConfig::new(CutKind::Postgres, Target::Api, round as u64);
+        if defaults {
+            config.cut_for = Duration::from_secs(16);
+        }
+        let outcome = partition::run(&config)
+            .await
+            .unwrap_or_else(|e| panic!("replica cut: the partition could not run: {e:#}"));
+        eprintln!("{}", outcome.render());
+        let during = &outcome.api.during;
+        let unavailable: Vec<i64> = during
+            .iter()
+            .filter(|p| p.code == Some(tonic::Code::Unavailable))
+            .map(|p| p.latency_ms())
+            .collect();
+        api_lines.push(format!(
+            "replica cut from Postgres for {:?}: {} of {} calls answered UNAVAILABLE during it \
+             (slowest {} ms, bound {:?}); serving again {} ms after the heal; violations: {}",
+            config.cut_for,
+            unavailable.len(),
+            during.len(),
+            unavailable.iter().max().copied().unwrap_or_default(),
+            partition::API_CALL_LIMIT,
+            outcome
+                .api
+                .serving_again_ms
+                .map_or("never".to_owned(), |ms| ms.to_string()),
+            if outcome.report.is_clean() {
+                "none".to_owned()
+            } else {
+                outcome
+                    .report
+                    .violations
+                    .iter()
+                    .map(|v| v.invariant)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        ));
+    }
+    let text = format!(
+        "settings: {}\n\n{table}\n{}\n",
+        if defaults {
+            "the product's lock defaults (idle_session_timeout 10 s, keepalives 5 s + 3 x 1 s), 16 s cuts"
+        } else {
+            "CI's (idle_session_timeout 3 s, other lock settings default), 10 s cuts (12 s for the replica)"
+        },
+        api_lines.join("\n")
+    );
+    println!("{text}");
+    if let Some(path) = std::env::var_os("TASKPOD_PARTITION_TABLE") {
+        std::fs::write(path, &text).unwrap();
+    }
+}

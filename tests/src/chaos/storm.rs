@@ -28,6 +28,10 @@ pub const SEED_ENV: &str = "TASKPOD_CHAOS_SEED";
 pub const SECS_ENV: &str = "TASKPOD_CHAOS_SECS";
 /// Tasks per seed (default: [`TASKS_PER_SECOND`] over the storm).
 pub const TASKS_ENV: &str = "TASKPOD_CHAOS_TASKS";
+/// `1`: one worker runs in a network namespace and the schedule draws real partitions
+/// of it (`0`: never). Default: on in long mode (a storm longer than [`CI_SECS`]), off
+/// in CI mode, so a CI seed replays the same schedule.
+pub const CUTS_ENV: &str = "TASKPOD_CHAOS_CUTS";
 /// Seconds of faults per seed in CI mode.
 pub const CI_SECS: u64 = 45;
 /// Seeds in CI mode.
@@ -43,6 +47,8 @@ pub struct Plan {
     pub tasks: usize,
     /// False when the environment chose the seeds or the length.
     pub ci: bool,
+    /// Real partitions of a worker in a network namespace ([`CUTS_ENV`]).
+    pub cuts: bool,
 }
 
 impl Plan {
@@ -73,6 +79,12 @@ impl Plan {
             .transpose()
             .with_context(|| format!("{TASKS_ENV} must be a number"))?;
         let ci = seeds.is_none() && secs.is_none();
+        let cuts = match std::env::var(CUTS_ENV).ok().as_deref().map(str::trim) {
+            Some("1") => true,
+            Some("0") => false,
+            Some(other) => anyhow::bail!("{CUTS_ENV} must be 0 or 1, not {other:?}"),
+            None => storm > Duration::from_secs(CI_SECS),
+        };
         let seeds = seeds.unwrap_or_else(|| {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -86,6 +98,7 @@ impl Plan {
             storm,
             tasks: tasks.unwrap_or((storm.as_secs_f64() * TASKS_PER_SECOND) as usize),
             ci,
+            cuts,
         })
     }
 }
@@ -105,6 +118,9 @@ pub struct StormConfig {
     pub idle_session_timeout_ms: u64,
     pub budget: Budget,
     pub sleep_phase_ms: u64,
+    /// The second worker runs in a network namespace and the schedule draws real
+    /// partitions of it.
+    pub cuts: bool,
 }
 
 impl StormConfig {
@@ -124,7 +140,14 @@ impl StormConfig {
                 max_node_losses: 30,
             },
             sleep_phase_ms: 300,
+            cuts: false,
         }
+    }
+
+    /// The worker in a network namespace, when cuts are on: the second (the last one
+    /// reaches Postgres through a fault proxy).
+    fn netns_worker(&self) -> Option<usize> {
+        (self.cuts && self.workers >= 3).then_some(1)
     }
 
     fn cluster_spec(&self) -> ClusterSpec {
@@ -141,6 +164,9 @@ impl StormConfig {
         }
         if let Some(last) = self.apis.checked_sub(1) {
             spec = spec.api_via_proxy(last);
+        }
+        if let Some(index) = self.netns_worker() {
+            spec = spec.worker_in_netns(index);
         }
         // Unequal capacities: shares are weighted by them.
         for (i, capacity) in [400, 400, 200].iter().enumerate().take(self.workers) {
@@ -187,6 +213,8 @@ pub fn worker_settings(
 pub struct StormOutcome {
     pub seed: u64,
     pub storm: Duration,
+    /// Whether real partitions were drawn.
+    pub cuts: bool,
     pub schedule: Schedule,
     /// When the first quiet period began (fault times are relative to it).
     pub storm_start_unix_ms: i64,
@@ -228,9 +256,10 @@ impl StormOutcome {
         );
         let _ = writeln!(
             out,
-            "replay: {SEED_ENV}={} {SECS_ENV}={} cargo nextest run -p taskpod-e2e --test crash_storm",
+            "replay: {SEED_ENV}={} {SECS_ENV}={} {CUTS_ENV}={} cargo nextest run -p taskpod-e2e --test crash_storm",
             self.seed,
-            self.storm.as_secs()
+            self.storm.as_secs(),
+            u8::from(self.cuts)
         );
         let _ = write!(out, "{}", self.schedule);
         let _ = writeln!(
@@ -297,6 +326,7 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
         idle_session_timeout_ms: config.idle_session_timeout_ms,
         proxied_worker: config.workers.checked_sub(1),
         proxied_api: config.apis.checked_sub(1),
+        netns_worker: config.netns_worker(),
     };
     let schedule = Schedule::generate(config.seed, config.storm, &shape);
     let history = Arc::new(History::new());
@@ -418,6 +448,7 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
     Ok(StormOutcome {
         seed: config.seed,
         storm: config.storm,
+        cuts: config.netns_worker().is_some(),
         schedule,
         storm_start_unix_ms,
         applied,
