@@ -352,11 +352,32 @@ async fn regression_nodes_with_disjoint_kinds_share_the_partitions_and_tasks_wai
         || async { running_on(&pool, &old.node_id).await > 0 },
     )
     .await;
-    eventually("the new node counts the ones it cannot run", || async {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
         let text = new.scrape().await.unwrap();
-        gauge(&text, "taskpod_pods_unplaceable{node=\"new\"}").is_some_and(|n| n > 0.0)
-    })
-    .await;
+        let counted = gauge(&text, "taskpod_pods_unplaceable{node=\"new\"}");
+        if counted.is_some_and(|n| n > 0.0) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let waiting: Vec<(Option<String>, i64)> = sqlx::query_as(
+                "SELECT n.name, count(*) FROM tasks t JOIN task_heads h USING (task_id) \
+                 LEFT JOIN partitions p ON p.partition = t.partition \
+                 LEFT JOIN nodes n ON n.node_id = p.owner_node \
+                 WHERE h.status = 'active' AND h.pod_state = 'none' GROUP BY 1",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            panic!(
+                "the new node never counted the tasks it cannot run: gauge {counted:?}; \
+                 owned old {} new {}; waiting tasks by owner {waiting:?}",
+                owned_by(&pool, &old.node_id).await,
+                owned_by(&pool, &new.node_id).await,
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(running_on(&pool, &new.node_id).await, 0);
     let complete = WorkerProcess::spawn(&db, "complete", &[]).await.unwrap();
     eventually("every manual task runs", || async {

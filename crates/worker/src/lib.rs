@@ -34,6 +34,7 @@ mod recorder;
 pub mod settings;
 pub mod slots;
 pub mod supervisor;
+mod wakeups;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -42,10 +43,12 @@ pub use controller::{Controller, WorkerError};
 pub use settings::WorkerSettings;
 
 /// Runs a worker until `shutdown`, serving gRPC health on `health` (NOT_SERVING from the
-/// start of the drain). `ready` is called with the node id once registered.
+/// start of the drain) and `/metrics` on `metrics`. `ready` is called with the node id
+/// once registered. If the health or metrics server dies on its own, the worker drains
+/// and the call fails: a probe that cannot reach it would have it killed anyway.
 ///
 /// # Errors
-/// When the store or the lock session cannot be reached at start.
+/// When the store or the lock session cannot be reached at start, or a server died.
 pub async fn run(
     settings: WorkerSettings,
     health: TcpListener,
@@ -55,43 +58,59 @@ pub async fn run(
 ) -> Result<(), WorkerError> {
     let controller = Controller::start(settings).await?;
     ready(controller.node());
-    let metrics_stop = CancellationToken::new();
-    let metrics_server = tokio::spawn(taskpod_core::telemetry::exposition::serve(
+    let servers_stop = CancellationToken::new();
+    let mut metrics_server = tokio::spawn(taskpod_core::telemetry::exposition::serve(
         metrics,
         taskpod_core::telemetry::Role::Worker,
-        metrics_stop.clone(),
+        servers_stop.clone(),
     ));
     let (reporter, service) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let serving = CancellationToken::new();
-    let health_server = tokio::spawn({
-        let serving = serving.clone();
+    let mut health_server = tokio::spawn({
+        let stop = servers_stop.clone();
         async move {
-            let _ = tonic::transport::Server::builder()
+            tonic::transport::Server::builder()
                 .add_service(service)
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(health),
-                    serving.cancelled_owned(),
+                    stop.cancelled_owned(),
                 )
-                .await;
+                .await
         }
     });
-    let drain_watch = {
+    // Watches the servers until the drain begins: one that ends before is a failure.
+    let died = {
         let shutdown = shutdown.clone();
         let reporter = reporter.clone();
+        let (metrics_server, health_server) = (&mut metrics_server, &mut health_server);
         async move {
-            shutdown.cancelled().await;
+            let died = tokio::select! {
+                () = shutdown.cancelled() => None,
+                ended = metrics_server => Some(format!("the metrics server ended: {ended:?}")),
+                ended = health_server => Some(format!("the health server ended: {ended:?}")),
+            };
+            if let Some(why) = &died {
+                tracing::error!(why, "a server of this worker died; draining");
+                shutdown.cancel();
+            }
             reporter
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
+            died
         }
     };
-    tokio::join!(controller.run(shutdown.clone()), drain_watch);
-    metrics_stop.cancel();
-    let _ = metrics_server.await;
-    serving.cancel();
-    let _ = health_server.await;
-    Ok(())
+    let ((), died) = tokio::join!(controller.run(shutdown.clone()), died);
+    servers_stop.cancel();
+    if !metrics_server.is_finished() || died.is_none() {
+        metrics_server.await.ok();
+    }
+    if !health_server.is_finished() || died.is_none() {
+        let _served = health_server.await;
+    }
+    match died {
+        Some(why) => Err(WorkerError::ServerDied(why)),
+        None => Ok(()),
+    }
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use taskpod_core::Error;
-use taskpod_core::bus::{BusEvent, Publisher, Subscription, TaskUpdate, channels};
+use taskpod_core::bus::{BusEvent, Publisher, TaskUpdate, channels};
 use taskpod_core::domain::{NodeId, Status, TaskId};
 use taskpod_core::store::Store;
 use taskpod_core::telemetry::metrics::metrics;
@@ -42,6 +42,7 @@ use crate::recorder::{self, Recorded, Recorder, RecorderIo};
 use crate::settings::WorkerSettings;
 use crate::slots::Slots;
 use crate::supervisor::Supervisor;
+use crate::wakeups::Wakeups;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -51,6 +52,9 @@ pub enum WorkerError {
     Lock(#[from] crate::lock::LockError),
     #[error("{0}")]
     Settings(String),
+    /// A server of the worker (health, metrics) ended while the worker ran.
+    #[error("{0}")]
+    ServerDied(String),
 }
 
 /// How long a drain waits for the crash records of its last pods.
@@ -84,8 +88,6 @@ pub struct Controller {
     chores_stop: CancellationToken,
     /// False while the store probe cannot reach the store through the pool.
     store_healthy: watch::Receiver<bool>,
-    /// The wake-up subscription: one channel per owned partition.
-    subscription: Option<Subscription>,
     last_claim: Option<Instant>,
     /// The incarnation that lost its session last, and the nodes alive at its last
     /// membership read: compared with the next incarnation's first read, they tell an
@@ -177,7 +179,6 @@ impl Controller {
             services,
             chores_stop,
             store_healthy,
-            subscription: None,
             last_claim: None,
             previous: None,
             lost_together: BTreeSet::new(),
@@ -215,15 +216,7 @@ impl Controller {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(self.settings.tick());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let bus_stop = shutdown.child_token();
-        let (mut wakeups, bus_task) =
-            match Subscription::start(&self.settings.bus, bus_stop.clone()) {
-                Some((subscription, rx, task)) => {
-                    self.subscription = Some(subscription);
-                    (Some(rx), Some(task))
-                }
-                None => (None, None),
-            };
+        let mut wakeups = Wakeups::start(&self.settings.bus, shutdown.child_token());
         loop {
             let backoff = self.checks.next_backoff();
             tokio::select! {
@@ -242,13 +235,11 @@ impl Controller {
                         self.lost_incarnation("the store is unreachable through the pool");
                     }
                 }
-                Some(event) = next_wakeup(&mut wakeups) => {
+                event = wakeups.next() => {
                     // Messages that arrived meanwhile share the check.
                     self.wake(event);
-                    if let Some(rx) = &mut wakeups {
-                        while let Ok(event) = rx.try_recv() {
-                            self.wake(event);
-                        }
+                    while let Some(event) = wakeups.try_next() {
+                        self.wake(event);
                     }
                     let scope = self.checks.woken_scope();
                     let checked = self.check(scope).await;
@@ -262,14 +253,25 @@ impl Controller {
                 _ = tick.tick() => {
                     let stepped = self.step().await;
                     self.outcome(stepped);
+                    wakeups.set_channels(self.channels());
                 }
             }
         }
         self.drain().await;
-        bus_stop.cancel();
-        if let Some(task) = bus_task {
-            let _ = task.await;
-        }
+        wakeups.stop().await;
+    }
+
+    /// The wake-up channels of the owned partitions.
+    fn channels(&self) -> BTreeSet<String> {
+        self.incarnation
+            .as_ref()
+            .map(|inc| {
+                inc.owned()
+                    .keys()
+                    .map(|p| channels::partition(*p))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Acts on a step's failure: a lock session that failed ends the incarnation; any
@@ -349,14 +351,6 @@ impl Controller {
         );
         self.pods.stop_in(&inc.evicting(Instant::now()));
         inc.release_idle(&self.store, &busy).await?;
-        if let Some(subscription) = &self.subscription {
-            subscription.set_channels(
-                inc.owned()
-                    .keys()
-                    .map(|p| channels::partition(*p))
-                    .collect(),
-            );
-        }
         Ok(())
     }
 
@@ -373,9 +367,6 @@ impl Controller {
         self.pods.stop_all();
         self.node_id.send_replace(None);
         self.checks.reset();
-        if let Some(subscription) = &self.subscription {
-            subscription.set_channels(BTreeSet::new());
-        }
     }
 
     /// Notes what a bus event asks to look at.
@@ -467,13 +458,6 @@ impl Controller {
 async fn fenced(incarnation: &Option<Incarnation>) {
     match incarnation {
         Some(inc) => inc.fence().cancelled().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn next_wakeup(wakeups: &mut Option<mpsc::Receiver<BusEvent>>) -> Option<BusEvent> {
-    match wakeups {
-        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }
