@@ -36,7 +36,7 @@ use uuid::Uuid;
 use self::monitor::{Monitor, Victim};
 use self::probe::{Probe, Prober};
 use self::timeline::Timeline;
-use super::check::oracle::Snapshot;
+use super::check::oracle::{Snapshot, clock};
 use super::check::{self, Budget, Input, Report, Violation};
 use super::history::{Call, History, Outcome};
 use super::load::{Load, LoadConfig, Mix};
@@ -206,6 +206,12 @@ impl PartitionOutcome {
             c.victim(),
             c.cut_for,
             c.seed
+        );
+        let _ = writeln!(
+            out,
+            "cut at {} UTC, healed at {} UTC",
+            clock(self.timeline.cut_ms),
+            clock(self.timeline.heal_ms)
         );
         let _ = writeln!(
             out,
