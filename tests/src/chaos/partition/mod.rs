@@ -14,10 +14,12 @@
 //!
 //! Checks: every invariant of the crash storm ([`check::check`], with the `exec`
 //! overlap bound computed for the run's settings), the [`stale`]-epoch writes, the
+//! fence [`margin`] of adopted programs, the
 //! [`watchers`]' streams, and bounded waits: takeover, rejoin, UNAVAILABLE within the
 //! replica's store bound, serving again within 5 s of the heal. Figures are printed;
 //! only the bounds are asserted.
 
+pub mod margin;
 pub mod monitor;
 pub mod probe;
 pub mod stale;
@@ -59,6 +61,9 @@ const TASK_WATCHES: usize = 4;
 pub const API_CALL_LIMIT: Duration = Duration::from_secs(9);
 /// What a busy two-core machine may add to a replica's answer.
 pub const ANSWER_SLACK: Duration = Duration::from_secs(1);
+/// The fence margin an adopted `exec` pod waits with the default lock and guard
+/// settings: P 300 ms + T 1 s + G 1 s + K 2 s.
+pub const FENCE_MARGIN_MS: u64 = 4_300;
 /// Issue 19: a replica serves again within 5 s of the heal.
 pub const SERVE_AGAIN_WITHIN: Duration = Duration::from_secs(5);
 
@@ -451,6 +456,11 @@ pub async fn run(config: &PartitionConfig) -> anyhow::Result<PartitionOutcome> {
         .figures
         .insert("exec output chunks", chunks.len().to_string());
     report.violations.extend(stale::check(&snapshot, &chunks));
+    report.violations.extend(margin::check(
+        &snapshot,
+        &exec_lines,
+        Duration::from_millis(FENCE_MARGIN_MS),
+    ));
 
     // The watch streams, against the store.
     let store = taskpod_core::store::Store::from_pool(cluster.pool().clone()).await?;
