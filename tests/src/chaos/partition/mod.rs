@@ -329,13 +329,6 @@ pub async fn run(config: &PartitionConfig) -> anyhow::Result<PartitionOutcome> {
     // The cut comes once the warmup is over and programs run where it will hit.
     tokio::time::sleep(config.warmup).await;
     let spans = wait_for_spans(&cluster, config, load_start + duration / 2).await?;
-    let victim = match config.target {
-        Target::Worker => {
-            let session = cluster.lock_session_of(CUT_WORKER).await?;
-            Some(Victim::read(cluster.pool(), CUT_WORKER, session).await?)
-        }
-        Target::Api => None,
-    };
     let task_watches: Vec<_> = spans
         .iter()
         .take(TASK_WATCHES)
@@ -349,6 +342,14 @@ pub async fn run(config: &PartitionConfig) -> anyhow::Result<PartitionOutcome> {
         .collect::<anyhow::Result<_>>()?;
     // Let the streams catch up before the cut.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // What the worker owns and runs, read just before the cut.
+    let victim = match config.target {
+        Target::Worker => {
+            let session = cluster.lock_session_of(CUT_WORKER).await?;
+            Some(Victim::read(cluster.pool(), CUT_WORKER, session).await?)
+        }
+        Target::Api => None,
+    };
     let monitor = victim
         .as_ref()
         .map(|v| Monitor::start(cluster.pool().clone(), v));
