@@ -13,6 +13,10 @@ ensure_packages() {
   python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
   # `taskpod bench limit` (and its test) drives Postgres with pgbench.
   command -v pgbench >/dev/null 2>&1 || [ -x "$(pg_bindir 2>/dev/null)/pgbench" ] || missing+=(postgresql-client)
+  # The network-partition tests cut a namespaced member off with nftables (netdev
+  # ingress tables) and build its veth pair with ip.
+  command -v nft >/dev/null 2>&1 || missing+=(nftables)
+  command -v ip >/dev/null 2>&1 || missing+=(iproute2)
   [ ${#missing[@]} -eq 0 ] && return 0
   echo "installing: ${missing[*]}" >&2
   local sudo=()

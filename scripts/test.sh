@@ -35,10 +35,15 @@ echo "postgres on 127.0.0.1:$pg_port, redis on 127.0.0.1:$redis_port" >&2
 # with the script the container image is built with.
 scripts/build-binaries.sh
 if cargo nextest --version >/dev/null 2>&1; then
-  # The crash storm (tests/tests/crash_storm.rs) runs alone, after the rest: its bounds
-  # (exec overlap, the hang detector) assume two cores are not also running the suite.
+  # The crash storm (tests/tests/crash_storm.rs) and the network partitions
+  # (tests/tests/network_partitions.rs, two clusters at a time) run alone, after the
+  # rest: their bounds (exec overlap, takeover, the hang detector) assume two cores are
+  # not also running the suite.
   status=0
-  cargo nextest run --workspace --no-fail-fast -E 'not binary(crash_storm)' "$@" || status=$?
+  cargo nextest run --workspace --no-fail-fast \
+    -E 'not (binary(crash_storm) | binary(network_partitions))' "$@" || status=$?
+  cargo nextest run -p taskpod-e2e --test network_partitions --no-fail-fast --no-tests=pass \
+    --test-threads 2 "$@" || status=$?
   cargo nextest run -p taskpod-e2e --test crash_storm --no-fail-fast --no-tests=pass "$@" || status=$?
   exit "$status"
 else

@@ -234,6 +234,7 @@ async fn ambiguous_commits_never_make_a_request_id_create_twice() {
         },
         settle_timeout: Duration::ZERO,
         store_outages: &[],
+        exec_overlap_bound: taskpod_e2e::chaos::overlap::EXEC_OVERLAP_BOUND,
     });
     let client_side: Vec<_> = report
         .violations

@@ -13,7 +13,10 @@
 //! - Replay: `TASKPOD_CHAOS_SEED=<seed>[,<seed>...]` (with the `TASKPOD_CHAOS_SECS` the
 //!   failing run printed) runs the same faults in the same order.
 //! - Long mode: `TASKPOD_CHAOS_SECS=1800` runs faults for that long (one seed unless
-//!   given); `TASKPOD_CHAOS_TASKS` overrides the task count.
+//!   given); `TASKPOD_CHAOS_TASKS` overrides the task count. Long mode also puts the
+//!   second worker in a network namespace and draws real partitions of it at random
+//!   (full, Postgres only, Redis only, one way each: `CutWorker`), as
+//!   `TASKPOD_CHAOS_CUTS=1` does in any mode (`=0` turns them off).
 //! - `TASKPOD_CHAOS_KEEP=1` keeps each cluster's folder (logs, data, the `exec` log).
 //!
 //! A failure prints, per seed: how to replay it, the schedule and what each fault did,
@@ -34,16 +37,24 @@ const CI_MIN_TASKS: usize = 2_000;
 async fn crash_storm_ci_seeds() {
     let plan = Plan::from_env().unwrap();
     eprintln!(
-        "crash storm: seeds {:?}, {:?} of faults and {} tasks per seed{}",
+        "crash storm: seeds {:?}, {:?} of faults and {} tasks per seed{}{}",
         plan.seeds,
         plan.storm,
         plan.tasks,
-        if plan.ci { " (CI mode)" } else { "" }
+        if plan.ci { " (CI mode)" } else { "" },
+        if plan.cuts {
+            ", real partitions of a namespaced worker"
+        } else {
+            ""
+        }
     );
     let started = Instant::now();
     let mut outcomes = Vec::new();
     for seed in &plan.seeds {
-        let config = StormConfig::new(*seed, plan.storm, plan.tasks);
+        let config = StormConfig {
+            cuts: plan.cuts,
+            ..StormConfig::new(*seed, plan.storm, plan.tasks)
+        };
         let outcome = storm::run(&config)
             .await
             .unwrap_or_else(|e| panic!("seed {seed}: the storm could not run: {e:#}"));

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use super::schedule::Fault;
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, CutKind};
 use crate::proxy::Delivery;
 
 /// What became of one scheduled fault.
@@ -111,6 +111,14 @@ pub async fn apply(cluster: &mut Cluster, fault: &Fault) -> anyhow::Result<(bool
             proxy.heal();
             Ok((true, format!("{name}'s link to Postgres held silent")))
         }
+        Fault::CutWorker {
+            worker,
+            kind,
+            hold_ms,
+        } => {
+            let name = worker_name(cluster, *worker)?;
+            cut_worker(cluster, &name, *kind, *hold_ms).await
+        }
         Fault::AmbiguousCommits { api, for_ms } => {
             let member = cluster
                 .apis()
@@ -133,6 +141,22 @@ pub async fn apply(cluster: &mut Cluster, fault: &Fault) -> anyhow::Result<(bool
             ))
         }
     }
+}
+
+/// The fault's end is the heal of its cut (also when the cut itself fails halfway).
+async fn cut_worker(
+    cluster: &Cluster,
+    name: &str,
+    kind: CutKind,
+    hold_ms: u64,
+) -> anyhow::Result<(bool, String)> {
+    let cut = cluster.cut(name, kind).await;
+    if cut.is_ok() {
+        tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+    }
+    cluster.heal_cut(name).await?;
+    cut?;
+    Ok((true, format!("{name}: {kind}, healed")))
 }
 
 fn worker_name(cluster: &Cluster, index: usize) -> anyhow::Result<String> {

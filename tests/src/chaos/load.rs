@@ -24,6 +24,17 @@ use super::rng::Rng;
 /// checker maps a stored task back to the call that made it.
 pub const REQUEST_ID_KEY: &str = "chaos_request_id";
 
+/// Which programs `exec` tasks run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mix {
+    /// The crash storm's: steady, flaky, long, doomed and fatal programs.
+    Storm,
+    /// Across a network cut: the first `leading` creates run [`Program::Span`] (long
+    /// enough to be running when the cut comes), later `exec` tasks run
+    /// [`Program::Steady`] or [`Program::Span`].
+    Across { leading: usize },
+}
+
 #[derive(Clone, Debug)]
 pub struct LoadConfig {
     pub seed: u64,
@@ -34,6 +45,8 @@ pub struct LoadConfig {
     pub clients: usize,
     /// Share of `exec` tasks, in percent (the rest are `sleep`).
     pub exec_percent: u64,
+    /// Which programs they run.
+    pub mix: Mix,
     /// Share of created tasks that get a CancelTask soon after, in percent.
     pub cancel_percent: u64,
     /// Deadline of one attempt.
@@ -148,13 +161,20 @@ impl Load {
         let mut rng = Rng::derived(seed ^ (i as u64).wrapping_mul(0x9E37), "task");
         let rid = format!("s{seed}-c{i}");
         let mut metadata = serde_json::json!({ REQUEST_ID_KEY: rid });
-        let (kind, payload, what) = if rng.chance(self.config.exec_percent) {
-            let program = match rng.range(0, 99) {
-                0..=34 => Program::Steady,
-                35..=64 => Program::Flaky,
-                65..=74 => Program::Long,
-                75..=84 => Program::Doomed,
-                _ => Program::Fatal,
+        let leading = match self.config.mix {
+            Mix::Across { leading } => i < leading,
+            Mix::Storm => false,
+        };
+        let (kind, payload, what) = if leading || rng.chance(self.config.exec_percent) {
+            let program = match (self.config.mix, rng.range(0, 99)) {
+                (Mix::Across { .. }, _) if leading => Program::Span,
+                (Mix::Across { .. }, 0..=69) => Program::Steady,
+                (Mix::Across { .. }, _) => Program::Span,
+                (Mix::Storm, 0..=34) => Program::Steady,
+                (Mix::Storm, 35..=64) => Program::Flaky,
+                (Mix::Storm, 65..=74) => Program::Long,
+                (Mix::Storm, 75..=84) => Program::Doomed,
+                (Mix::Storm, _) => Program::Fatal,
             };
             if let Some(limit) = program.restart_limit() {
                 metadata["restart"] = serde_json::json!({ "max_restart_attempts": limit });

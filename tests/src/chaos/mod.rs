@@ -11,6 +11,8 @@
 //! - [`check`]: the invariants, with Postgres as the oracle;
 //! - [`storm`]: one storm end to end, and the plan (seeds, length) from the
 //!   environment;
+//! - [`partition`]: one real network partition of a worker or a replica (network
+//!   namespaces and nftables), its timeline and its checks;
 //! - [`rng`]: the seeded generator behind schedules and mixes.
 
 pub mod check;
@@ -18,6 +20,7 @@ pub mod history;
 pub mod inject;
 pub mod load;
 pub mod overlap;
+pub mod partition;
 pub mod programs;
 pub mod rng;
 pub mod schedule;

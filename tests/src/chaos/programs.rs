@@ -20,8 +20,8 @@ pub const EXEC_LOG: &str = "exec.log";
 /// Milliseconds each phase's run lasts, unless a program says otherwise.
 const PHASE_MS: u64 = 400;
 
-/// `@PHASE_MS@`, `@DEV_MS@` and `@EXIT@` are filled in per program; `{dir}` by the
-/// cluster.
+/// `@PHASE_MS@`, `@DEV_MS@`, `@ECHO@`, `@STDOUT@` and `@EXIT@` are filled in per
+/// program; `{dir}` by the cluster.
 const TEMPLATE: &str = r#"#!/bin/bash
 # @NAME@: @ABOUT@
 # Written by the taskpod chaos harness (tests/src/chaos/programs.rs).
@@ -32,10 +32,11 @@ phase_ms=@PHASE_MS@
   while [ "$n" -gt 0 ]; do
     t=${EPOCHREALTIME/./}
     echo "$TASKPOD_TASK_ID $TASKPOD_EPOCH ${t:0:13}" >> "{dir}/exec.log"
+    @ECHO@
     sleep 0.1
     n=$((n - 1))
   done
-) </dev/null >/dev/null 2>&1 &
+) </dev/null >@STDOUT@ 2>&1 &
 wait $!
 @EXIT@
 "#;
@@ -55,15 +56,20 @@ pub enum Program {
     Doomed,
     /// Exits with the fail code (3) in review: the task fails at once.
     Fatal,
+    /// An 8 s development phase whose run also prints a line every 100 ms on stdout
+    /// (stored as the task's output, per epoch): runs across a network cut, and shows
+    /// whether output is written under an epoch that already ended.
+    Span,
 }
 
 impl Program {
-    pub const ALL: [Program; 5] = [
+    pub const ALL: [Program; 6] = [
         Program::Steady,
         Program::Flaky,
         Program::Long,
         Program::Doomed,
         Program::Fatal,
+        Program::Span,
     ];
 
     pub fn name(self) -> &'static str {
@@ -73,6 +79,7 @@ impl Program {
             Program::Long => "long",
             Program::Doomed => "doomed",
             Program::Fatal => "fatal",
+            Program::Span => "span",
         }
     }
 
@@ -91,19 +98,21 @@ impl Program {
             Program::Long => "a 20 s development phase",
             Program::Doomed => "always crashes in planning",
             Program::Fatal => "fails the task (exit 3) in review",
+            Program::Span => "an 8 s development phase that also prints to stdout",
         }
     }
 
     fn dev_ms(self) -> u64 {
         match self {
             Program::Long => 20_000,
+            Program::Span => 8_000,
             _ => PHASE_MS,
         }
     }
 
     fn exit(self) -> &'static str {
         match self {
-            Program::Steady | Program::Long => "exit 0",
+            Program::Steady | Program::Long | Program::Span => "exit 0",
             Program::Flaky => "[ $((RANDOM % 100)) -lt 15 ] && exit 1\nexit 0",
             Program::Doomed => "[ \"$TASKPOD_PHASE\" = planning ] && exit 1\nexit 0",
             Program::Fatal => "[ \"$TASKPOD_PHASE\" = review ] && exit 3\nexit 0",
@@ -118,7 +127,23 @@ impl Program {
                 .replace("@ABOUT@", self.about())
                 .replace("@PHASE_MS@", &PHASE_MS.to_string())
                 .replace("@DEV_MS@", &self.dev_ms().to_string())
-                .replace("@EXIT@", self.exit()),
+                .replace("@EXIT@", self.exit())
+                .replace(
+                    "@ECHO@",
+                    if self == Program::Span {
+                        "echo \"span $TASKPOD_EPOCH $n\""
+                    } else {
+                        ":"
+                    },
+                )
+                .replace(
+                    "@STDOUT@",
+                    if self == Program::Span {
+                        "&1"
+                    } else {
+                        "/dev/null"
+                    },
+                ),
         }
     }
 }

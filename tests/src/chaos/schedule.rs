@@ -8,6 +8,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::rng::Rng;
+use crate::cluster::CutKind;
 
 /// One fault. Members are indexes into the cluster's workers / API replicas.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,6 +35,14 @@ pub enum Fault {
     /// and the answer is lost (its fault proxy resets the connection): ambiguous
     /// outcomes that only request ids make safe to retry.
     AmbiguousCommits { api: usize, for_ms: u64 },
+    /// A real partition of the worker that runs in a network namespace: the kernel
+    /// drops its packets to and/or from Postgres and Redis as `kind` says, for
+    /// `hold_ms`, then the cut is healed.
+    CutWorker {
+        worker: usize,
+        kind: CutKind,
+        hold_ms: u64,
+    },
 }
 
 /// The kinds of fault.
@@ -47,6 +56,7 @@ pub enum FaultKind {
     KillApi,
     PartitionWorker,
     AmbiguousCommits,
+    CutWorker,
 }
 
 impl FaultKind {
@@ -61,7 +71,7 @@ impl FaultKind {
     ];
 
     /// The kinds a cluster of `shape` can take: the network faults need a member that
-    /// reaches Postgres through a fault proxy.
+    /// reaches Postgres through a fault proxy, or a worker in a network namespace.
     pub fn available(shape: &Shape) -> Vec<FaultKind> {
         let mut kinds = Self::REQUIRED.to_vec();
         if shape.proxied_worker.is_some() {
@@ -69,6 +79,9 @@ impl FaultKind {
         }
         if shape.proxied_api.is_some() {
             kinds.push(FaultKind::AmbiguousCommits);
+        }
+        if shape.netns_worker.is_some() {
+            kinds.push(FaultKind::CutWorker);
         }
         kinds
     }
@@ -85,6 +98,7 @@ impl Fault {
             Fault::KillApi { .. } => FaultKind::KillApi,
             Fault::PartitionWorker { .. } => FaultKind::PartitionWorker,
             Fault::AmbiguousCommits { .. } => FaultKind::AmbiguousCommits,
+            Fault::CutWorker { .. } => FaultKind::CutWorker,
         }
     }
 
@@ -96,7 +110,7 @@ impl Fault {
             | Fault::KillRedis { down_ms }
             | Fault::KillApi { down_ms, .. } => *down_ms,
             Fault::PauseWorker { pause_ms, .. } => *pause_ms,
-            Fault::PartitionWorker { hold_ms, .. } => *hold_ms,
+            Fault::PartitionWorker { hold_ms, .. } | Fault::CutWorker { hold_ms, .. } => *hold_ms,
             Fault::AmbiguousCommits { for_ms, .. } => *for_ms,
             Fault::TerminateLockSession { .. } => 0,
         })
@@ -131,6 +145,11 @@ impl Fault {
             FaultKind::AmbiguousCommits => Fault::AmbiguousCommits {
                 api: shape.proxied_api.unwrap_or_default(),
                 for_ms: rng.range(1_000, 4_000),
+            },
+            FaultKind::CutWorker => Fault::CutWorker {
+                worker: shape.netns_worker.unwrap_or_default(),
+                kind: CutKind::ALL[rng.index(CutKind::ALL.len())],
+                hold_ms: shape.idle_session_timeout_ms + rng.range(1_000, 6_000),
             },
         }
     }
@@ -168,6 +187,11 @@ impl fmt::Display for Fault {
                 f,
                 "lose the answer to every COMMIT of API replica #{api} for {for_ms} ms"
             ),
+            Fault::CutWorker {
+                worker,
+                kind,
+                hold_ms,
+            } => write!(f, "{kind} of worker #{worker} for {hold_ms} ms"),
         }
     }
 }
@@ -189,6 +213,8 @@ pub struct Shape {
     /// The worker and the replica that reach Postgres through a fault proxy.
     pub proxied_worker: Option<usize>,
     pub proxied_api: Option<usize>,
+    /// The worker that runs in a network namespace (real partitions).
+    pub netns_worker: Option<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -268,6 +294,7 @@ mod tests {
             idle_session_timeout_ms: 3_000,
             proxied_worker: Some(2),
             proxied_api: Some(1),
+            netns_worker: Some(1),
         }
     }
 
@@ -301,6 +328,12 @@ mod tests {
                         assert_eq!(worker, 2, "only the proxied worker");
                         assert!(hold_ms >= 4_000);
                     }
+                    Fault::CutWorker {
+                        worker, hold_ms, ..
+                    } => {
+                        assert_eq!(worker, 1, "only the worker in a namespace");
+                        assert!(hold_ms >= 4_000);
+                    }
                     _ => {}
                 }
             }
@@ -312,6 +345,7 @@ mod tests {
         let direct = Shape {
             proxied_worker: None,
             proxied_api: None,
+            netns_worker: None,
             ..shape()
         };
         assert_eq!(FaultKind::available(&direct), FaultKind::REQUIRED);

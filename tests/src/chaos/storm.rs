@@ -15,7 +15,7 @@ use super::check::oracle::{Snapshot, clock};
 use super::check::{self, Budget, Input, Report, Violation};
 use super::history::History;
 use super::inject::{self, Applied};
-use super::load::{Load, LoadConfig};
+use super::load::{Load, LoadConfig, Mix};
 use super::overlap;
 use super::programs::{EXEC_LOG, Program};
 use super::schedule::{FaultKind, Schedule, Shape};
@@ -28,6 +28,10 @@ pub const SEED_ENV: &str = "TASKPOD_CHAOS_SEED";
 pub const SECS_ENV: &str = "TASKPOD_CHAOS_SECS";
 /// Tasks per seed (default: [`TASKS_PER_SECOND`] over the storm).
 pub const TASKS_ENV: &str = "TASKPOD_CHAOS_TASKS";
+/// `1`: one worker runs in a network namespace and the schedule draws real partitions
+/// of it (`0`: never). Default: on in long mode (a storm longer than [`CI_SECS`]), off
+/// in CI mode, so a CI seed replays the same schedule.
+pub const CUTS_ENV: &str = "TASKPOD_CHAOS_CUTS";
 /// Seconds of faults per seed in CI mode.
 pub const CI_SECS: u64 = 45;
 /// Seeds in CI mode.
@@ -43,6 +47,8 @@ pub struct Plan {
     pub tasks: usize,
     /// False when the environment chose the seeds or the length.
     pub ci: bool,
+    /// Real partitions of a worker in a network namespace ([`CUTS_ENV`]).
+    pub cuts: bool,
 }
 
 impl Plan {
@@ -73,6 +79,12 @@ impl Plan {
             .transpose()
             .with_context(|| format!("{TASKS_ENV} must be a number"))?;
         let ci = seeds.is_none() && secs.is_none();
+        let cuts = match std::env::var(CUTS_ENV).ok().as_deref().map(str::trim) {
+            Some("1") => true,
+            Some("0") => false,
+            Some(other) => anyhow::bail!("{CUTS_ENV} must be 0 or 1, not {other:?}"),
+            None => storm > Duration::from_secs(CI_SECS),
+        };
         let seeds = seeds.unwrap_or_else(|| {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -86,6 +98,7 @@ impl Plan {
             storm,
             tasks: tasks.unwrap_or((storm.as_secs_f64() * TASKS_PER_SECOND) as usize),
             ci,
+            cuts,
         })
     }
 }
@@ -105,6 +118,9 @@ pub struct StormConfig {
     pub idle_session_timeout_ms: u64,
     pub budget: Budget,
     pub sleep_phase_ms: u64,
+    /// The second worker runs in a network namespace and the schedule draws real
+    /// partitions of it.
+    pub cuts: bool,
 }
 
 impl StormConfig {
@@ -124,29 +140,23 @@ impl StormConfig {
                 max_node_losses: 30,
             },
             sleep_phase_ms: 300,
+            cuts: false,
         }
     }
 
+    /// The worker in a network namespace, when cuts are on: the second (the last one
+    /// reaches Postgres through a fault proxy).
+    fn netns_worker(&self) -> Option<usize> {
+        (self.cuts && self.workers >= 3).then_some(1)
+    }
+
     fn cluster_spec(&self) -> ClusterSpec {
-        let b = &self.budget;
-        let mut spec = ClusterSpec::new(self.workers, self.apis)
-            .worker_env(
-                "TASKPOD_LOCK__IDLE_SESSION_TIMEOUT_MS",
-                self.idle_session_timeout_ms,
-            )
-            .worker_env("TASKPOD_RESTART__AUTO_RESTART", "true")
-            .worker_env(
-                "TASKPOD_RESTART__MAX_RESTART_ATTEMPTS",
-                b.max_restart_attempts,
-            )
-            .worker_env(
-                "TASKPOD_RESTART__RESTART_WINDOW_SECONDS",
-                b.restart_window.as_secs(),
-            )
-            .worker_env("TASKPOD_RESTART__BACKOFF_BASE_MS", 50)
-            .worker_env("TASKPOD_RESTART__BACKOFF_MAX_MS", 1_000)
-            .worker_env("TASKPOD_RESTART__MAX_NODE_LOSSES", b.max_node_losses)
-            .worker_env("TASKPOD_HANDLERS__SLEEP_PHASE_MS", self.sleep_phase_ms);
+        let mut spec = worker_settings(
+            ClusterSpec::new(self.workers, self.apis),
+            Some(self.idle_session_timeout_ms),
+            &self.budget,
+            self.sleep_phase_ms,
+        );
         // The last worker and the last replica reach Postgres through fault proxies,
         // for the network faults.
         if let Some(last) = self.workers.checked_sub(1) {
@@ -154,6 +164,9 @@ impl StormConfig {
         }
         if let Some(last) = self.apis.checked_sub(1) {
             spec = spec.api_via_proxy(last);
+        }
+        if let Some(index) = self.netns_worker() {
+            spec = spec.worker_in_netns(index);
         }
         // Unequal capacities: shares are weighted by them.
         for (i, capacity) in [400, 400, 200].iter().enumerate().take(self.workers) {
@@ -166,11 +179,42 @@ impl StormConfig {
     }
 }
 
+/// The workers' settings of a chaos run: the restart `budget` (auto restart on, short
+/// backoffs), `sleep` phases of `sleep_phase_ms`, and the lock session's
+/// `idle_session_timeout` when given (else the product's default).
+pub fn worker_settings(
+    spec: ClusterSpec,
+    idle_session_timeout_ms: Option<u64>,
+    budget: &Budget,
+    sleep_phase_ms: u64,
+) -> ClusterSpec {
+    let mut spec = spec
+        .worker_env("TASKPOD_RESTART__AUTO_RESTART", "true")
+        .worker_env(
+            "TASKPOD_RESTART__MAX_RESTART_ATTEMPTS",
+            budget.max_restart_attempts,
+        )
+        .worker_env(
+            "TASKPOD_RESTART__RESTART_WINDOW_SECONDS",
+            budget.restart_window.as_secs(),
+        )
+        .worker_env("TASKPOD_RESTART__BACKOFF_BASE_MS", 50)
+        .worker_env("TASKPOD_RESTART__BACKOFF_MAX_MS", 1_000)
+        .worker_env("TASKPOD_RESTART__MAX_NODE_LOSSES", budget.max_node_losses)
+        .worker_env("TASKPOD_HANDLERS__SLEEP_PHASE_MS", sleep_phase_ms);
+    if let Some(ms) = idle_session_timeout_ms {
+        spec = spec.worker_env("TASKPOD_LOCK__IDLE_SESSION_TIMEOUT_MS", ms);
+    }
+    spec
+}
+
 /// What a storm did and what the checker found.
 #[derive(Debug)]
 pub struct StormOutcome {
     pub seed: u64,
     pub storm: Duration,
+    /// Whether real partitions were drawn.
+    pub cuts: bool,
     pub schedule: Schedule,
     /// When the first quiet period began (fault times are relative to it).
     pub storm_start_unix_ms: i64,
@@ -212,9 +256,10 @@ impl StormOutcome {
         );
         let _ = writeln!(
             out,
-            "replay: {SEED_ENV}={} {SECS_ENV}={} cargo nextest run -p taskpod-e2e --test crash_storm",
+            "replay: {SEED_ENV}={} {SECS_ENV}={} {CUTS_ENV}={} cargo nextest run -p taskpod-e2e --test crash_storm",
             self.seed,
-            self.storm.as_secs()
+            self.storm.as_secs(),
+            u8::from(self.cuts)
         );
         let _ = write!(out, "{}", self.schedule);
         let _ = writeln!(
@@ -281,6 +326,7 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
         idle_session_timeout_ms: config.idle_session_timeout_ms,
         proxied_worker: config.workers.checked_sub(1),
         proxied_api: config.apis.checked_sub(1),
+        netns_worker: config.netns_worker(),
     };
     let schedule = Schedule::generate(config.seed, config.storm, &shape);
     let history = Arc::new(History::new());
@@ -296,6 +342,7 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
             duration: schedule.planned(),
             clients: 16,
             exec_percent: 15,
+            mix: Mix::Storm,
             cancel_percent: 5,
             call_timeout: Duration::from_secs(5),
             retry_grace: Duration::from_secs(10),
@@ -379,6 +426,7 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
         budget: &config.budget,
         settle_timeout: config.settle_timeout,
         store_outages: &store_outages,
+        exec_overlap_bound: overlap::EXEC_OVERLAP_BOUND,
     });
     report
         .figures
@@ -400,6 +448,7 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
     Ok(StormOutcome {
         seed: config.seed,
         storm: config.storm,
+        cuts: config.netns_worker().is_some(),
         schedule,
         storm_start_unix_ms,
         applied,
@@ -413,12 +462,12 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
 
 /// How long a terminal task's pod gets to acknowledge its stop (`pod_state` back to
 /// `none`) once every task is terminal.
-const POD_STOP_GRACE: Duration = Duration::from_secs(20);
+pub const POD_STOP_GRACE: Duration = Duration::from_secs(20);
 
 /// The hang detector's wait: until every task is terminal (at most `timeout`), then
 /// until no terminal task has a pod left (at most `grace` more). What is still open
 /// then is reported by the checker.
-async fn settle(cluster: &Cluster, timeout: Duration, grace: Duration) {
+pub async fn settle(cluster: &Cluster, timeout: Duration, grace: Duration) {
     let open = |sql: &'static str| async move {
         sqlx::query_scalar::<_, i64>(sql)
             .fetch_one(cluster.pool())
@@ -441,7 +490,9 @@ async fn settle(cluster: &Cluster, timeout: Duration, grace: Duration) {
     }
 }
 
-fn unix_ms() -> i64 {
+/// Now, in unix milliseconds (the clock Postgres's timestamps and the `exec` log use
+/// on this one machine).
+pub fn unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -451,13 +502,13 @@ fn unix_ms() -> i64 {
 /// Watches `nodes` during the storm, so evidence can name every worker incarnation
 /// (`w2#3`: w2's third), including those whose rows were deleted as dead.
 #[derive(Debug)]
-struct NodeWatch {
+pub struct NodeWatch {
     seen: Arc<std::sync::Mutex<BTreeMap<Uuid, String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl NodeWatch {
-    fn start(pool: sqlx::PgPool) -> Self {
+    pub fn start(pool: sqlx::PgPool) -> Self {
         let seen = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
         let task = {
             let seen = Arc::clone(&seen);
@@ -486,14 +537,14 @@ impl NodeWatch {
         Self { seen, task }
     }
 
-    fn stop(self) -> BTreeMap<Uuid, String> {
+    pub fn stop(self) -> BTreeMap<Uuid, String> {
         self.task.abort();
         self.seen.lock().map(|s| s.clone()).unwrap_or_default()
     }
 }
 
 /// Waits until no `exec` program process is left (at most `timeout`).
-async fn wait_for_programs(cluster: &Cluster, timeout: Duration) {
+pub async fn wait_for_programs(cluster: &Cluster, timeout: Duration) {
     let Some(dir) = cluster.programs_dir().to_str() else {
         return;
     };

@@ -9,22 +9,27 @@
 //! replica on the same port, so clients reconnect); a worker's lock session can be
 //! terminated from Postgres; Postgres can be crashed (`pg_ctl stop -m immediate`) and
 //! started again on the same port and data; Redis can be SIGKILLed and restarted on the
-//! same port. Any member can reach Postgres through a [`FaultProxy`].
+//! same port. Any member can reach Postgres through a [`FaultProxy`], or run in a
+//! network namespace of its own ([`Netns`]) whose link to Postgres and Redis the
+//! kernel cuts ([`Cluster::cut`]: both services or one, both ways or one).
 //!
 //! Everything is torn down on drop, panics included: members and the programs they
 //! started are killed and reaped, then Postgres (immediate shutdown, waited for) and
-//! Redis, then the scratch folder is removed (kept with `TASKPOD_CHAOS_KEEP=1`). Every
+//! Redis, then the scratch folder is removed (kept with `TASKPOD_CHAOS_KEEP=1`);
+//! a member's namespace, veth pair and nft tables go with it. Every
 //! child also gets a parent-death signal, so even a test killed without unwinding
 //! leaves nothing running.
 
 mod lock_session;
+mod netns;
 mod postgres;
 mod process;
 mod redis;
 mod scratch;
 mod spec;
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -35,6 +40,7 @@ use taskpod_proto::v1::task_service_client::TaskServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
 pub use self::lock_session::{LOCK_APPLICATION_NAME, NODE_NAMESPACE};
+pub use self::netns::{CutKind, Netns, Ports};
 pub use self::postgres::{DATABASE, PgServer};
 pub use self::process::ServerProcess;
 pub use self::redis::RedisServer;
@@ -63,6 +69,9 @@ pub struct Member {
     proxy: Option<FaultProxy>,
     /// Where an API replica listens (fixed across restarts).
     addr: Option<SocketAddr>,
+    /// Its network namespace, when the spec asked for one. Declared last: it is
+    /// removed after the process has died.
+    netns: Option<Netns>,
 }
 
 impl Member {
@@ -85,6 +94,11 @@ impl Member {
     /// Its proxy to Postgres, when the spec asked for one.
     pub fn proxy(&self) -> Option<&FaultProxy> {
         self.proxy.as_ref()
+    }
+
+    /// Its network namespace, when the spec asked for one.
+    pub fn netns(&self) -> Option<&Netns> {
+        self.netns.as_ref()
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -183,7 +197,12 @@ impl Cluster {
         let root = scratch.path().to_path_buf();
         let logs = Scratch::mkdir(&root.join("logs"))?;
         let programs = Scratch::mkdir(&root.join("programs"))?;
-        let postgres = PgServer::start(&root, &spec.postgres_settings).await?;
+        let mut namespaces = make_namespaces(&spec).await?;
+        let host_ends: Vec<(Ipv4Addr, String)> = namespaces
+            .values()
+            .map(|ns| (ns.host_addr(), ns.subnet()))
+            .collect();
+        let postgres = PgServer::start(&root, &spec.postgres_settings, &host_ends).await?;
         let db_url = postgres.url(DATABASE);
         let pool = PgPoolOptions::new()
             .max_connections(5)
@@ -198,7 +217,8 @@ impl Cluster {
         let redis = if spec.no_redis {
             None
         } else {
-            Some(RedisServer::start(&Scratch::mkdir(&root.join("redis"))?).await?)
+            let addrs: Vec<Ipv4Addr> = host_ends.iter().map(|(a, _)| *a).collect();
+            Some(RedisServer::start(&Scratch::mkdir(&root.join("redis"))?, &addrs).await?)
         };
         let mut cluster = Self {
             workers: Vec::new(),
@@ -211,13 +231,15 @@ impl Cluster {
         };
         let program_env = cluster.write_programs(&spec)?;
         for worker in &spec.workers {
+            let netns = namespaces.remove(&worker.name);
             let member = cluster
-                .start_worker(&spec, worker, &program_env, &logs)
+                .start_worker(&spec, worker, netns, &program_env, &logs)
                 .await?;
             cluster.workers.push(member);
         }
         for api in &spec.apis {
-            let member = cluster.start_api(&spec, api, &logs).await?;
+            let netns = namespaces.remove(&api.name);
+            let member = cluster.start_api(&spec, api, netns, &logs).await?;
             cluster.apis.push(member);
         }
         if !cluster.workers.is_empty() {
@@ -255,14 +277,30 @@ impl Cluster {
         Ok((Some(proxy), url))
     }
 
+    /// Where a member reaches Postgres and Redis: through its proxy, its namespace's
+    /// host end, or directly.
+    async fn urls_for(
+        &self,
+        via_proxy: bool,
+        netns: Option<&Netns>,
+    ) -> anyhow::Result<(Option<FaultProxy>, String, Option<String>)> {
+        if let Some(ns) = netns {
+            let redis = self.redis.as_ref().map(|r| r.url_at(ns.host_addr()));
+            return Ok((None, self.postgres.url_at(ns.host_addr(), DATABASE), redis));
+        }
+        let (proxy, store) = self.proxy_for(via_proxy).await?;
+        Ok((proxy, store, self.redis_url()))
+    }
+
     async fn start_worker(
         &self,
         spec: &ClusterSpec,
         worker: &WorkerSpec,
+        netns: Option<Netns>,
         program_env: &[(String, String)],
         logs: &Path,
     ) -> anyhow::Result<Member> {
-        let (proxy, store_url) = self.proxy_for(worker.via_proxy).await?;
+        let (proxy, store_url, bus_url) = self.urls_for(worker.via_proxy, netns.as_ref()).await?;
         let mut env = vec![
             pair("TASKPOD_NAME", &worker.name),
             pair("TASKPOD_STORE__URL", &store_url),
@@ -275,14 +313,15 @@ impl Cluster {
         if worker.lock_direct {
             env.push(pair("TASKPOD_LOCK__URL", &self.database_url()));
         }
-        if let Some(redis) = &self.redis {
-            env.push(pair("TASKPOD_BUS__URL", &redis.url()));
+        if let Some(url) = &bus_url {
+            env.push(pair("TASKPOD_BUS__URL", url));
         }
         env.extend_from_slice(program_env);
         env.extend(spec.worker_env.iter().cloned());
         env.extend(worker.env.iter().cloned());
-        let process = ServerProcess::start(
+        let process = ServerProcess::start_under(
             &worker.name,
+            netns.as_ref().map(Netns::launcher).unwrap_or_default(),
             crate::binary("taskpod-worker")?,
             env,
             logs.join(format!("{}.log", worker.name)),
@@ -294,6 +333,7 @@ impl Cluster {
             process,
             proxy,
             addr: None,
+            netns,
         })
     }
 
@@ -301,10 +341,14 @@ impl Cluster {
         &self,
         spec: &ClusterSpec,
         api: &ApiSpec,
+        netns: Option<Netns>,
         logs: &Path,
     ) -> anyhow::Result<Member> {
-        let (proxy, store_url) = self.proxy_for(api.via_proxy).await?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], os::free_port()?));
+        let (proxy, store_url, bus_url) = self.urls_for(api.via_proxy, netns.as_ref()).await?;
+        // In a namespace it listens on the namespace's own address (a fresh namespace
+        // has every port free); clients reach it over the veth pair.
+        let ip = netns.as_ref().map_or(Ipv4Addr::LOCALHOST, Netns::ns_addr);
+        let addr = SocketAddr::from((ip, os::free_port()?));
         let mut env = vec![
             pair("TASKPOD_LISTEN", &addr.to_string()),
             pair("TASKPOD_STORE__URL", &store_url),
@@ -312,13 +356,14 @@ impl Cluster {
             pair("TASKPOD_PAGE_TOKENS__CURRENT_KEY", PAGE_KEY),
             pair("TASKPOD_SHUTDOWN_GRACE_MS", "3000"),
         ];
-        if let Some(redis) = &self.redis {
-            env.push(pair("TASKPOD_BUS__URL", &redis.url()));
+        if let Some(url) = &bus_url {
+            env.push(pair("TASKPOD_BUS__URL", url));
         }
         env.extend(spec.api_env.iter().cloned());
         env.extend(api.env.iter().cloned());
-        let process = ServerProcess::start(
+        let process = ServerProcess::start_under(
             &api.name,
+            netns.as_ref().map(Netns::launcher).unwrap_or_default(),
             crate::binary("taskpod-api")?,
             env,
             logs.join(format!("{}.log", api.name)),
@@ -330,6 +375,7 @@ impl Cluster {
             process,
             proxy,
             addr: Some(addr),
+            netns,
         })
     }
 
@@ -488,8 +534,37 @@ impl Cluster {
             .collect()
     }
 
-    /// Undoes every fault: proxies pass, Postgres and Redis run, every member runs
-    /// (resumed, or started again if it died).
+    /// Cuts the network between member `name` (a worker or an API replica run in a
+    /// namespace) and Postgres and/or Redis, as `kind` says, until
+    /// [`Cluster::heal_cut`] or [`Cluster::heal`].
+    ///
+    /// # Errors
+    /// When there is no such member, it has no namespace, or nft refuses.
+    pub async fn cut(&self, name: &str, kind: CutKind) -> anyhow::Result<()> {
+        let ports = Ports {
+            postgres: self.postgres.port(),
+            redis: self.redis.as_ref().map(RedisServer::port),
+        };
+        self.netns_of(name)?.cut(kind, ports).await
+    }
+
+    /// Removes the cut of member `name`.
+    ///
+    /// # Errors
+    /// When there is no such member, it has no namespace, or nft refuses.
+    pub async fn heal_cut(&self, name: &str) -> anyhow::Result<()> {
+        self.netns_of(name)?.heal().await
+    }
+
+    fn netns_of(&self, name: &str) -> anyhow::Result<&Netns> {
+        let member = find(&self.workers, name).or_else(|_| find(&self.apis, name))?;
+        member
+            .netns()
+            .with_context(|| format!("{name} does not run in a network namespace"))
+    }
+
+    /// Undoes every fault: proxies pass, cuts are healed, Postgres and Redis run, every
+    /// member runs (resumed, or started again if it died).
     ///
     /// # Errors
     /// When something cannot be started.
@@ -501,6 +576,13 @@ impl Cluster {
         for member in self.workers.iter_mut().chain(self.apis.iter_mut()) {
             if let Some(proxy) = &member.proxy {
                 proxy.heal();
+            }
+            if let Some(ns) = member
+                .netns
+                .as_ref()
+                .filter(|ns| ns.current_cut().is_some())
+            {
+                ns.heal().await?;
             }
             member.process.ensure_running().await?;
         }
@@ -563,6 +645,32 @@ impl Drop for Cluster {
             os::kill_matching(dir);
         }
     }
+}
+
+/// A namespace for every member the spec puts in one, by member name.
+async fn make_namespaces(spec: &ClusterSpec) -> anyhow::Result<BTreeMap<String, Netns>> {
+    let wanted: Vec<String> = spec
+        .workers
+        .iter()
+        .map(|w| (&w.name, w.netns, w.via_proxy))
+        .chain(spec.apis.iter().map(|a| (&a.name, a.netns, a.via_proxy)))
+        .filter(|(_, netns, _)| *netns)
+        .map(|(name, _, via_proxy)| {
+            if via_proxy {
+                bail!("{name}: a member in a network namespace cannot use a fault proxy");
+            }
+            Ok(name.clone())
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut namespaces = BTreeMap::new();
+    for name in wanted {
+        let ns = tokio::task::spawn_blocking(Netns::create)
+            .await
+            .context("the namespace setup panicked")?
+            .with_context(|| format!("{name}: could not get a network namespace"))?;
+        namespaces.insert(name, ns);
+    }
+    Ok(namespaces)
 }
 
 fn pair(key: &str, value: &str) -> (String, String) {

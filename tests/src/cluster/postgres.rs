@@ -8,6 +8,7 @@
 //! `pg_ctl stop -m immediate`, exactly what an operator's emergency stop does: every
 //! backend is killed at once and the next start runs crash recovery.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -30,7 +31,6 @@ pub const DATABASE: &str = "taskpod";
 /// the server's memory, so an immediate stop loses acknowledged transactions (a first
 /// run of the crash storm "lost" an acknowledged create exactly that way).
 const SETTINGS: &[(&str, &str)] = &[
-    ("listen_addresses", "127.0.0.1"),
     ("fsync", "off"),
     ("full_page_writes", "off"),
     ("max_connections", "300"),
@@ -49,16 +49,25 @@ pub struct PgServer {
     /// `(uid, gid)` of `postgres` when we are root.
     run_as: Option<(u32, u32)>,
     extra: Vec<(String, String)>,
+    /// Where it listens besides 127.0.0.1: the host ends of members' network
+    /// namespaces, each with its subnet, trusted in `pg_hba.conf`.
+    also_listen: Vec<(Ipv4Addr, String)>,
     child: Option<Child>,
 }
 
 impl PgServer {
     /// initdb into `<root>/pg/data`, then starts the server on a free port and creates
-    /// [`DATABASE`]. `extra` adds `-c name=value` settings.
+    /// [`DATABASE`]. `extra` adds `-c name=value` settings; `also_listen` adds
+    /// addresses to listen on (with 127.0.0.1), each with the subnet its clients come
+    /// from, which `pg_hba.conf` trusts.
     ///
     /// # Errors
     /// When the binaries are missing, initdb fails or the server does not come up.
-    pub async fn start(root: &Path, extra: &[(String, String)]) -> anyhow::Result<Self> {
+    pub async fn start(
+        root: &Path,
+        extra: &[(String, String)],
+        also_listen: &[(Ipv4Addr, String)],
+    ) -> anyhow::Result<Self> {
         let bindir = find_bindir()?;
         let pg_dir = Scratch::mkdir(&root.join("pg"))?;
         let run_as = if os::is_root() {
@@ -76,9 +85,11 @@ impl PgServer {
             port: os::free_port()?,
             run_as,
             extra: extra.to_vec(),
+            also_listen: also_listen.to_vec(),
             child: None,
         };
         server.initdb().await?;
+        server.trust_subnets()?;
         server.launch().await?;
         let mut admin = sqlx::PgConnection::connect(&server.url("postgres")).await?;
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {DATABASE}")))
@@ -95,6 +106,11 @@ impl PgServer {
     /// `postgres://postgres@127.0.0.1:<port>/<db>`.
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// The same through another address it listens on (a namespace's host end).
+    pub fn url_at(&self, addr: Ipv4Addr, db: &str) -> String {
+        format!("postgres://postgres@{addr}:{}/{db}", self.port)
     }
 
     pub fn log_path(&self) -> &Path {
@@ -184,6 +200,23 @@ impl PgServer {
         Ok(())
     }
 
+    /// Appends a `host ... trust` line per subnet of `also_listen` to `pg_hba.conf`.
+    fn trust_subnets(&self) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        if self.also_listen.is_empty() {
+            return Ok(());
+        }
+        let path = self.data.join("pg_hba.conf");
+        let mut hba = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("open {}", path.display()))?;
+        for (_, subnet) in &self.also_listen {
+            writeln!(hba, "host all all {subnet} trust")?;
+        }
+        Ok(())
+    }
+
     async fn launch(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -197,6 +230,11 @@ impl PgServer {
             .arg(self.port.to_string())
             .arg("-k")
             .arg(&self.pg_dir);
+        let listen: Vec<String> = std::iter::once("127.0.0.1".to_owned())
+            .chain(self.also_listen.iter().map(|(addr, _)| addr.to_string()))
+            .collect();
+        cmd.arg("-c")
+            .arg(format!("listen_addresses={}", listen.join(",")));
         for (name, value) in SETTINGS
             .iter()
             .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))

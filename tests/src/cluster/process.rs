@@ -27,6 +27,9 @@ const START_ATTEMPTS: u32 = 5;
 #[derive(Debug)]
 pub struct ServerProcess {
     name: String,
+    /// A command the binary runs under (`ip netns exec <ns>`, which execs it in place,
+    /// so the pid and every signal are the server's own); empty: none.
+    launcher: Vec<String>,
     binary: PathBuf,
     env: Vec<(String, String)>,
     log: PathBuf,
@@ -52,8 +55,25 @@ impl ServerProcess {
         log: PathBuf,
         prefix: &'static str,
     ) -> anyhow::Result<Self> {
+        Self::start_under(name, Vec::new(), binary, env, log, prefix).await
+    }
+
+    /// [`ServerProcess::start`] under `launcher`, a command that ends by exec'ing the
+    /// binary in place (`ip netns exec <ns>`): every start runs under it.
+    ///
+    /// # Errors
+    /// When it does not start or says something else first.
+    pub async fn start_under(
+        name: &str,
+        launcher: Vec<String>,
+        binary: PathBuf,
+        env: Vec<(String, String)>,
+        log: PathBuf,
+        prefix: &'static str,
+    ) -> anyhow::Result<Self> {
         let mut process = Self {
             name: name.to_owned(),
+            launcher,
             binary,
             env,
             log,
@@ -228,7 +248,14 @@ impl ServerProcess {
             .open(&self.log)
             .with_context(|| format!("open {}", self.log.display()))?;
         writeln!(log, "===== {} start #{} =====", self.name, self.starts)?;
-        let mut cmd = Command::new(&self.binary);
+        let mut cmd = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(&self.binary);
+                cmd
+            }
+            None => Command::new(&self.binary),
+        };
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("TASKPOD_") {
                 cmd.env_remove(key);

@@ -2,6 +2,7 @@
 //! SIGKILL and start again on the same port (the bus carries hints, not data, so it
 //! runs without persistence: a restart starts empty, as it would in production).
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -17,18 +18,22 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct RedisServer {
     dir: PathBuf,
     port: u16,
+    /// Addresses it binds besides 127.0.0.1 (host ends of members' namespaces).
+    also_bind: Vec<Ipv4Addr>,
     child: Option<Child>,
 }
 
 impl RedisServer {
-    /// Starts `redis-server` on a free loopback port with its log in `dir`.
+    /// Starts `redis-server` on a free loopback port with its log in `dir`, also bound
+    /// to `also_bind`.
     ///
     /// # Errors
     /// When the binary is missing or the server does not accept connections.
-    pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+    pub async fn start(dir: &Path, also_bind: &[Ipv4Addr]) -> anyhow::Result<Self> {
         let mut server = Self {
             dir: dir.to_path_buf(),
             port: os::free_port()?,
+            also_bind: also_bind.to_vec(),
             child: None,
         };
         server.launch().await?;
@@ -41,6 +46,11 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The same through another address it is bound to (a namespace's host end).
+    pub fn url_at(&self, addr: Ipv4Addr) -> String {
+        format!("redis://{addr}:{}", self.port)
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -84,11 +94,24 @@ impl RedisServer {
         let log = self.dir.join("redis.log");
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .args(self.also_bind.iter().map(ToString::to_string))
+            .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)
             .arg("--logfile")
             .arg(&log)
+            // Protected mode refuses every client but loopback without a password; the
+            // extra addresses are reachable only from the harness's namespaces.
+            .args([
+                "--protected-mode",
+                if self.also_bind.is_empty() {
+                    "yes"
+                } else {
+                    "no"
+                },
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

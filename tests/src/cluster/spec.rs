@@ -22,6 +22,9 @@ pub struct WorkerSpec {
     /// With `via_proxy`: only the pool goes through the proxy, the lock session
     /// connects directly (a pooler in front of `store.url`, `lock.url` direct).
     pub lock_direct: bool,
+    /// Run in a network namespace of its own, so that the network between it and
+    /// Postgres and Redis can be cut ([`super::Netns`]). Not with `via_proxy`.
+    pub netns: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -30,6 +33,9 @@ pub struct ApiSpec {
     pub env: Vec<(String, String)>,
     /// Reach Postgres through a [`crate::proxy::FaultProxy`].
     pub via_proxy: bool,
+    /// Run in a network namespace of its own (it then listens on its namespace's
+    /// address). Not with `via_proxy`.
+    pub netns: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -57,6 +63,7 @@ impl ClusterSpec {
                     env: Vec::new(),
                     via_proxy: false,
                     lock_direct: false,
+                    netns: false,
                 })
                 .collect(),
             apis: (1..=apis)
@@ -64,6 +71,7 @@ impl ClusterSpec {
                     name: format!("api{i}"),
                     env: Vec::new(),
                     via_proxy: false,
+                    netns: false,
                 })
                 .collect(),
             ..Self::default()
@@ -128,6 +136,24 @@ impl ClusterSpec {
     pub fn api_via_proxy(mut self, index: usize) -> Self {
         if let Some(a) = self.apis.get_mut(index) {
             a.via_proxy = true;
+        }
+        self
+    }
+
+    /// Run a worker (by index) in a network namespace of its own.
+    #[must_use]
+    pub fn worker_in_netns(mut self, index: usize) -> Self {
+        if let Some(w) = self.workers.get_mut(index) {
+            w.netns = true;
+        }
+        self
+    }
+
+    /// Run an API replica (by index) in a network namespace of its own.
+    #[must_use]
+    pub fn api_in_netns(mut self, index: usize) -> Self {
+        if let Some(a) = self.apis.get_mut(index) {
+            a.netns = true;
         }
         self
     }

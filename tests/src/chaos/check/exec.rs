@@ -1,6 +1,8 @@
 //! `exec-overlap-bound`: two epochs of one task never ran their program (its whole
-//! process tree) at once for longer than [`EXEC_OVERLAP_BOUND`], measured from the
-//! lines the programs' grandchildren logged (see [`crate::chaos::overlap`]).
+//! process tree) at once for longer than the run's bound (the documented overlap for
+//! its settings plus slack; [`crate::chaos::overlap::EXEC_OVERLAP_BOUND`] in the
+//! storm), measured from the lines the programs' grandchildren logged (see
+//! [`crate::chaos::overlap`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -8,10 +10,11 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::{Input, Violation};
-use crate::chaos::overlap::{self, EXEC_OVERLAP_BOUND};
+use crate::chaos::overlap;
 
 pub fn check(input: &Input<'_>) -> (Vec<Violation>, BTreeMap<&'static str, String>) {
     let snapshot = input.snapshot;
+    let bound = input.exec_overlap_bound;
     let found = overlap::overlaps(input.exec_lines);
     let mut figures = BTreeMap::new();
     figures.insert("exec log lines", input.exec_lines.len().to_string());
@@ -19,7 +22,7 @@ pub fn check(input: &Input<'_>) -> (Vec<Violation>, BTreeMap<&'static str, Strin
     figures.insert(
         "longest exec overlap",
         format!(
-            "{:?} (bound {EXEC_OVERLAP_BOUND:?})",
+            "{:?} (bound {bound:?})",
             found
                 .iter()
                 .map(overlap::Overlap::duration)
@@ -28,14 +31,14 @@ pub fn check(input: &Input<'_>) -> (Vec<Violation>, BTreeMap<&'static str, Strin
         ),
     );
     let mut out = Vec::new();
-    for o in found.iter().filter(|o| o.duration() > EXEC_OVERLAP_BOUND) {
+    for o in found.iter().filter(|o| o.duration() > bound) {
         let id = Uuid::parse_str(&o.task).ok();
         let epochs: Vec<i64> = o.segments.iter().map(|s| s.epoch).collect();
         let mut v = Violation::new(
             "exec-overlap-bound",
             Some(o.task.clone()),
             format!(
-                "epochs {epochs:?} ran at once for {:?} (from {} to {} unix ms), bound {EXEC_OVERLAP_BOUND:?}",
+                "epochs {epochs:?} ran at once for {:?} (from {} to {} unix ms), bound {bound:?}",
                 o.duration(),
                 o.start_ms,
                 o.end_ms

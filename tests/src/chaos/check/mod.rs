@@ -12,7 +12,8 @@
 //!   its `pod_crashed`, crash rows and `pod_crashed` events agree;
 //! - [`liveness`]: every task terminal in time with no pod left, crash budgets kept,
 //!   losses charged to no budget only across a store outage;
-//! - [`exec`]: two epochs' `exec` runs of one task overlap at most the bound;
+//! - [`exec`]: two epochs' `exec` runs of one task overlap at most the bound for the
+//!   run's settings;
 //! - `member-exited`, reported by the storm (which watches the processes, not the
 //!   store): no worker or API replica exits on its own under any fault.
 //!
@@ -96,6 +97,10 @@ pub struct Input<'a> {
     /// When Postgres was down (unix ms, from the crash to the restart): the only
     /// time pods may be lost as `interrupted`.
     pub store_outages: &'a [(i64, i64)],
+    /// The longest two epochs' `exec` runs of one task may overlap: the documented
+    /// bound for the run's settings plus slack
+    /// ([`super::overlap::EXEC_OVERLAP_BOUND`] for the storm's).
+    pub exec_overlap_bound: Duration,
 }
 
 /// Every violation found, and figures about the run.

@@ -196,6 +196,7 @@ fn broken_with_outages(
         budget: &budget,
         settle_timeout: Duration::from_secs(120),
         store_outages,
+        exec_overlap_bound: crate::chaos::overlap::EXEC_OVERLAP_BOUND,
     });
     let mut names: Vec<&'static str> = report.violations.iter().map(|v| v.invariant).collect();
     names.sort_unstable();
