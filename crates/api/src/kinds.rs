@@ -17,6 +17,9 @@ use taskpod_core::store::Store;
 use tokio::time::Instant;
 
 pub const REFRESH: Duration = Duration::from_secs(1);
+/// How long a request refreshing a stale offer waits for the read before it goes on
+/// with the stale one.
+const REFRESH_WAIT: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Debug, Default)]
 struct Offer {
@@ -70,8 +73,13 @@ impl KindCatalog {
         let cached = self.cached();
         match cached.read_at {
             Some(at) if at.elapsed() < REFRESH => Ok(cached),
+            // The refresher waits a little only: a slow read (the store is cut off) must
+            // not add to its request's own bound.
             Some(_) => match self.refreshing.try_lock() {
-                Ok(_refreshing) => self.read().await.or(Ok(cached)),
+                Ok(_refreshing) => match tokio::time::timeout(REFRESH_WAIT, self.read()).await {
+                    Ok(Ok(fresh)) => Ok(fresh),
+                    Ok(Err(_)) | Err(_) => Ok(cached),
+                },
                 Err(_) => Ok(cached),
             },
             None => self.read().await,
