@@ -29,6 +29,27 @@ pub mod otlp;
 pub mod proxy;
 pub mod worker;
 
+/// How long [`eventually`] waits for a condition: generous, CI machines have two cores
+/// and are busy.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Polls `check` every 100 ms until it holds; panics naming `what` after [`WAIT`] (a
+/// test's assertion that something happens, never a timing).
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
 /// Starts a `taskpod-api` on a free loopback port over the database at `db_url` (auth
 /// off unless `extra_env` sets `TASKPOD_AUTH__*`); it is killed when dropped.
 ///

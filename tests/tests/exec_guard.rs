@@ -6,16 +6,15 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use taskpod_e2e::eventually;
 
 use taskpod_e2e::api::{ApiProcess, TestDb};
 use taskpod_e2e::worker::WorkerProcess;
 use taskpod_proto::v1::{self, task_service_client::TaskServiceClient};
 use tonic::transport::Channel;
 
-const WAIT: Duration = Duration::from_secs(60);
 /// The guard timeout the workers of these tests run with: the default of
 /// `handlers.exec.guard_timeout_ms`.
 const GUARD_TIMEOUT_MS: u64 = 1_000;
@@ -25,21 +24,6 @@ const PING_TIMEOUT_MS: u64 = 1_000;
 /// What a loaded two-core machine may add to any bound: scheduling of the guard and of
 /// the logging loops, not a property of the product.
 const SLACK_MS: u64 = 1_000;
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::time::Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting until {what}");
-}
 
 fn now_ms() -> u64 {
     SystemTime::now()

@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::Duration;
+use taskpod_e2e::eventually;
 
 use taskpod_e2e::api::{ApiProcess, TestDb};
 use taskpod_e2e::worker::WorkerProcess;
@@ -13,23 +14,6 @@ use taskpod_proto::v1::{self, task_service_client::TaskServiceClient};
 use tonic::transport::Channel;
 
 type Client = TaskServiceClient<Channel>;
-
-const WAIT: Duration = Duration::from_secs(60);
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::time::Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting until {what}");
-}
 
 async fn pool(db: &TestDb) -> sqlx::PgPool {
     sqlx::PgPool::connect(&db.url).await.unwrap()

@@ -4,29 +4,11 @@
 //! with one worker's pool behind a fault proxy; assertions read the store.
 #![allow(clippy::unwrap_used)]
 
-use std::future::Future;
-use std::time::Duration;
+use taskpod_e2e::{WAIT, eventually};
 
 use taskpod_e2e::cluster::{Cluster, ClusterSpec};
 use taskpod_e2e::proxy::Delivery;
 use taskpod_proto::v1;
-
-const WAIT: Duration = Duration::from_secs(60);
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::time::Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting until {what}");
-}
 
 /// Partitions owned by any incarnation of the worker named `name`.
 async fn owned_by(cluster: &Cluster, name: &str) -> i64 {

@@ -18,6 +18,7 @@
 pub mod check;
 pub mod history;
 pub mod inject;
+pub mod laps;
 pub mod load;
 pub mod overlap;
 pub mod partition;

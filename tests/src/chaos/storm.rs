@@ -15,6 +15,7 @@ use super::check::oracle::{Snapshot, clock};
 use super::check::{self, Budget, Input, Report, Violation};
 use super::history::History;
 use super::inject::{self, Applied};
+use super::laps::Laps;
 use super::load::{Load, LoadConfig, Mix};
 use super::overlap;
 use super::programs::{EXEC_LOG, Program};
@@ -222,7 +223,7 @@ pub struct StormOutcome {
     pub history: String,
     pub acked: usize,
     pub unresolved: usize,
-    pub timings: Vec<(&'static str, Duration)>,
+    pub timings: Laps,
     pub report: Report,
 }
 
@@ -237,7 +238,7 @@ impl StormOutcome {
     }
 
     pub fn total(&self) -> Duration {
-        self.timings.iter().map(|(_, d)| *d).sum()
+        self.timings.total()
     }
 
     /// The whole story, readable: seed and how to replay it, the schedule and what
@@ -286,17 +287,7 @@ impl StormOutcome {
             "creates acknowledged during the storm: {}; calls still unresolved after healing: {}",
             self.acked, self.unresolved
         );
-        let timings: Vec<String> = self
-            .timings
-            .iter()
-            .map(|(what, d)| format!("{what} {:.1}s", d.as_secs_f64()))
-            .collect();
-        let _ = writeln!(
-            out,
-            "timings: {} (total {:.1}s)",
-            timings.join(", "),
-            self.total().as_secs_f64()
-        );
+        let _ = writeln!(out, "timings: {}", self.timings.render());
         out.push_str(&self.report.render(5));
         out
     }
@@ -308,17 +299,12 @@ impl StormOutcome {
 /// When the cluster cannot be started or put back together (not when an invariant
 /// breaks: that is in the report).
 pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
-    let mut timings = Vec::new();
-    let mut phase = Instant::now();
-    let mut lap = |name: &'static str, timings: &mut Vec<(&'static str, Duration)>| {
-        timings.push((name, phase.elapsed()));
-        phase = Instant::now();
-    };
+    let mut timings = Laps::new();
 
     let mut cluster = Cluster::start(config.cluster_spec())
         .await
         .context("start the cluster")?;
-    lap("start", &mut timings);
+    timings.lap("start");
 
     let shape = Shape {
         workers: config.workers,
@@ -389,7 +375,7 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
         });
     }
     let acked = running.await.unwrap_or(0);
-    lap("storm", &mut timings);
+    timings.lap("storm");
 
     exits.extend(
         cluster
@@ -399,12 +385,12 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
     );
     cluster.heal().await.context("heal the cluster")?;
     let unresolved = load.resolve(20).await;
-    lap("heal+resolve", &mut timings);
+    timings.lap("heal+resolve");
 
     settle(&cluster, config.settle_timeout, POD_STOP_GRACE).await;
     // Orphaned program trees log until their loop ends; the overlap needs all of it.
     wait_for_programs(&cluster, Duration::from_secs(40)).await;
-    lap("settle", &mut timings);
+    timings.lap("settle");
 
     let mut snapshot = Snapshot::load(cluster.pool()).await?;
     snapshot.node_names.extend(nodes.stop());
@@ -441,9 +427,9 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
             .with(log.lines().map(|l| format!("  {l}"))),
         );
     }
-    lap("check", &mut timings);
+    timings.lap("check");
     drop(cluster);
-    lap("teardown", &mut timings);
+    timings.lap("teardown");
 
     Ok(StormOutcome {
         seed: config.seed,

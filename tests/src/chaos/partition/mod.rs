@@ -29,7 +29,7 @@ pub mod watchers;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use tokio_util::sync::CancellationToken;
@@ -41,6 +41,7 @@ use self::timeline::Timeline;
 use super::check::oracle::{Snapshot, clock};
 use super::check::{self, Budget, Input, Report, Violation};
 use super::history::{Call, History, Outcome};
+use super::laps::Laps;
 use super::load::{Load, LoadConfig, Mix};
 use super::overlap::{self, OVERLAP_SLACK, documented_bound_ms};
 use super::programs::{EXEC_LOG, Program};
@@ -186,13 +187,13 @@ pub struct PartitionOutcome {
     pub api: ApiFigures,
     pub history: String,
     pub acked: usize,
-    pub timings: Vec<(&'static str, Duration)>,
+    pub timings: Laps,
     pub report: Report,
 }
 
 impl PartitionOutcome {
     pub fn total(&self) -> Duration {
-        self.timings.iter().map(|(_, d)| *d).sum()
+        self.timings.total()
     }
 
     /// The whole story: the cut, the timeline, the figures and every violation.
@@ -246,17 +247,7 @@ impl PartitionOutcome {
             );
         }
         let _ = writeln!(out, "client history: {}", self.history);
-        let timings: Vec<String> = self
-            .timings
-            .iter()
-            .map(|(what, d)| format!("{what} {:.1}s", d.as_secs_f64()))
-            .collect();
-        let _ = writeln!(
-            out,
-            "timings: {} (total {:.1}s)",
-            timings.join(", "),
-            self.total().as_secs_f64()
-        );
+        let _ = writeln!(out, "timings: {}", self.timings.render());
         out.push_str(&self.report.render(5));
         out
     }
@@ -269,16 +260,11 @@ impl PartitionOutcome {
 /// not be set up (no program of the worker running when it was cut): not when an
 /// invariant breaks, that is in the report.
 pub async fn run(config: &PartitionConfig) -> anyhow::Result<PartitionOutcome> {
-    let mut timings = Vec::new();
-    let mut phase = Instant::now();
-    let mut lap = |name: &'static str, timings: &mut Vec<(&'static str, Duration)>| {
-        timings.push((name, phase.elapsed()));
-        phase = Instant::now();
-    };
+    let mut timings = Laps::new();
     let mut cluster = Cluster::start(config.spec())
         .await
         .context("start the cluster")?;
-    lap("start", &mut timings);
+    timings.lap("start");
     let victim_name = config.victim();
     let nodes = NodeWatch::start(cluster.pool().clone());
     let stop_watching = CancellationToken::new();
@@ -353,7 +339,7 @@ pub async fn run(config: &PartitionConfig) -> anyhow::Result<PartitionOutcome> {
     let monitor = victim
         .as_ref()
         .map(|v| Monitor::start(cluster.pool().clone(), v));
-    lap("warmup", &mut timings);
+    timings.lap("warmup");
 
     let cut_ms = unix_ms();
     cluster.cut(victim_name, config.kind).await?;
@@ -404,14 +390,14 @@ pub async fn run(config: &PartitionConfig) -> anyhow::Result<PartitionOutcome> {
             }
         }
     }
-    lap("cut+heal", &mut timings);
+    timings.lap("cut+heal");
 
     let acked = running.await.unwrap_or(0);
     cluster.heal().await.context("heal the cluster")?;
     let unresolved = load.resolve(20).await;
     storm::settle(&cluster, config.settle_timeout, POD_STOP_GRACE).await;
     storm::wait_for_programs(&cluster, Duration::from_secs(40)).await;
-    lap("settle", &mut timings);
+    timings.lap("settle");
 
     let samples = match monitor {
         Some(m) => m.stop().await,
@@ -600,9 +586,9 @@ pub async fn run(config: &PartitionConfig) -> anyhow::Result<PartitionOutcome> {
             }
         }
     };
-    lap("check", &mut timings);
+    timings.lap("check");
     drop(cluster);
-    lap("teardown", &mut timings);
+    timings.lap("teardown");
     Ok(PartitionOutcome {
         config: config.clone(),
         timeline,
