@@ -511,6 +511,52 @@ async fn regression_workers_started_together_all_keep_their_rows() {
     assert!(rows.iter().all(|r| ids.contains_key(r)));
 }
 
+/// An `exec` program inherited the worker's environment, the store's URL (and its
+/// password) among it. It sees only what taskpod gives it.
+#[tokio::test]
+async fn an_exec_program_sees_none_of_the_workers_settings() {
+    let db = TestDb::create().await.unwrap();
+    let api = ApiProcess::spawn(&db, &[]).await.unwrap();
+    let mut c = api.client().await.unwrap();
+    let pool = pool(&db).await;
+    let dir = tempdir();
+    let seen = dir.join("env.txt");
+    let program = dir.join("env.sh");
+    std::fs::write(
+        &program,
+        format!(
+            "#!/bin/sh\nenv | grep '^TASKPOD_' | sort > {}\n",
+            seen.display()
+        ),
+    )
+    .unwrap();
+    make_executable(&program);
+    let program = program.to_string_lossy().into_owned();
+    let _worker = WorkerProcess::spawn(
+        &db,
+        "secretive",
+        &[("TASKPOD_HANDLERS__PROGRAMS__env__PATH", program.as_str())],
+    )
+    .await
+    .unwrap();
+    create(&mut c, "exec", serde_json::json!({"program": "env"})).await;
+    eventually("the program ran to the end", || async {
+        scalar(
+            &pool,
+            "SELECT count(*) FROM tasks WHERE status = 'completed'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    let names: Vec<String> = std::fs::read_to_string(&seen)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k.to_owned()))
+        .collect();
+    assert_eq!(names, ["TASKPOD_EPOCH", "TASKPOD_PHASE", "TASKPOD_TASK_ID"]);
+}
+
 fn gauge(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series))

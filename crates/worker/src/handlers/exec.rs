@@ -150,6 +150,14 @@ async fn run_once(
         &program.args,
     )
     .map_err(cannot)?;
+    // The worker's own settings (the store's URL with its password among them) are
+    // not the program's business: no `TASKPOD_*` variable of the worker reaches it.
+    for (key, _) in std::env::vars_os() {
+        let name = key.to_string_lossy();
+        if name.starts_with("TASKPOD_") && name != guard::ARGV_ENV {
+            launch.command().env_remove(key);
+        }
+    }
     launch
         .command()
         .env("TASKPOD_TASK_ID", pod.task().task_id.to_string())
