@@ -175,11 +175,16 @@ def promtool_parses(exprs: list[str]) -> None:
 # --- compose -------------------------------------------------------------------------
 
 def settings_keys(crate: str) -> set[str]:
-    """TOP_LEVEL_KEYS of a binary's settings.rs: the TASKPOD_* variables it reads."""
-    text = (ROOT / "crates" / crate / "src" / "settings.rs").read_text()
+    """TOP_LEVEL_KEYS of a binary's settings module (`settings.rs` or
+    `settings/mod.rs`): the TASKPOD_* variables it reads."""
+    src = ROOT / "crates" / crate / "src"
+    path = next((p for p in (src / "settings.rs", src / "settings" / "mod.rs") if p.exists()), None)
+    if path is None:
+        raise Failed(f"no settings module in crates/{crate}/src")
+    text = path.read_text()
     block = re.search(r"const TOP_LEVEL_KEYS: &\[&str\] = &\[(.*?)\];", text, re.S)
     if not block:
-        raise Failed(f"no TOP_LEVEL_KEYS in crates/{crate}/src/settings.rs")
+        raise Failed(f"no TOP_LEVEL_KEYS in {path.relative_to(ROOT)}")
     return set(re.findall(r'"([a-z_]+)"', block.group(1)))
 
 
