@@ -464,3 +464,49 @@ fn a_batch_item_error_names_the_field_of_its_cause() {
     assert_eq!(err.field(), Some("priority"));
     assert_eq!(err.reason(), "INVALID_BATCH_ITEM");
 }
+
+/// PostgreSQL text and jsonb cannot store U+0000: every text a client sends is refused
+/// with its field named, instead of failing in the store as an internal error.
+#[test]
+fn nul_characters_are_refused_by_field() {
+    assert_invalid_title(validate_new_task(&with(|t| t.title = "a\0b".into())));
+    assert_invalid_argument(
+        validate_new_task(&with(|t| t.description = "a\0b".into())),
+        "description",
+    );
+    assert_invalid_argument(
+        validate_new_task(&with(|t| t.payload = serde_json::json!({"deep": ["x\0"]}))),
+        "payload",
+    );
+    assert_invalid_argument(
+        validate_new_task(&with(|t| t.metadata = serde_json::json!({"k\0": 1}))),
+        "metadata",
+    );
+    let mut c = ctx();
+    c.actor_id = "al\0ice".into();
+    assert_invalid_argument(validate_context(&c), "actor_id");
+    let mut c = ctx();
+    c.correlation_id = Some("c\0".into());
+    assert_invalid_argument(validate_context(&c), "correlation_id");
+    let mut c = ctx();
+    c.causation_id = Some("c\0".into());
+    assert_invalid_argument(validate_context(&c), "causation_id");
+    assert_invalid_argument(
+        validate_command(&Command::Cancel {
+            reason: "no\0".into(),
+        }),
+        "reason",
+    );
+    assert_invalid_argument(
+        validate_command(&Command::RequestStop {
+            reason: Some("no\0".into()),
+        }),
+        "reason",
+    );
+    let err = taskpod_core::domain::filter::parse("kind = \"a\0\"").expect_err("refused");
+    assert_eq!(err.field(), Some("filter"));
+    // Other control characters are text like any other.
+    assert_ok(validate_new_task(&with(|t| {
+        t.description = "tab\there".into()
+    })));
+}

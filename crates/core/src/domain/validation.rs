@@ -30,6 +30,9 @@ pub const BATCH_MAX: usize = 1000;
 /// # Errors
 /// The first field out of bounds: [`Error::InvalidTitle`] or [`Error::InvalidArgument`].
 pub fn validate_new_task(task: &NewTask) -> Result<(), Error> {
+    if task.title.contains('\0') {
+        return Err(Error::InvalidTitle(NUL.into()));
+    }
     if task.title.trim().is_empty() {
         return Err(Error::InvalidTitle("title must not be empty".into()));
     }
@@ -48,6 +51,7 @@ pub fn validate_new_task(task: &NewTask) -> Result<(), Error> {
             ),
         ));
     }
+    check_no_nul("description", &task.description)?;
     validate_kind(&task.kind)?;
     if !(PRIORITY_MIN..=PRIORITY_MAX).contains(&task.priority) {
         return Err(Error::invalid(
@@ -59,10 +63,12 @@ pub fn validate_new_task(task: &NewTask) -> Result<(), Error> {
         ));
     }
     check_json_size("payload", &task.payload, PAYLOAD_MAX_BYTES)?;
+    check_json_text("payload", &task.payload)?;
     if !task.metadata.is_object() {
         return Err(Error::invalid("metadata", "must be a JSON object"));
     }
     check_json_size("metadata", &task.metadata, METADATA_MAX_BYTES)?;
+    check_json_text("metadata", &task.metadata)?;
     if let Some(restart) = task.metadata.get("restart") {
         super::restart::validate_task_limits(restart)
             .map_err(|(field, reason)| Error::invalid(&field, reason))?;
@@ -106,11 +112,14 @@ pub fn validate_context(ctx: &RequestContext) -> Result<(), Error> {
         return Err(Error::MissingActorId);
     }
     check_len("actor_id", &ctx.actor_id, ACTOR_ID_MAX_CHARS)?;
+    check_no_nul("actor_id", &ctx.actor_id)?;
     if let Some(c) = &ctx.correlation_id {
         check_len("correlation_id", c, CORRELATION_ID_MAX_CHARS)?;
+        check_no_nul("correlation_id", c)?;
     }
     if let Some(c) = &ctx.causation_id {
         check_len("causation_id", c, CORRELATION_ID_MAX_CHARS)?;
+        check_no_nul("causation_id", c)?;
     }
     if let Some(id) = &ctx.request_id {
         if id.is_empty() {
@@ -137,17 +146,52 @@ pub fn validate_command(command: &Command) -> Result<(), Error> {
             if reason.trim().is_empty() {
                 return Err(Error::MissingReason);
             }
-            check_len("reason", reason, REASON_MAX_CHARS)
+            check_len("reason", reason, REASON_MAX_CHARS)?;
+            check_no_nul("reason", reason)
         }
         Command::RequestStop {
             reason: Some(reason),
-        } => check_len("reason", reason, REASON_MAX_CHARS),
+        } => {
+            check_len("reason", reason, REASON_MAX_CHARS)?;
+            check_no_nul("reason", reason)
+        }
         Command::Complete
         | Command::TransitionPhase { .. }
         | Command::RequestStart
         | Command::RequestStop { reason: None }
         | Command::RequestRestart => Ok(()),
     }
+}
+
+/// PostgreSQL text and jsonb cannot hold U+0000: refused here, by name, rather than
+/// failing as an internal error when written.
+const NUL: &str = "must not contain the NUL character (U+0000)";
+
+fn check_no_nul(field: &str, value: &str) -> Result<(), Error> {
+    if value.contains('\0') {
+        return Err(Error::invalid(field, NUL));
+    }
+    Ok(())
+}
+
+/// Every string and key in a JSON document, at any depth, without U+0000.
+fn check_json_text(field: &str, value: &serde_json::Value) -> Result<(), Error> {
+    let mut pending = vec![value];
+    while let Some(v) = pending.pop() {
+        match v {
+            serde_json::Value::String(s) => check_no_nul(field, s)?,
+            serde_json::Value::Array(items) => pending.extend(items),
+            serde_json::Value::Object(map) => {
+                for (key, item) in map {
+                    check_no_nul(field, key)?;
+                    pending.push(item);
+                }
+            }
+            serde_json::Value::Null | serde_json::Value::Bool(_) | serde_json::Value::Number(_) => {
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_len(field: &str, value: &str, max: usize) -> Result<(), Error> {

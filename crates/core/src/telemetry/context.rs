@@ -30,9 +30,23 @@ pub fn traceparent_of(span: &Span) -> Option<String> {
 }
 
 /// The current span's `traceparent`, else `fallback` (the context this work was
-/// handed, passed on unchanged when this process does not trace).
+/// handed, passed on when this process does not trace). A fallback that is not a W3C
+/// traceparent is dropped, as the W3C spec asks of a malformed one, and a valid one is
+/// passed on in its canonical 55 characters: it is stored on every event a call
+/// writes, so a client cannot make that 16 KB.
 pub fn traceparent_or(fallback: Option<&str>) -> Option<String> {
-    traceparent_of(&Span::current()).or_else(|| fallback.map(str::to_owned))
+    traceparent_of(&Span::current()).or_else(|| fallback.and_then(canonical))
+}
+
+/// `traceparent` as version 00 of the W3C format, when it names a valid span.
+pub fn canonical(traceparent: &str) -> Option<String> {
+    let sc = span_context(traceparent)?;
+    Some(format!(
+        "00-{}-{}-{:02x}",
+        sc.trace_id(),
+        sc.span_id(),
+        sc.trace_flags().to_u8()
+    ))
 }
 
 /// The remote span a `traceparent` names; `None` when it does not parse.
@@ -71,6 +85,18 @@ pub fn sampled_trace_id() -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_traceparent_is_passed_on_only_when_valid_and_in_canonical_form() {
+        let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(traceparent_or(Some(valid)).as_deref(), Some(valid));
+        assert_eq!(traceparent_or(Some("not a traceparent")), None);
+        let huge = format!("{valid}-{}", "a".repeat(16 * 1024));
+        assert!(traceparent_or(Some(&huge)).is_none_or(|t| t.len() == 55));
+        // A later version with extra fields is read as version 00, and stored as one.
+        let future = format!("cc-{}-extra", &valid[3..]);
+        assert!(traceparent_or(Some(&future)).is_none_or(|t| t == valid));
+    }
 
     #[test]
     fn a_valid_traceparent_names_its_span_and_garbage_names_none() {
