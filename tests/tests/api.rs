@@ -1197,3 +1197,294 @@ async fn concurrent_creates_share_transactions_and_each_gets_its_own_task() {
         "{transactions} transactions for 299 tasks"
     );
 }
+
+/// Defects at the edges a gRPC user meets: an oversized request answered OUT_OF_RANGE
+/// (gRPC says RESOURCE_EXHAUSTED); NUL characters answered INTERNAL (Postgres cannot
+/// store them: they are bad input); reflection spoke v1 only (grpcio, Postman and older
+/// grpcurl speak v1alpha) and could not be switched off; a client's traceparent of any
+/// size was stored on every event.
+#[tokio::test]
+async fn regression_grpc_edges_answer_with_the_codes_grpc_clients_expect() {
+    let (db, api, mut c) = setup().await;
+
+    let huge = c
+        .create_task(v1::CreateTaskRequest {
+            task: Some(v1::TaskSpec {
+                description: "d".repeat(5 * 1024 * 1024),
+                ..spec("big", "manual")
+            }),
+            meta: meta("a"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(huge.code(), Code::ResourceExhausted, "{huge:?}");
+    assert!(huge.message().contains("too large"), "{huge:?}");
+
+    let nul = |s: v1::TaskSpec| v1::CreateTaskRequest {
+        task: Some(s),
+        meta: meta("a"),
+    };
+    for (request, field) in [
+        (nul(spec("a\0b", "manual")), "task.title"),
+        (
+            nul(v1::TaskSpec {
+                description: "a\0b".into(),
+                ..spec("ok", "manual")
+            }),
+            "task.description",
+        ),
+        (
+            nul(v1::TaskSpec {
+                payload: Some(prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue("x\0".into())),
+                }),
+                ..spec("ok", "manual")
+            }),
+            "task.payload",
+        ),
+        (
+            v1::CreateTaskRequest {
+                task: Some(spec("ok", "manual")),
+                meta: meta("al\0ice"),
+            },
+            "meta.actor_id",
+        ),
+    ] {
+        let err = c.create_task(request).await.unwrap_err();
+        assert_eq!(
+            (err.code(), violation(&err).as_str()),
+            (Code::InvalidArgument, field),
+            "{err:?}"
+        );
+    }
+    let id = create(&mut c, "to cancel", "manual").await;
+    let err = c
+        .cancel_task(v1::CancelTaskRequest {
+            task_id: id,
+            reason: "because\0".into(),
+            meta: meta("a"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), violation(&err).as_str()),
+        (Code::InvalidArgument, "reason")
+    );
+    let err = c
+        .list_tasks(v1::ListTasksRequest {
+            filter: "kind = \"a\0\"".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), violation(&err).as_str()),
+        (Code::InvalidArgument, "filter")
+    );
+
+    // A traceparent is stored only when valid, and then in its 55 characters (headers
+    // past 16 KiB in all are refused by the transport before any of this).
+    let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut stored = Vec::new();
+    for sent in [
+        valid.to_owned(),
+        format!("{valid}-{}", "f".repeat(8 * 1024)),
+        "garbage".into(),
+    ] {
+        let mut req = Request::new(v1::CreateTaskRequest {
+            task: Some(spec("traced", "manual")),
+            meta: meta("a"),
+        });
+        req.metadata_mut()
+            .insert("traceparent", sent.parse().unwrap());
+        let id = c.create_task(req).await.unwrap().into_inner().task_id;
+        let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+        let tp: Option<String> = sqlx::query_scalar(
+            "SELECT metadata->>'traceparent' FROM events WHERE stream_id = $1 AND version = 1",
+        )
+        .bind(uuid::Uuid::parse_str(&id).unwrap())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        stored.push(tp);
+    }
+    assert_eq!(stored, vec![Some(valid.to_owned()), None, None]);
+
+    // Reflection in both versions, and none when switched off.
+    let channel = api.channel().await.unwrap();
+    assert!(
+        list_services_v1alpha(channel)
+            .await
+            .unwrap()
+            .contains(&"taskpod.v1.TaskService".to_owned())
+    );
+    let closed = ApiProcess::spawn(&db, &[NO_POD_WAIT, ("TASKPOD_REFLECTION", "false")])
+        .await
+        .unwrap();
+    let err = list_services_v1alpha(closed.channel().await.unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+}
+
+async fn list_services_v1alpha(channel: Channel) -> Result<Vec<String>, Status> {
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let ask = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = ServerReflectionClient::new(channel)
+        .server_reflection_info(futures::stream::iter([ask]))
+        .await?
+        .into_inner();
+    match answers.next().await {
+        Some(Ok(answer)) => match answer.message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                Ok(list.service.into_iter().map(|s| s.name).collect())
+            }
+            other => panic!("not a service list: {other:?}"),
+        },
+        Some(Err(status)) => Err(status),
+        None => panic!("no answer"),
+    }
+}
+
+/// Defect: pages were bounded by rows only: 20 tasks with 250 KB payloads made every
+/// ListTasks call fail ("encoded message length too large"), so no client could list
+/// past them. Lists now default to the BASIC view, and a FULL page ends before
+/// `max_page_bytes` with a token that continues after its last task.
+#[tokio::test]
+async fn regression_large_tasks_list_in_byte_capped_pages_and_basic_by_default() {
+    let (_db, _api, mut c) = setup().await;
+    let big = |i: usize| v1::TaskSpec {
+        description: "d".repeat(1000),
+        payload: Some(prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(
+                "p".repeat(250 * 1024),
+            )),
+        }),
+        auto_start: i.is_multiple_of(2),
+        ..spec(&format!("big {i}"), "manual")
+    };
+    let mut ids = Vec::new();
+    for chunk in 0..4 {
+        let tasks = (chunk * 5..chunk * 5 + 5).map(big).collect();
+        let created = c
+            .create_tasks(v1::CreateTasksRequest {
+                tasks,
+                meta: meta("a"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.extend(created.task_ids);
+    }
+
+    // BASIC: every task in one page, without payload or description.
+    let basic = c
+        .list_tasks(v1::ListTasksRequest {
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(basic.tasks.len(), 20);
+    assert!(basic.next_page_token.is_empty());
+    assert!(
+        basic
+            .tasks
+            .iter()
+            .all(|t| t.payload.is_none() && t.description.is_empty() && !t.title.is_empty())
+    );
+
+    // FULL: pages under 1 MiB, each task exactly once, in order.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = c
+            .list_tasks(v1::ListTasksRequest {
+                page_size: 100,
+                page_token: token.clone(),
+                order_by: "created_at asc".into(),
+                view: v1::TaskView::Full as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        let bytes: usize = page.tasks.iter().map(prost::Message::encoded_len).sum();
+        assert!(bytes <= 1024 * 1024, "page {pages} is {bytes} bytes");
+        assert!(!page.tasks.is_empty());
+        assert!(
+            page.tasks
+                .iter()
+                .all(|t| t.payload.is_some() && t.description.len() == 1000)
+        );
+        seen.extend(page.tasks.into_iter().map(|t| t.task_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, ids, "every task once, in creation order");
+    assert!(
+        pages >= 5,
+        "20 tasks of ~250 KiB need at least 5 pages of 1 MiB: {pages}"
+    );
+
+    // The active ones, the same way.
+    let pods = c
+        .list_active_pods(v1::ListActivePodsRequest {
+            page_size: 100,
+            view: v1::TaskView::Full as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !pods.tasks.is_empty() && pods.tasks.len() < 10,
+        "{}",
+        pods.tasks.len()
+    );
+    assert!(!pods.next_page_token.is_empty());
+
+    // WatchTasks: BASIC unless asked.
+    for (view, with_payload) in [
+        (v1::TaskView::Unspecified, false),
+        (v1::TaskView::Full, true),
+    ] {
+        let mut s = c
+            .watch_tasks(v1::WatchTasksRequest {
+                filter: "kind = manual".into(),
+                view: view as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = next(&mut s).await;
+        let Some(v1::watch_tasks_response::Kind::Task(t)) = first.kind else {
+            panic!("a task first: {first:?}");
+        };
+        assert_eq!(t.payload.is_some(), with_payload, "{view:?}");
+    }
+
+    let err = c
+        .list_tasks(v1::ListTasksRequest {
+            view: 7,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), violation(&err).as_str()),
+        (Code::InvalidArgument, "view")
+    );
+}

@@ -401,16 +401,21 @@ async fn a_resumed_task_set_watch_misses_no_late_commit() {
         .task_id;
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(stream);
-    sqlx::query("UPDATE tasks SET priority = 7 WHERE task_id = $1")
-        .bind(uuid::Uuid::parse_str(&late).unwrap())
-        .execute(&mut *held)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO events (stream_id, version, type, data, metadata) VALUES ($1, 99, 'late_write', '{}', '{}')")
-        .bind(uuid::Uuid::parse_str(&late).unwrap())
-        .execute(&mut *held)
-        .await
-        .unwrap();
+    // What a StartPod writes (the event, the head, the listing row), plus a priority
+    // the test can recognise.
+    let late_id = uuid::Uuid::parse_str(&late).unwrap();
+    for sql in [
+        "UPDATE tasks SET priority = 7, status = 'active', updated_at = now() WHERE task_id = $1",
+        "UPDATE task_heads SET version = 2, status = 'active' WHERE task_id = $1",
+        "INSERT INTO events (stream_id, version, type, data, metadata) \
+         VALUES ($1, 2, 'pod_requested', '{}', '{\"actor_id\": \"late\", \"correlation_id\": \"late\"}')",
+    ] {
+        sqlx::query(sql)
+            .bind(late_id)
+            .execute(&mut *held)
+            .await
+            .unwrap();
+    }
     held.commit().await.unwrap();
 
     let mut resumed = c

@@ -72,25 +72,31 @@ impl Authenticator {
         let header = metadata
             .get("authorization")
             .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
+        let token = bearer(header.to_str().ok())
             .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
-        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let grant = self
-            .by_hash
-            .get(&hash)
+            .grant(token)
             .ok_or_else(|| Status::unauthenticated("invalid token"))?;
         Ok(Caller::Principal {
             name: grant.principal.clone(),
             act_on_behalf: grant.act_on_behalf,
         })
+    }
+
+    /// The principal a request's bearer token names, when authentication is on and
+    /// the token is valid; for admission, which runs before the interceptor.
+    pub fn principal(&self, headers: &http::HeaderMap) -> Option<String> {
+        if !self.enabled {
+            return None;
+        }
+        let header = headers.get("authorization")?;
+        let token = bearer(header.to_str().ok())?;
+        self.grant(token).map(|g| g.principal.clone())
+    }
+
+    fn grant(&self, token: &str) -> Option<&Grant> {
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        self.by_hash.get(&hash)
     }
 
     /// A tonic interceptor: authenticates and stores the [`Caller`] in the request.
@@ -102,6 +108,15 @@ impl Authenticator {
         request.extensions_mut().insert(caller);
         Ok(request)
     }
+}
+
+/// The token of an `authorization: Bearer <token>` value.
+fn bearer(value: Option<&str>) -> Option<&str> {
+    let v = value?;
+    v.strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
 }
 
 /// The context a change is recorded with: principal, actor, correlation, trace.

@@ -93,6 +93,34 @@ pub fn to_status(err: Error, fields: Fields<'_>) -> Status {
     Status::with_error_details(code, message, details)
 }
 
+/// A WatchTasks resume token past its lifetime (`age`, unknown for a token from before
+/// tokens carried one): FAILED_PRECONDITION, because retrying the same request cannot
+/// succeed; the client starts a new stream, whose snapshot replaces what it held.
+pub fn resume_token_expired(age: Option<Duration>, ttl: Duration) -> Status {
+    let mut details = ErrorDetails::new();
+    let description = match age {
+        Some(age) => format!(
+            "the resume token is {} s old; tokens are valid for {} s",
+            age.as_secs(),
+            ttl.as_secs()
+        ),
+        None => "the resume token is from an older server and carries no age".to_owned(),
+    };
+    details.add_precondition_failure_violation(
+        "RESUME_TOKEN_EXPIRED",
+        "resume_token",
+        description.clone(),
+    );
+    let mut info = HashMap::new();
+    info.insert("field".to_owned(), "resume_token".to_owned());
+    details.set_error_info("RESUME_TOKEN_EXPIRED", DOMAIN, info);
+    Status::with_error_details(
+        Code::FailedPrecondition,
+        format!("{description}: start a new watch without a resume token"),
+        details,
+    )
+}
+
 /// The field's path in the request message, e.g. `task.title`, `tasks[3].kind`,
 /// `meta.actor_id`.
 fn wire_path(err: &Error, fields: Fields<'_>) -> String {

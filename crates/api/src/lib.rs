@@ -15,10 +15,13 @@
 //! - [`rpc_telemetry`]: the server span and duration metric of every call;
 //! - [`server`]: health, reflection, TLS, `/metrics`, graceful drain.
 
+pub mod admission;
 pub mod auth;
 pub mod errors;
 pub mod hub;
 pub mod kinds;
+pub mod listing;
+pub mod oversized;
 pub mod page_token;
 pub mod pods;
 pub mod rpc_telemetry;

@@ -47,6 +47,7 @@ pub const METHODS: &[&str] = &[
     "grpc.health.v1.Health/Check",
     "grpc.health.v1.Health/Watch",
     "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
 
 /// Names the task a call is about on its server span (handlers run inside it).

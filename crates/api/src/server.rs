@@ -12,8 +12,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
+use crate::admission::{Admission, AdmissionLayer};
 use crate::auth::Authenticator;
 use crate::hub::Hub;
+use crate::oversized::OversizedLayer;
 use crate::page_token::PageTokens;
 use crate::rpc_telemetry::RpcTelemetryLayer;
 use crate::service::TaskApi;
@@ -74,6 +76,8 @@ pub async fn serve(
         shutdown.clone(),
         &tracker,
     );
+    let admission = Admission::new(&settings.limits, Authenticator::new(&settings.auth));
+    tracker.spawn(forget_idle_callers(admission.clone(), shutdown.clone()));
     let watches = Watches::new(
         store.clone(),
         tokens.clone(),
@@ -81,6 +85,7 @@ pub async fn serve(
         shutdown.clone(),
         tracker.clone(),
         hub.clone(),
+        admission.expensive(),
     );
     let bus = taskpod_core::bus::Publisher::new(&settings.bus)
         .map_err(|e| ServeError::Bus(e.to_string()))?;
@@ -92,7 +97,8 @@ pub async fn serve(
         bus,
         hub,
         &tracker,
-    );
+    )
+    .with_max_page_bytes(settings.max_page_bytes);
     let auth = Authenticator::new(&settings.auth);
     let service = TaskServiceServer::new(api)
         .max_decoding_message_size(settings.max_message_bytes)
@@ -103,12 +109,38 @@ pub async fn serve(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<TaskServiceServer<TaskApi>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(taskpod_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions: grpcio's reflection client, Postman and older grpcurl
+    // speak only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(taskpod_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let (reflection_v1, reflection_v1alpha) = if settings.reflection {
+        (
+            Some(reflection().build_v1()?),
+            Some(reflection().build_v1alpha()?),
+        )
+    } else {
+        (None, None)
+    };
 
-    let mut builder = Server::builder();
+    let limits = &settings.limits;
+    let mut builder = Server::builder()
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .http2_max_pending_accept_reset_streams(Some(limits.http2_max_pending_accept_reset_streams))
+        .http2_max_local_error_reset_streams(Some(limits.http2_max_local_error_reset_streams))
+        .http2_keepalive_interval(Some(Duration::from_millis(
+            limits.http2_keepalive_interval_ms,
+        )))
+        .http2_keepalive_timeout(Some(Duration::from_millis(
+            limits.http2_keepalive_timeout_ms,
+        )))
+        .http2_max_header_list_size(limits.http2_max_header_list_bytes)
+        // Bounds a call until its response starts: a whole unary call, and only the
+        // opening of a stream (streams have their own age limit).
+        .timeout(Duration::from_millis(limits.request_timeout_ms))
+        .concurrency_limit_per_connection(limits.per_connection_in_flight);
     if let Some(tls) = &settings.tls {
         let read = |what, path: &std::path::Path| {
             std::fs::read(path).map_err(|source| ServeError::TlsFile {
@@ -136,8 +168,11 @@ pub async fn serve(
     let grace = Duration::from_millis(settings.shutdown_grace_ms);
     let serving = builder
         .layer(RpcTelemetryLayer)
+        .layer(OversizedLayer)
+        .layer(AdmissionLayer::new(admission))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming(listener), drain);
     let result = {
@@ -188,6 +223,17 @@ async fn prune_idempotency_keys(store: Store, ttl: Duration, shutdown: Cancellat
             Ok(n) if n > 0 => tracing::info!(pruned = n, "idempotency keys pruned"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "pruning idempotency keys failed"),
+        }
+    }
+}
+
+/// Lets the rate limiter forget callers (peer addresses come and go) once a minute.
+async fn forget_idle_callers(admission: Admission, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => admission.forget_idle(),
+            () = shutdown.cancelled() => return,
         }
     }
 }

@@ -6,9 +6,7 @@ use serde::{Deserialize, Serialize};
 use taskpod_core::Error;
 use taskpod_core::domain::filter;
 use taskpod_core::domain::{Command, RequestContext, Status as TaskStatus, TaskId};
-use taskpod_core::store::{
-    Cursor, ListQuery, SortDirection, SortField, Store, TaskFilter, TaskOrder,
-};
+use taskpod_core::store::{Cursor, SortDirection, SortField, Store, TaskFilter, TaskOrder};
 use taskpod_proto::convert;
 use taskpod_proto::v1::task_service_server::TaskService;
 use taskpod_proto::v1::{self, RequestMeta};
@@ -24,10 +22,11 @@ use taskpod_core::store::Created;
 
 use crate::hub::Hub;
 use crate::kinds::KindCatalog;
+use crate::listing::{self, PageRequest};
 use crate::page_token::{PageTokens, fingerprint};
 use crate::pods::{PodWaits, Until};
 use crate::rpc_telemetry::record_task;
-use crate::watch::Watches;
+use crate::watch::{ResumeToken, Watches};
 
 /// The service's shared state; cheap to clone.
 #[derive(Clone, Debug)]
@@ -41,6 +40,8 @@ pub struct TaskApi {
     bus: Publisher,
     /// Concurrent CreateTask calls share transactions (each keeps its own answer).
     creates: Batcher<(NewTask, RequestContext), Result<Created, Error>>,
+    /// A list page's encoded size stays under this.
+    max_page_bytes: usize,
 }
 
 /// Up to 256 CreateTask calls a transaction, four transactions in flight.
@@ -105,7 +106,15 @@ impl TaskApi {
             store,
             tokens,
             watches,
+            max_page_bytes: crate::settings::ApiSettings::default().max_page_bytes,
         }
+    }
+
+    /// Caps list pages at `bytes` of encoded tasks.
+    #[must_use]
+    pub fn with_max_page_bytes(mut self, bytes: usize) -> Self {
+        self.max_page_bytes = bytes;
+        self
     }
 
     async fn announce_created(&self, created: &Created, tasks: &[NewTask], ctx: &RequestContext) {
@@ -150,6 +159,7 @@ impl TaskApi {
         Ok(convert::task(&task))
     }
 
+    /// One page of `kind` (`tasks` or `pods`, which names its tokens) in `view`.
     async fn page(
         &self,
         kind: &str,
@@ -157,7 +167,9 @@ impl TaskApi {
         order: TaskOrder,
         page_size: i32,
         page_token: &str,
+        view: i32,
     ) -> Result<(Vec<v1::Task>, String), Status> {
+        let view = listing::view_of(view).map_err(plain)?;
         let fp = fingerprint(&(&filter, &order));
         let after = if page_token.is_empty() {
             None
@@ -168,21 +180,24 @@ impl TaskApi {
                     .map_err(plain)?,
             )
         };
-        let page = self
-            .store
-            .list_tasks(&ListQuery {
+        let page = listing::read_page(
+            &self.store,
+            PageRequest {
                 filter,
                 order,
                 page_size: i64::from(page_size),
                 after,
-            })
-            .await
-            .map_err(plain)?;
+                view,
+                max_bytes: self.max_page_bytes,
+            },
+        )
+        .await
+        .map_err(plain)?;
         let next = page
             .next
             .map(|c| self.tokens.sign(kind, &fp, &c))
             .unwrap_or_default();
-        Ok((page.tasks.iter().map(convert::task).collect(), next))
+        Ok((page.tasks, next))
     }
 }
 
@@ -380,7 +395,7 @@ impl TaskService for TaskApi {
         let filter = task_filter(&r.filter, r.criteria.as_ref()).map_err(plain)?;
         let order = task_order(&r.order_by).map_err(plain)?;
         let (tasks, next_page_token) = self
-            .page("tasks", filter, order, r.page_size, &r.page_token)
+            .page("tasks", filter, order, r.page_size, &r.page_token, r.view)
             .await?;
         Ok(Response::new(v1::ListTasksResponse {
             tasks,
@@ -459,7 +474,7 @@ impl TaskService for TaskApi {
             direction: SortDirection::Asc,
         };
         let (tasks, next_page_token) = self
-            .page("pods", filter, order, r.page_size, &r.page_token)
+            .page("pods", filter, order, r.page_size, &r.page_token, r.view)
             .await?;
         Ok(Response::new(v1::ListActivePodsResponse {
             tasks,
@@ -579,13 +594,16 @@ impl TaskService for TaskApi {
         let resume = if r.resume_token.is_empty() {
             None
         } else {
-            Some(
-                self.tokens
-                    .verify::<u64>("resume_token", "watch", &fp, &r.resume_token)
-                    .map_err(plain)?,
-            )
+            let token = self
+                .tokens
+                .verify::<ResumeToken>("resume_token", "watch", &fp, &r.resume_token)
+                .map_err(plain)?;
+            Some(self.watches.resume_point(token)?)
         };
-        Ok(Response::new(self.watches.watch_tasks(filter, fp, resume)))
+        let view = listing::view_of(r.view).map_err(plain)?;
+        Ok(Response::new(
+            self.watches.watch_tasks(filter, fp, resume, view),
+        ))
     }
 }
 

@@ -26,6 +26,9 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "idempotency_ttl_secs",
     "pod_wait_ms",
     "bus",
+    "reflection",
+    "max_page_bytes",
+    "limits",
 ];
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -43,6 +46,10 @@ pub struct ApiSettings {
     pub tls: Option<TlsSettings>,
     /// Largest request or response message, in bytes.
     pub max_message_bytes: usize,
+    /// A ListTasks or ListActivePods page ends before its tasks pass this many encoded
+    /// bytes (its token continues after the last one); at most half of
+    /// `max_message_bytes`, so a page always fits in a message.
+    pub max_page_bytes: usize,
     /// How long in-flight calls get to finish after SIGTERM.
     pub shutdown_grace_ms: u64,
     pub watch: WatchSettings,
@@ -53,6 +60,12 @@ pub struct ApiSettings {
     pub pod_wait_ms: u64,
     /// Redis: every committed change is announced there for workers and watchers.
     pub bus: BusSettings,
+    /// Serve gRPC server reflection (v1 and v1alpha), which lets grpcurl, Postman and
+    /// grpcio clients discover the API. Switch it off to not describe the API to anyone
+    /// who can connect.
+    pub reflection: bool,
+    /// Transport, rate and in-flight limits (see `docs/api.md`, "Limits").
+    pub limits: crate::admission::LimitSettings,
 }
 
 impl Default for ApiSettings {
@@ -68,11 +81,14 @@ impl Default for ApiSettings {
             page_tokens: PageTokenSettings::default(),
             tls: None,
             max_message_bytes: 4 * 1024 * 1024,
+            max_page_bytes: 1024 * 1024,
             shutdown_grace_ms: 10_000,
             watch: WatchSettings::default(),
             idempotency_ttl_secs: 24 * 3600,
             pod_wait_ms: 10_000,
             bus: BusSettings::default(),
+            reflection: true,
+            limits: crate::admission::LimitSettings::default(),
         }
     }
 }
@@ -136,6 +152,10 @@ pub struct WatchSettings {
     /// With a bus, how often the replica still reads the change feed once for all its
     /// watchers, to repair publishes Redis dropped.
     pub repair_interval_ms: u64,
+    /// How long a WatchTasks resume token stays valid. Resuming rebuilds what the
+    /// stream followed from the changes since the token's point, so this bounds that
+    /// work; an older token is refused (FAILED_PRECONDITION) and the client starts over.
+    pub resume_token_ttl_secs: u64,
 }
 
 impl Default for WatchSettings {
@@ -144,6 +164,7 @@ impl Default for WatchSettings {
             poll_interval_ms: 250,
             heartbeat_interval_ms: 10_000,
             repair_interval_ms: 1_000,
+            resume_token_ttl_secs: 3_600,
         }
     }
 }
@@ -188,9 +209,19 @@ impl ApiSettings {
         if self.max_message_bytes < 64 * 1024 {
             return invalid("max_message_bytes", "must be at least 65536");
         }
+        if let Some(name) = self.limits.zero() {
+            return invalid(name, "must be positive");
+        }
+        if self.max_page_bytes == 0 || self.max_page_bytes > self.max_message_bytes / 2 {
+            return invalid(
+                "max_page_bytes",
+                "must be positive and at most half of max_message_bytes",
+            );
+        }
         if self.watch.poll_interval_ms == 0
             || self.watch.heartbeat_interval_ms == 0
             || self.watch.repair_interval_ms == 0
+            || self.watch.resume_token_ttl_secs == 0
         {
             return invalid("watch", "intervals must be positive");
         }

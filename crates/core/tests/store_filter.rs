@@ -72,6 +72,7 @@ async fn scan(store: &Store, filter: &TaskFilter, order: TaskOrder, page_size: i
                 order,
                 page_size,
                 after,
+                view: Default::default(),
             })
             .await
             .unwrap();

@@ -30,6 +30,7 @@ async fn scan(store: &Store, filter: &TaskFilter, order: TaskOrder, page_size: i
                 order,
                 page_size,
                 after,
+                view: Default::default(),
             })
             .await
             .unwrap();
@@ -220,6 +221,7 @@ async fn a_scan_returns_every_unchanged_row_exactly_once_despite_writes(
                     order,
                     page_size: 6,
                     after,
+                    view: Default::default(),
                     ..Default::default()
                 })
                 .await
@@ -296,6 +298,7 @@ async fn page_sizes_follow_aip_158(_: PgPoolOptions, opts: PgConnectOptions) {
         .list_tasks(&ListQuery {
             page_size: 5000,
             after: clamped.next,
+            view: Default::default(),
             ..Default::default()
         })
         .await
@@ -321,6 +324,7 @@ async fn page_sizes_follow_aip_158(_: PgPoolOptions, opts: PgConnectOptions) {
         .list_tasks(&ListQuery {
             order: priority_order,
             after: Some(time_cursor),
+            view: Default::default(),
             page_size: 10,
             ..Default::default()
         })

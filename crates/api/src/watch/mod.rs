@@ -5,16 +5,25 @@
 //! slows its own relay (which reads Postgres at its own pace) and never grows server
 //! memory. WatchTask sends every version once, in order, from the stream itself;
 //! WatchTasks lists, then follows the commit-order-safe change feed
-//! (`Store::changed_tasks` below a watermark), and its resume token is a watermark.
+//! (`Store::changed_tasks` below a watermark), and its resume token is a watermark
+//! ([`set_relay`]).
+//!
+//! When the server drains, every stream gets a last resume point (a heartbeat), then
+//! UNAVAILABLE: a client resumes on another replica without a gap.
 
-use std::collections::{HashMap, HashSet};
+mod follow;
+mod resume;
+mod set_relay;
+
+use std::sync::Arc;
 use std::time::Duration;
 
+pub use resume::ResumeToken;
 use taskpod_core::domain::{Event, PodInfo, Task, TaskId, TaskState};
-use taskpod_core::store::{ListQuery, SortDirection, SortField, Store, TaskFilter, TaskOrder};
+use taskpod_core::store::{Store, TaskFilter, View};
 use taskpod_proto::convert;
 use taskpod_proto::v1::{self, watch_task_response, watch_tasks_response};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -36,8 +45,6 @@ use crate::settings::WatchSettings;
 const STREAM_BUFFER: usize = 64;
 /// Events read from the store per round trip.
 const READ_BATCH: usize = 256;
-/// How long a set watch keeps looking at the poll interval after news.
-const NEWS_SETTLE: Duration = Duration::from_secs(2);
 
 type Sender<T> = mpsc::Sender<Result<T, Status>>;
 
@@ -53,6 +60,9 @@ pub struct Watches {
     tracker: TaskTracker,
     /// Says when to look again.
     hub: Hub,
+    /// The replica's budget for expensive reads: snapshots and resume rebuilds take a
+    /// permit, so many streams opening at once cannot take the whole store pool.
+    expensive: Arc<Semaphore>,
 }
 
 impl Watches {
@@ -63,9 +73,11 @@ impl Watches {
         shutdown: CancellationToken,
         tracker: TaskTracker,
         hub: Hub,
+        expensive: Arc<Semaphore>,
     ) -> Self {
         Self {
             hub,
+            expensive,
             store,
             tokens,
             settings,
@@ -96,21 +108,24 @@ impl Watches {
         filter: TaskFilter,
         fingerprint: String,
         resume: Option<u64>,
+        view: View,
     ) -> ReceiverStream<Result<v1::WatchTasksResponse, Status>> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let relay = SetRelay {
-            watches: self.clone(),
-            filter,
-            fingerprint,
-            // After a resume the client's set is unknown: every non-matching change is
-            // reported as `left`.
-            known: resume.is_none().then(HashSet::new),
-            versions: HashMap::new(),
-            mark: resume,
-        };
+        let relay = set_relay::SetRelay::new(self.clone(), filter, fingerprint, resume, view);
         self.tracker
             .spawn(relay.run(tx).instrument(tracing::Span::current()));
         ReceiverStream::new(rx)
+    }
+
+    /// Where a stream resumed with `token` starts.
+    ///
+    /// # Errors
+    /// FAILED_PRECONDITION when the token is older than the configured lifetime.
+    pub fn resume_point(&self, token: ResumeToken) -> Result<u64, Status> {
+        let ttl = Duration::from_secs(self.settings.resume_token_ttl_secs);
+        token
+            .mark(chrono::Utc::now(), ttl)
+            .map_err(|age| crate::errors::resume_token_expired(age, ttl))
     }
 
     fn poll(&self) -> Duration {
@@ -121,16 +136,31 @@ impl Watches {
         Duration::from_millis(self.settings.heartbeat_interval_ms)
     }
 
-    /// Waits for news on `follow`, or at most `limit`; false when the stream should end
-    /// instead (the client left, or the server drains).
-    async fn wait<T>(&self, follow: &mut Follow, limit: Duration, tx: &Sender<T>) -> bool {
+    /// Waits for news on `follow`, or at most `limit`.
+    async fn wait<T>(&self, follow: &mut Follow, limit: Duration, tx: &Sender<T>) -> Wake {
         tokio::select! {
-            changed = follow.news.changed() => changed.is_ok(),
-            () = tokio::time::sleep(limit) => true,
-            () = self.shutdown.cancelled() => false,
-            () = tx.closed() => false,
+            changed = follow.news.changed() => if changed.is_ok() { Wake::Look } else { Wake::Drain },
+            () = tokio::time::sleep(limit) => Wake::Look,
+            () = self.shutdown.cancelled() => Wake::Drain,
+            () = tx.closed() => Wake::Gone,
         }
     }
+}
+
+/// Why a relay woke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wake {
+    /// News, or time to look anyway.
+    Look,
+    /// The server drains: send a last resume point, then UNAVAILABLE.
+    Drain,
+    /// The client went away.
+    Gone,
+}
+
+/// What a draining server ends every stream with, after its last resume point.
+fn draining() -> Status {
+    Status::unavailable("the server is shutting down: resume the stream on another replica")
 }
 
 struct TaskRelay {
@@ -210,185 +240,27 @@ impl TaskRelay {
                 }
             }
             let until_beat = self.watches.heartbeat().saturating_sub(last_sent.elapsed());
-            if idle && !self.watches.wait(&mut follow, until_beat, &tx).await {
-                return;
-            }
-        }
-    }
-}
-
-struct SetRelay {
-    watches: Watches,
-    filter: TaskFilter,
-    fingerprint: String,
-    /// Tasks this stream has shown as matching; `None` after a resume.
-    known: Option<HashSet<TaskId>>,
-    /// The version this stream last accounted for, per task it has seen.
-    versions: HashMap<TaskId, i64>,
-    mark: Option<u64>,
-}
-
-impl SetRelay {
-    fn token(&self, mark: u64) -> String {
-        self.watches.tokens.sign("watch", &self.fingerprint, &mark)
-    }
-
-    async fn run(mut self, tx: Sender<v1::WatchTasksResponse>) {
-        let _open = metrics().watch_stream("tasks");
-        if let Err(status) = self.serve(&tx).await {
-            let _ = tx.send(Err(status)).await;
-        }
-    }
-
-    async fn serve(&mut self, tx: &Sender<v1::WatchTasksResponse>) -> Result<(), Status> {
-        let store = self.watches.store.clone();
-        let plain = |e| to_status(e, Fields::Plain);
-        let mut follow = self.watches.hub.follow(channels::TASKS.to_owned());
-        let mut mark = match self.mark {
-            Some(mark) => mark,
-            None => {
-                // The watermark first: anything committed after it is also in the feed.
-                let mark = store.watermark().await.map_err(plain)?;
-                if !self.snapshot(tx, mark).await? {
-                    return Ok(());
-                }
-                mark
-            }
-        };
-        let mut last_sent = Instant::now();
-        let mut last_news = Instant::now();
-        loop {
-            // A change announced now may still sit above the watermark (an older
-            // transaction is open): keep looking briefly after news, then rest until the
-            // next news or heartbeat.
-            let limit = if last_news.elapsed() < NEWS_SETTLE {
-                self.watches.poll()
-            } else {
-                self.watches.heartbeat().saturating_sub(last_sent.elapsed())
-            };
-            let before = *follow.news.borrow();
-            if !self.watches.wait(&mut follow, limit, tx).await {
-                return Ok(());
-            }
-            if *follow.news.borrow() != before {
-                last_news = Instant::now();
-            }
-            let next = store.watermark().await.map_err(plain)?;
-            let changed = store.changed_tasks(mark, next).await.map_err(plain)?;
-            if !changed.is_empty() {
-                let rows = store.get_tasks(&changed).await.map_err(plain)?;
-                let mut tasks = Vec::with_capacity(rows.len());
-                for row in rows {
-                    tasks.extend(self.changes_of(row).await.map_err(plain)?);
-                }
-                let last = tasks.len().saturating_sub(1);
-                for (i, task) in tasks.iter().enumerate() {
-                    // Until the whole batch is out, resuming must replay it: only the
-                    // last message moves the token past it.
-                    let token = self.token(if i == last { next } else { mark });
-                    let kind = if self.filter.matches(task) {
-                        if let Some(known) = &mut self.known {
-                            known.insert(task.task_id);
+            if idle {
+                match self.watches.wait(&mut follow, until_beat, &tx).await {
+                    Wake::Look => {}
+                    Wake::Gone => return,
+                    Wake::Drain => {
+                        // The last version sent is where the client resumes.
+                        let beat = v1::WatchTaskResponse {
+                            kind: Some(watch_task_response::Kind::Heartbeat(v1::Heartbeat {
+                                version: self.next - 1,
+                                resume_token: String::new(),
+                                sent_at: Some(now()),
+                            })),
+                        };
+                        if tx.send(Ok(beat)).await.is_ok() {
+                            let _ = tx.send(Err(draining())).await;
                         }
-                        watch_tasks_response::Kind::Task(convert::task(task))
-                    } else if self.known.as_mut().is_none_or(|k| k.remove(&task.task_id)) {
-                        watch_tasks_response::Kind::Left(v1::TaskLeft {
-                            task_id: task.task_id.to_string(),
-                            version: task.version,
-                        })
-                    } else {
-                        continue;
-                    };
-                    if tx.send(Ok(msg(kind, token))).await.is_err() {
-                        return Ok(());
+                        return;
                     }
-                    last_sent = Instant::now();
                 }
-            }
-            mark = next;
-            if last_sent.elapsed() >= self.watches.heartbeat() {
-                let beat = watch_tasks_response::Kind::Heartbeat(v1::Heartbeat {
-                    version: 0,
-                    resume_token: self.token(mark),
-                    sent_at: Some(now()),
-                });
-                if tx.send(Ok(msg(beat, self.token(mark)))).await.is_err() {
-                    return Ok(());
-                }
-                last_sent = Instant::now();
             }
         }
-    }
-
-    /// The task as it stood after each status or phase change since the version this
-    /// stream last showed, ending with its current state. Without an earlier version
-    /// (after a resume) only the current state.
-    async fn changes_of(&mut self, row: Task) -> Result<Vec<Task>, taskpod_core::Error> {
-        let previous = self.versions.insert(row.task_id, row.version);
-        let Some(previous) = previous.filter(|p| row.version > p + 1) else {
-            return Ok(vec![row]);
-        };
-        let events: Vec<Event> = self
-            .watches
-            .store
-            .read_stream(row.task_id, 1, row.version as usize)
-            .await?
-            .into_iter()
-            .map(|e| e.event)
-            .collect();
-        let mut out = Vec::new();
-        let mut shown = TaskState::replay(row.task_id, &events[..previous as usize])?;
-        for v in previous + 1..row.version {
-            let state = TaskState::replay(row.task_id, &events[..v as usize])?;
-            if (state.status, state.phase) != (shown.status, shown.phase) {
-                out.push(at_state(&row, &state));
-                shown = state;
-            }
-        }
-        out.push(row);
-        Ok(out)
-    }
-
-    /// Sends every matching task, then `snapshot_done`. False when the client left.
-    async fn snapshot(
-        &mut self,
-        tx: &Sender<v1::WatchTasksResponse>,
-        mark: u64,
-    ) -> Result<bool, Status> {
-        let token = self.token(mark);
-        let mut after = None;
-        loop {
-            let page = self
-                .watches
-                .store
-                .list_tasks(&ListQuery {
-                    filter: self.filter.clone(),
-                    order: TaskOrder {
-                        field: SortField::CreatedAt,
-                        direction: SortDirection::Asc,
-                    },
-                    page_size: 1000,
-                    after,
-                })
-                .await
-                .map_err(|e| to_status(e, Fields::Plain))?;
-            for task in &page.tasks {
-                if let Some(known) = &mut self.known {
-                    known.insert(task.task_id);
-                }
-                self.versions.insert(task.task_id, task.version);
-                let kind = watch_tasks_response::Kind::Task(convert::task(task));
-                if tx.send(Ok(msg(kind, token.clone()))).await.is_err() {
-                    return Ok(false);
-                }
-            }
-            match page.next {
-                Some(c) => after = Some(c),
-                None => break,
-            }
-        }
-        let done = watch_tasks_response::Kind::SnapshotDone(v1::SnapshotDone {});
-        Ok(tx.send(Ok(msg(done, token))).await.is_ok())
     }
 }
 

@@ -344,6 +344,7 @@ mod tests {
                     },
                     page_size: 1000,
                     after: None,
+                    view: Default::default(),
                 })
                 .await
                 .unwrap();

@@ -39,3 +39,12 @@ impl Context {
         })
     }
 }
+
+/// The view a list or watch asks for: FULL with `--full`, else BASIC.
+pub fn view(full: bool) -> i32 {
+    if full {
+        taskpod_proto::v1::TaskView::Full as i32
+    } else {
+        taskpod_proto::v1::TaskView::Basic as i32
+    }
+}

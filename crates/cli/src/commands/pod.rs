@@ -58,6 +58,9 @@ pub struct ListArgs {
     /// Pods per call (1-1000) [default: 1000, or --limit if smaller]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub page_size: Option<u16>,
+    /// Include each task's payload and description (the FULL view; lists leave them out)
+    #[arg(long)]
+    pub full: bool,
 }
 
 fn task_of(task: Option<v1::Task>) -> Result<v1::Task, CliError> {
@@ -155,6 +158,7 @@ async fn list(ctx: &Context, args: ListArgs) -> Result<(), CliError> {
             .list_active_pods(client.request(v1::ListActivePodsRequest {
                 page_size: i32::try_from(size).unwrap_or(1000),
                 page_token: token.clone(),
+                view: crate::commands::view(args.full),
             }))
             .await?
             .into_inner();

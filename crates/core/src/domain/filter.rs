@@ -345,6 +345,17 @@ impl FilterExpr {
             FilterExpr::Compare { field, op, value } => compare(*field, *op, value, task),
         }
     }
+
+    /// Whether any comparison in the expression names `field`.
+    pub fn mentions(&self, field: FilterField) -> bool {
+        match self {
+            FilterExpr::And(items) | FilterExpr::Or(items) => {
+                items.iter().any(|e| e.mentions(field))
+            }
+            FilterExpr::Not(inner) => inner.mentions(field),
+            FilterExpr::Compare { field: f, .. } => *f == field,
+        }
+    }
 }
 
 fn compare(field: FilterField, op: CompareOp, value: &FilterValue, task: &Task) -> bool {

@@ -10,9 +10,13 @@ use tracing::instrument;
 
 use super::Store;
 use super::errors::from_sqlx;
+use chrono::{DateTime, Utc};
+
+use super::errors::corrupt;
+use super::query::{RecordedEvent, TaskFilter, View, push_filter, select_tasks};
 use super::rows::{TaskRow, task_columns};
 use super::traced::Traced as _;
-use crate::domain::{Task, TaskId};
+use crate::domain::{Event, Task, TaskId};
 use crate::error::Error;
 
 impl Store {
@@ -71,5 +75,92 @@ impl Store {
         .await
         .map_err(from_sqlx)?;
         rows.into_iter().map(Task::try_from).collect()
+    }
+
+    /// The tasks with events written by transactions from `from` on, committed now or
+    /// above any watermark: what changed since a resume point.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    pub async fn changed_since(&self, from: u64) -> Result<Vec<TaskId>, Error> {
+        self.changed_tasks(from, u64::MAX).await
+    }
+
+    /// The rows among `ids` that match `filter`, or that are in `also` whatever they
+    /// match: a watch stream reads the changed tasks it shows or follows, and never the
+    /// payload of one it does neither with.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    #[instrument(skip_all, fields(ids = ids.len(), also = also.len()))]
+    pub async fn changed_rows(
+        &self,
+        ids: &[TaskId],
+        filter: &TaskFilter,
+        also: &[TaskId],
+        view: View,
+    ) -> Result<Vec<Task>, Error> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let uuids = |ids: &[TaskId]| ids.iter().map(TaskId::as_uuid).collect::<Vec<_>>();
+        let mut qb = select_tasks(view);
+        qb.push(" AND t.task_id = ANY(")
+            .push_bind(uuids(ids))
+            .push(") AND ((TRUE");
+        push_filter(&mut qb, filter);
+        qb.push(") OR t.task_id = ANY(")
+            .push_bind(uuids(also))
+            .push("))");
+        let rows: Vec<TaskRow> = qb
+            .build_query_as()
+            .fetch_all(&self.pool)
+            .traced("SELECT tasks task_heads")
+            .await
+            .map_err(from_sqlx)?;
+        rows.into_iter().map(Task::try_from).collect()
+    }
+
+    /// The events of `ids` written by transactions below `mark`, by task and version:
+    /// each task's stream as a watch stream resumed at `mark` last showed it.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    #[instrument(skip_all, fields(ids = ids.len(), mark))]
+    pub async fn events_before(
+        &self,
+        ids: &[TaskId],
+        mark: u64,
+    ) -> Result<Vec<RecordedEvent>, Error> {
+        type Row = (
+            uuid::Uuid,
+            i64,
+            String,
+            serde_json::Value,
+            serde_json::Value,
+            DateTime<Utc>,
+        );
+        let uuids: Vec<uuid::Uuid> = ids.iter().map(TaskId::as_uuid).collect();
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT stream_id, version, type, data, metadata, recorded_at FROM events \
+             WHERE stream_id = ANY($1) AND tx_id < $2::text::xid8 ORDER BY stream_id, version",
+        )
+        .bind(uuids)
+        .bind(mark.to_string())
+        .fetch_all(&self.pool)
+        .traced("SELECT events")
+        .await
+        .map_err(from_sqlx)?;
+        rows.into_iter()
+            .map(|(id, version, ty, data, metadata, recorded_at)| {
+                Ok(RecordedEvent {
+                    task_id: TaskId(id),
+                    version,
+                    event: Event::from_parts(&ty, data).map_err(corrupt)?,
+                    metadata: serde_json::from_value(metadata).map_err(corrupt)?,
+                    recorded_at,
+                })
+            })
+            .collect()
     }
 }

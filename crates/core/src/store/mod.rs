@@ -54,7 +54,7 @@ pub use execute::Executed;
 pub use mint::{MintRequest, MintedPod};
 pub use query::{
     Cursor, ListQuery, Page, RecordedEvent, SortDirection, SortField, SortKey, TaskFilter,
-    TaskOrder,
+    TaskOrder, View,
 };
 pub use settings::{Secret, StoreSettings};
 

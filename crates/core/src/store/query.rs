@@ -11,7 +11,7 @@ use tracing::instrument;
 
 use super::Store;
 use super::errors::{corrupt, from_sqlx};
-use super::rows::{TaskRow, state_columns, task_columns};
+use super::rows::{TaskRow, state_columns, task_columns, task_columns_basic};
 use super::traced::Traced as _;
 use crate::domain::filter::{FilterExpr, FilterField, FilterValue};
 use crate::domain::{Event, EventMetadata, Phase, Status, Task, TaskId, TaskState};
@@ -69,6 +69,23 @@ impl TaskFilter {
             && self.priority_max.is_none_or(|max| task.priority <= max)
             && self.expr.as_ref().is_none_or(|e| e.matches(task))
     }
+
+    /// Whether the filter names only fields a task never changes (kind, creator,
+    /// creation time, priority): then a task that does not match now never matched,
+    /// and a watch stream need not look at its past to know.
+    pub fn fixed_per_task(&self) -> bool {
+        self.statuses.is_empty()
+            && self.phases.is_empty()
+            && self.expr.as_ref().is_none_or(|e| {
+                [
+                    FilterField::Status,
+                    FilterField::Phase,
+                    FilterField::UpdatedAt,
+                ]
+                .into_iter()
+                .all(|f| !e.mentions(f))
+            })
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -118,6 +135,30 @@ pub struct ListQuery {
     /// As the caller sent it; see [`page_size`].
     pub page_size: i64,
     pub after: Option<Cursor>,
+    pub view: View,
+}
+
+/// How much of each task a read returns (AIP-157).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum View {
+    /// Every field.
+    #[default]
+    Full,
+    /// Without payload and description (empty and null): what a listing shows. They
+    /// are the two large fields, and not read from the table at all.
+    Basic,
+}
+
+impl Cursor {
+    /// The cursor that continues a scan in `order` right after `task`: how a page cut
+    /// short (by bytes) ends.
+    pub fn after(order: TaskOrder, task: &Task) -> Self {
+        Self {
+            key: sort_key(order.field, task),
+            task_id: task.task_id,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -184,11 +225,7 @@ impl Store {
     pub async fn list_tasks(&self, query: &ListQuery) -> Result<Page, Error> {
         let limit = page_size(query.page_size)?;
         let (column, dir, cmp) = order_sql(query.order);
-        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(concat!(
-            "SELECT ",
-            task_columns!(),
-            " FROM tasks t JOIN task_heads h ON h.task_id = t.task_id WHERE TRUE"
-        ));
+        let mut qb = select_tasks(query.view);
         push_filter(&mut qb, &query.filter);
         if let Some(cursor) = &query.after {
             qb.push(format_args!(" AND ({column}, t.task_id) {cmp} ("));
@@ -315,7 +352,24 @@ fn sort_key(field: SortField, task: &Task) -> SortKey {
     }
 }
 
-fn push_filter(qb: &mut QueryBuilder<Postgres>, f: &TaskFilter) {
+/// `SELECT` of a view's task columns from `tasks t JOIN task_heads h`, ready for
+/// ` AND ...` conditions.
+pub(super) fn select_tasks(view: View) -> QueryBuilder<Postgres> {
+    QueryBuilder::new(match view {
+        View::Full => concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks t JOIN task_heads h ON h.task_id = t.task_id WHERE TRUE"
+        ),
+        View::Basic => concat!(
+            "SELECT ",
+            task_columns_basic!(),
+            " FROM tasks t JOIN task_heads h ON h.task_id = t.task_id WHERE TRUE"
+        ),
+    })
+}
+
+pub(super) fn push_filter(qb: &mut QueryBuilder<Postgres>, f: &TaskFilter) {
     if !f.statuses.is_empty() {
         let v: Vec<&str> = f.statuses.iter().map(Status::as_str).collect();
         qb.push(" AND t.status = ANY(").push_bind(v).push(")");

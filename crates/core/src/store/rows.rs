@@ -27,6 +27,17 @@ macro_rules! task_columns {
 }
 pub(crate) use task_columns;
 
+/// [`task_columns!`] without the payload and description (a BASIC view): an empty
+/// description and a JSON null in their places, so rows decode the same way.
+macro_rules! task_columns_basic {
+    () => {
+        "t.task_id, t.title, ''::text, t.kind, 'null'::jsonb, t.metadata, t.priority, \
+         t.partition, t.status, t.phase, t.last_error, t.created_at, t.updated_at, \
+         t.created_by, h.version, h.pod_epoch, h.pod_state, h.owner_node, h.pod_started_at"
+    };
+}
+pub(crate) use task_columns_basic;
+
 #[derive(sqlx::FromRow)]
 pub(crate) struct StateRow {
     task_id: Uuid,

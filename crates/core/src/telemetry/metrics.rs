@@ -144,6 +144,7 @@ pub struct Metrics {
     pod_restarts: Family<NodeLabels, Counter>,
     failover_adoption: Latencies<NodeLabels>,
     watch_streams: Family<StreamLabels, Gauge>,
+    watch_tracked: Gauge,
     watch_lag: LatencyHistogram,
     bus_publish_failures: Counter,
     build_info: Family<BuildLabels, Gauge>,
@@ -169,6 +170,7 @@ struct Otel {
     pod_restarts: OtelCounter<u64>,
     failover_adoption: Histogram<f64>,
     watch_streams: UpDownCounter<i64>,
+    watch_tracked: UpDownCounter<i64>,
     watch_lag: Histogram<f64>,
     bus_publish_failures: OtelCounter<u64>,
     build_info: OtelGauge<i64>,
@@ -205,6 +207,7 @@ impl Metrics {
             pod_restarts: Family::default(),
             failover_adoption: Family::new_with_constructor(failover_latency),
             watch_streams: Family::default(),
+            watch_tracked: Gauge::default(),
             watch_lag: latency(),
             bus_publish_failures: Counter::default(),
             build_info: Family::default(),
@@ -288,6 +291,11 @@ impl Metrics {
                 "taskpod_watch_streams",
                 "Watch streams open on this replica",
                 self.watch_streams.clone(),
+            );
+            r.register(
+                "taskpod_watch_tracked",
+                "Tasks the WatchTasks streams on this replica follow (the entries they keep)",
+                self.watch_tracked.clone(),
             );
             r.register_with_unit(
                 "taskpod_watch_lag",
@@ -539,6 +547,19 @@ impl Metrics {
         }
     }
 
+    /// WatchTasks streams follow `delta` more tasks (fewer when negative).
+    pub fn watch_tracked(&self, delta: i64) {
+        self.watch_tracked.inc_by(delta);
+        if let Some(o) = self.otel.get() {
+            o.watch_tracked.add(delta, &[]);
+        }
+    }
+
+    /// Tasks the WatchTasks streams of this process follow.
+    pub fn watch_tracked_now(&self) -> i64 {
+        self.watch_tracked.get()
+    }
+
     /// A change reached a watch stream `seconds` after it committed.
     pub fn watch_lag(&self, seconds: f64) {
         self.watch_lag.observe(seconds.max(0.0), exemplar(), None);
@@ -661,6 +682,13 @@ impl Otel {
                 .i64_up_down_counter("taskpod.watch.streams")
                 .with_unit("{stream}")
                 .with_description("Watch streams open on this replica")
+                .build(),
+            watch_tracked: m
+                .i64_up_down_counter("taskpod.watch.tracked")
+                .with_unit("{task}")
+                .with_description(
+                    "Tasks the WatchTasks streams on this replica follow (the entries they keep)",
+                )
                 .build(),
             watch_lag: seconds(
                 "taskpod.watch.lag",

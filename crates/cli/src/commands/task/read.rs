@@ -34,6 +34,9 @@ pub struct ListArgs {
     /// Continue a listing from a previous `-o json` output's next_page_token
     #[arg(long, value_name = "TOKEN")]
     pub page_token: Option<String>,
+    /// Include each task's payload and description (the FULL view; lists leave them out)
+    #[arg(long)]
+    pub full: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -135,6 +138,7 @@ pub async fn list(ctx: &Context, args: ListArgs) -> Result<(), CliError> {
         filter: args.filter.filter(),
         criteria: args.filter.criteria(),
         order_by: args.order_by.clone().unwrap_or_default(),
+        view: crate::commands::view(args.full),
     };
     let format = ctx.format;
     let mut tasks: Vec<v1::Task> = Vec::new();

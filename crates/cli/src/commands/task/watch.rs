@@ -40,6 +40,9 @@ pub struct WatchArgs {
     /// Watches every task an AIP-160 filter matches: the current ones, then each change
     #[arg(long, value_name = "EXPR")]
     pub filter: Option<String>,
+    /// With --filter: include each task's payload and description (the FULL view)
+    #[arg(long, requires = "filter")]
+    pub full: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -61,6 +64,16 @@ fn retryable(status: &Status) -> bool {
         Code::Internal => status.message().starts_with("h2 protocol error"),
         _ => false,
     }
+}
+
+/// Whether the server refused a WatchTasks resume token as too old.
+fn token_expired(status: &Status) -> bool {
+    use tonic_types::StatusExt as _;
+    status.code() == Code::FailedPrecondition
+        && status
+            .get_error_details()
+            .error_info()
+            .is_some_and(|info| info.reason == "RESUME_TOKEN_EXPIRED")
 }
 
 /// Retries with backoff while failures are retryable and the last contact with the
@@ -277,7 +290,7 @@ pub async fn follow_task(
 pub async fn watch(ctx: &Context, args: WatchArgs) -> Result<(), CliError> {
     match (args.id, args.filter) {
         (Some(id), _) => watch_one(ctx, &id, args.since_version.unwrap_or(1)).await,
-        (None, Some(filter)) => watch_many(ctx, filter).await,
+        (None, Some(filter)) => watch_many(ctx, filter, args.full).await,
         (None, None) => Err(CliError::Usage("give a task id or --filter".into())),
     }
 }
@@ -340,7 +353,7 @@ fn print_row(table: &StreamTable, line: ManyLine, wide: bool) -> Result<(), CliE
     }
 }
 
-async fn watch_many(ctx: &Context, filter: String) -> Result<(), CliError> {
+async fn watch_many(ctx: &Context, filter: String, full: bool) -> Result<(), CliError> {
     use v1::watch_tasks_response::Kind;
 
     let client = &ctx.client;
@@ -368,6 +381,7 @@ async fn watch_many(ctx: &Context, filter: String) -> Result<(), CliError> {
             filter: filter.clone(),
             criteria: None,
             resume_token: resume_token.clone(),
+            view: crate::commands::view(full),
         });
         let resume = if resume_token.is_empty() {
             "from the start"
@@ -376,6 +390,13 @@ async fn watch_many(ctx: &Context, filter: String) -> Result<(), CliError> {
         };
         let mut stream = match client.grpc().watch_tasks(request).await {
             Ok(response) => response.into_inner(),
+            Err(status) if !resume_token.is_empty() && token_expired(&status) => {
+                // Away longer than a token lives: start over; the new snapshot replaces
+                // what was shown.
+                eprintln!("taskpod: the resume token expired; watching again from the start");
+                resume_token.clear();
+                continue;
+            }
             Err(status) => {
                 reconnect.after_failure(status, resume).await?;
                 continue;
