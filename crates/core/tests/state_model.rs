@@ -599,6 +599,7 @@ fn policy() -> impl Strategy<Value = RestartPolicy> {
             backoff_base: Duration::from_millis(base_ms),
             backoff_max: Duration::from_millis(max_ms),
             max_node_losses,
+            ..RestartPolicy::default()
         },
     )
 }

@@ -85,6 +85,7 @@ async fn a_backoff_is_read_as_the_time_left_by_postgres_clock(
         backoff_base: Duration::from_secs(30),
         backoff_max: Duration::from_secs(30),
         max_node_losses: 5,
+        ..RestartPolicy::default()
     };
     let outcome = store
         .record_crash(

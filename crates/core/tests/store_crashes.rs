@@ -9,7 +9,7 @@ use common::{pod_meta, running_pod, running_pods, store};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use taskpod_core::Error;
 use taskpod_core::domain::restart::{CrashKind, RestartPolicy};
-use taskpod_core::domain::{Event, Status};
+use taskpod_core::domain::{Event, Status, TaskId};
 use taskpod_core::store::AppendFence;
 use taskpod_core::store::crashes::{CrashOutcome, CrashReport};
 
@@ -20,6 +20,7 @@ fn policy(backoff: Duration) -> RestartPolicy {
         backoff_base: backoff,
         backoff_max: backoff * 8,
         max_node_losses: 1,
+        ..RestartPolicy::default()
     }
 }
 
@@ -722,4 +723,91 @@ async fn regression_output_of_a_retired_epoch_is_refused(_: PgPoolOptions, opts:
     let stored = store.read_output(task).await.unwrap();
     assert_eq!(stored.len(), 1, "{stored:?}");
     assert_eq!(stored[0].data, b"before the cut\n");
+}
+
+/// Found by the partition suite: an adopter waited the fence margin only when it had
+/// recorded the loss itself, so a task whose loss another node recorded ran its `exec`
+/// program 0.8-2.4 s after the loss (margin 4.3 s). The margin is now the recorded
+/// restart's `not_before`, whoever records it, by single and batched recorders alike,
+/// for node losses and interruptions, and only for the kinds that need it.
+#[sqlx::test(migrations = "../../migrations")]
+async fn regression_a_pod_lost_with_its_node_waits_the_adoption_margin_whoever_adopts(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    use taskpod_core::store::crash_batch::CrashItem;
+    let store = store(opts).await;
+    let policy = RestartPolicy {
+        adoption_margin: Duration::from_secs(5),
+        adoption_margin_kinds: vec!["exec".into()],
+        ..policy(Duration::ZERO)
+    };
+    let margin_of = |outcome: &CrashOutcome| match outcome {
+        CrashOutcome::Restart { after, .. } => *after,
+        other => panic!("expected a restart, got {other:?}"),
+    };
+    let generation_of = |task: TaskId| {
+        let store = store.clone();
+        async move {
+            let partition = store.get_task(task).await.unwrap().partition;
+            store.partitions().await.unwrap()[partition as usize].generation
+        }
+    };
+    let report = |task, epoch, node, kind| CrashReport {
+        task_id: task,
+        epoch,
+        node: Some(node),
+        reason: "lost".into(),
+        kind,
+    };
+    for (kind, lost, expected) in [
+        ("exec", CrashKind::NodeLost, Duration::from_secs(5)),
+        ("exec", CrashKind::Interrupted, Duration::from_secs(5)),
+        ("sleep", CrashKind::NodeLost, Duration::ZERO),
+        ("exec", CrashKind::Handler, Duration::ZERO),
+    ] {
+        let (task, epoch, live) = running_pod(&store, kind).await;
+        let generation = generation_of(task).await;
+        let outcome = store
+            .record_crash(
+                &report(task, epoch, live.id, lost),
+                live.id,
+                generation,
+                &policy,
+                0.0,
+                &pod_meta(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(margin_of(&outcome), expected, "{kind} {lost:?}");
+        let waits: f64 = sqlx::query_scalar(
+            "SELECT extract(epoch FROM not_before - now())::float8 FROM task_heads WHERE task_id = $1",
+        )
+        .bind(task.as_uuid())
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert!(
+            (waits - expected.as_secs_f64()).abs() < 1.0,
+            "{kind} {lost:?}: not_before is {waits} s away"
+        );
+    }
+    // The batched recorder decides alike.
+    let (task, epoch, live) = running_pod(&store, "exec").await;
+    let answers = store
+        .record_crashes(
+            &[CrashItem {
+                report: report(task, epoch, live.id, CrashKind::NodeLost),
+                generation: generation_of(task).await,
+                jitter: 0.0,
+                metadata: pod_meta(),
+            }],
+            live.id,
+            &policy,
+        )
+        .await;
+    assert_eq!(
+        margin_of(answers[0].as_ref().unwrap()),
+        Duration::from_secs(5)
+    );
 }

@@ -96,6 +96,9 @@ impl Config {
                 backoff_base: Duration::from_millis(50),
                 backoff_max: Duration::from_millis(400),
                 max_node_losses: 4,
+                adoption_margin: Duration::from_millis(300),
+                // The model has no `exec`; `sleep` stands in so adoptions wait a margin.
+                adoption_margin_kinds: vec!["sleep".to_owned()],
             },
         }
     }

@@ -3,7 +3,6 @@
 //! handler's reaction time, and it writes nothing once its epoch is stale.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use taskpod_core::bus::Publisher;
 use taskpod_core::domain::{EventMetadata, NodeId, Task, TaskState};
@@ -29,9 +28,6 @@ pub(crate) struct PodSpec {
     pub state: TaskState,
     pub epoch: i64,
     pub checkpoint: Option<Checkpoint>,
-    /// Wait this long before running the handler: an adopted `exec` pod gives the old
-    /// owner time to fence itself and kill its children.
-    pub fence_margin: Option<Duration>,
     /// The trace this pod continues: its claim's span, or (when this worker does not
     /// trace) the context the request left on the task, passed on unchanged.
     pub trace: Option<String>,
@@ -132,15 +128,6 @@ pub(crate) async fn run(
             return PodExit::Stopped;
         }
     };
-    if let Some(margin) = spec.fence_margin {
-        tokio::select! {
-            () = tokio::time::sleep(margin) => {}
-            () = stop.cancelled() => {
-                pod.stopped_cleanly("stopped during the fence margin").await;
-                return PodExit::Stopped;
-            }
-        }
-    }
     match pod.started(node).await {
         Ok(()) => {}
         Err(HandlerError::Fenced) => return PodExit::Fenced,
@@ -230,7 +217,6 @@ mod tests {
             state,
             epoch: 1,
             checkpoint: None,
-            fence_margin: None,
             trace: None,
             adopted: None,
         };

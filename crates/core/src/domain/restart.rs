@@ -45,6 +45,16 @@ pub struct RestartPolicy {
     pub backoff_max: Duration,
     /// Node losses tolerated within the window before the task is failed as poison.
     pub max_node_losses: u32,
+    /// How long after a pod's loss with its node (or an interruption) is recorded a
+    /// successor may start it, for the kinds in `adoption_margin_kinds`: those whose
+    /// work outlives the worker process (`exec` programs), which the old owner's fence
+    /// and kill must end first (docs/architecture.md, "Side effects"). It is recorded
+    /// as the task's `not_before`, so whichever node adopts the task waits it, counted
+    /// from the transaction that recorded the loss.
+    #[serde(default)]
+    pub adoption_margin: Duration,
+    #[serde(default)]
+    pub adoption_margin_kinds: Vec<String>,
 }
 
 impl Default for RestartPolicy {
@@ -55,6 +65,8 @@ impl Default for RestartPolicy {
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
             max_node_losses: 5,
+            adoption_margin: Duration::ZERO,
+            adoption_margin_kinds: Vec::new(),
         }
     }
 }
@@ -90,6 +102,16 @@ impl RestartPolicy {
         }
         RestartDecision::Restart {
             delay: self.backoff(handler_crashes.max(1), jitter),
+        }
+    }
+
+    /// The least delay before a successor of a pod lost with its node may start, for a
+    /// task of `kind`.
+    pub fn adoption_delay(&self, kind: &str) -> Duration {
+        if self.adoption_margin_kinds.iter().any(|k| k == kind) {
+            self.adoption_margin
+        } else {
+            Duration::ZERO
         }
     }
 

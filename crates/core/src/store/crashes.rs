@@ -191,11 +191,19 @@ pub(super) fn decide_crash(
     if before.status != Status::Active {
         return (events, CrashOutcome::Ended, None);
     }
+    // A pod lost with its node may still be running there until the old owner's fence
+    // and kill: its successor waits the adoption margin, whoever adopts it.
+    let adoption = match report.kind {
+        CrashKind::Handler => Duration::ZERO,
+        CrashKind::NodeLost | CrashKind::Interrupted => policy.adoption_delay(&before.kind),
+    };
     if report.kind == CrashKind::Interrupted {
-        return (events, CrashOutcome::Ended, Some(Duration::ZERO));
+        return (events, CrashOutcome::Ended, Some(adoption));
     }
     match policy.decide(clamp(counts.0), clamp(counts.1), jitter) {
-        RestartDecision::Restart { delay } => (events, CrashOutcome::Ended, Some(delay)),
+        RestartDecision::Restart { delay } => {
+            (events, CrashOutcome::Ended, Some(delay.max(adoption)))
+        }
         RestartDecision::Fail { error } => {
             events.push(Event::TaskFailed {
                 error: format!("{error}; last: {}", report.reason),

@@ -32,6 +32,8 @@ pub fn policy() -> RestartPolicy {
         backoff_base: Duration::ZERO,
         backoff_max: Duration::ZERO,
         max_node_losses: 2,
+        adoption_margin: Duration::ZERO,
+        adoption_margin_kinds: Vec::new(),
     }
 }
 

@@ -510,16 +510,24 @@ impl Model {
             reason: format!("{} of epoch {epoch}", kind.as_str()),
             kind,
         }];
+        // As the store: a pod lost with its node waits the adoption margin of its kind.
+        let adoption = match kind {
+            CrashKind::Handler => 0,
+            CrashKind::NodeLost | CrashKind::Interrupted => {
+                self.policy.adoption_delay(&before.kind).as_millis() as Millis
+            }
+        };
         let (answer, delay) = if before.status != Status::Active {
             (CrashAnswer::Ended, None)
         } else if kind == CrashKind::Interrupted {
-            (CrashAnswer::Ended, Some(0))
+            (CrashAnswer::Ended, Some(adoption))
         } else {
             let (handler, lost) = self.crash_counts(task);
             match self.policy.decide(handler, lost, jitter) {
-                RestartDecision::Restart { delay } => {
-                    (CrashAnswer::Ended, Some(delay.as_millis() as Millis))
-                }
+                RestartDecision::Restart { delay } => (
+                    CrashAnswer::Ended,
+                    Some((delay.as_millis() as Millis).max(adoption)),
+                ),
                 RestartDecision::Fail { error } => {
                     events.push(Event::TaskFailed {
                         error,

@@ -198,7 +198,6 @@ impl Controller {
             state: minted.state,
             epoch,
             checkpoint: minted.checkpoint,
-            fence_margin: (adopted && kind == "exec").then(|| self.settings.fence_margin()),
             trace: trace.clone(),
             adopted: adopted
                 .then_some(self.peer_lost_at)

@@ -148,7 +148,7 @@ impl Controller {
         let io = RecorderIo {
             store: store.clone(),
             bus: bus.clone(),
-            policy: settings.restart.policy(),
+            policy: settings.restart_policy(),
             name: settings.name.clone(),
         };
         services.start(
@@ -361,7 +361,9 @@ impl Controller {
         let Some(inc) = self.incarnation.take() else {
             return;
         };
-        tracing::warn!(node = %inc.node(), pods = self.pods.running(), why, "fencing");
+        // The same words as the fence watcher's: whichever notices first, an operator
+        // (and the partition suite's timeline) reads one line for a self-fence.
+        tracing::warn!(node = %inc.node(), pods = self.pods.running(), why, "fencing every pod");
         self.previous = Some((inc.node(), inc.live().clone()));
         inc.abandon();
         self.pods.stop_all();

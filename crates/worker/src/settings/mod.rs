@@ -236,6 +236,8 @@ impl RestartSettings {
             backoff_base: Duration::from_millis(self.backoff_base_ms),
             backoff_max: Duration::from_millis(self.backoff_max_ms),
             max_node_losses: self.max_node_losses,
+            adoption_margin: Duration::ZERO,
+            adoption_margin_kinds: Vec::new(),
         }
     }
 }
@@ -386,6 +388,17 @@ impl WorkerSettings {
     /// alive: one ping interval for the next ping to start, one timeout for it to fail.
     pub fn lock_detection_bound(&self) -> Duration {
         Duration::from_millis(self.lock.ping_interval_ms + self.lock.ping_timeout_ms)
+    }
+
+    /// The restart policy crash records are decided by: the operator's limits, and the
+    /// fence margin for `exec` tasks lost with their node, so whichever node adopts one
+    /// waits it (recorded as the task's `not_before`).
+    pub fn restart_policy(&self) -> RestartPolicy {
+        RestartPolicy {
+            adoption_margin: self.fence_margin(),
+            adoption_margin_kinds: vec!["exec".to_owned()],
+            ..self.restart.policy()
+        }
     }
 
     /// How long an adopted `exec` pod waits so that the old owner's programs are dead

@@ -44,8 +44,10 @@ pub struct Timeline {
     pub rejoin_owning: Option<i64>,
 }
 
-/// The log line the worker writes when its fence watcher cancels every pod.
-pub const FENCE_LINE: &str = "lock session lost, fencing every pod";
+/// What the worker's log says when it fences every pod: its fence watcher (the lock
+/// session went quiet) and its control loop (the session failed, or the store stopped
+/// answering through the pool) both write it, whichever notices first.
+pub const FENCE_LINE: &str = "fencing every pod";
 
 impl Timeline {
     /// Puts the figures together.
