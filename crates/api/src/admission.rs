@@ -232,8 +232,9 @@ impl Admission {
         self.shared.rate.shrink_to_fit();
     }
 
-    /// Callers the rate limiter remembers (for tests and the gauge of its size).
-    pub fn remembered(&self) -> usize {
+    /// Callers the rate limiter remembers.
+    #[cfg(test)]
+    fn remembered(&self) -> usize {
         self.shared.rate.len()
     }
 

@@ -12,11 +12,10 @@ use super::Store;
 use super::errors::from_sqlx;
 use chrono::{DateTime, Utc};
 
-use super::errors::corrupt;
 use super::query::{RecordedEvent, TaskFilter, View, push_filter, select_tasks};
 use super::rows::{TaskRow, task_columns};
 use super::traced::Traced as _;
-use crate::domain::{Event, Task, TaskId};
+use crate::domain::{Task, TaskId};
 use crate::error::Error;
 
 impl Store {
@@ -153,13 +152,7 @@ impl Store {
         .map_err(from_sqlx)?;
         rows.into_iter()
             .map(|(id, version, ty, data, metadata, recorded_at)| {
-                Ok(RecordedEvent {
-                    task_id: TaskId(id),
-                    version,
-                    event: Event::from_parts(&ty, data).map_err(corrupt)?,
-                    metadata: serde_json::from_value(metadata).map_err(corrupt)?,
-                    recorded_at,
-                })
+                RecordedEvent::decode(TaskId(id), version, &ty, data, metadata, recorded_at)
             })
             .collect()
     }

@@ -178,6 +178,30 @@ pub struct RecordedEvent {
     pub recorded_at: DateTime<Utc>,
 }
 
+impl RecordedEvent {
+    /// An `events` row as stored: the event from its type and data, the metadata from
+    /// its JSON.
+    ///
+    /// # Errors
+    /// [`Error::Internal`] for a row that does not decode.
+    pub(super) fn decode(
+        task_id: TaskId,
+        version: i64,
+        ty: &str,
+        data: serde_json::Value,
+        metadata: serde_json::Value,
+        recorded_at: DateTime<Utc>,
+    ) -> Result<Self, Error> {
+        Ok(Self {
+            task_id,
+            version,
+            event: Event::from_parts(ty, data).map_err(corrupt)?,
+            metadata: serde_json::from_value(metadata).map_err(corrupt)?,
+            recorded_at,
+        })
+    }
+}
+
 impl Store {
     /// Reads one task: the listing row and the head, as committed.
     ///
@@ -320,13 +344,7 @@ impl Store {
         }
         rows.into_iter()
             .map(|(version, ty, data, metadata, recorded_at)| {
-                Ok(RecordedEvent {
-                    task_id,
-                    version,
-                    event: Event::from_parts(&ty, data).map_err(corrupt)?,
-                    metadata: serde_json::from_value(metadata).map_err(corrupt)?,
-                    recorded_at,
-                })
+                RecordedEvent::decode(task_id, version, &ty, data, metadata, recorded_at)
             })
             .collect()
     }
