@@ -69,10 +69,12 @@ pub struct Receiver {
     stop: CancellationToken,
 }
 
-/// One exported span with the `service.name` of the process that sent it.
+/// One exported span with the `service.name` and `service.instance.id` of the process
+/// that sent it.
 #[derive(Clone, Debug)]
 pub struct ReceivedSpan {
     pub service: String,
+    pub instance: String,
     pub span: Span,
 }
 
@@ -122,8 +124,12 @@ fn value_text(value: &AnyValue) -> Option<String> {
 }
 
 fn service_of(resource: Option<&Resource>) -> String {
+    resource_attr(resource, "service.name")
+}
+
+fn resource_attr(resource: Option<&Resource>, key: &str) -> String {
     resource
-        .and_then(|r| attr(&r.attributes, "service.name"))
+        .and_then(|r| attr(&r.attributes, key))
         .unwrap_or_default()
 }
 
@@ -160,11 +166,13 @@ impl Receiver {
             .flat_map(|req| &req.resource_spans)
             .flat_map(|rs| {
                 let service = service_of(rs.resource.as_ref());
+                let instance = resource_attr(rs.resource.as_ref(), "service.instance.id");
                 rs.scope_spans
                     .iter()
                     .flat_map(|ss| &ss.spans)
                     .map(move |span| ReceivedSpan {
                         service: service.clone(),
+                        instance: instance.clone(),
                         span: span.clone(),
                     })
             })

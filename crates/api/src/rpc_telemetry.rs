@@ -1,8 +1,10 @@
 //! Every gRPC call as the OpenTelemetry semantic conventions describe a server call: a
 //! SERVER span named by the method (`taskpod.v1.TaskService/CreateTask`), continuing
 //! the caller's W3C trace context from the request headers, with `rpc.system.name`,
-//! `rpc.method` and `rpc.response.status_code`, and the call's duration in
-//! `rpc.server.call.duration` (with the span's trace as exemplar).
+//! `rpc.method`, `rpc.response.status_code`, `server.address` and `server.port`, and
+//! the call's duration in `rpc.server.call.duration` (with the span's trace as
+//! exemplar). No `rpc.service`: the conventions deprecated it for the fully qualified
+//! `rpc.method` (`taskpod.v1.TaskService/CreateTask`), which holds the service.
 //!
 //! A tower layer around the whole server, not an interceptor, because the status is
 //! known only at the end of the response: in the headers of a trailers-only error, or
@@ -158,7 +160,7 @@ where
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let method = method_of(request.uri().path());
         let span = if traces_exported() {
-            server_span(method, request.headers())
+            server_span(method, &request)
         } else {
             Span::none()
         };
@@ -185,7 +187,8 @@ where
 }
 
 /// The SERVER span of a call, continuing the caller's trace context.
-fn server_span(method: &'static str, headers: &http::HeaderMap) -> Span {
+fn server_span<B>(method: &'static str, request: &http::Request<B>) -> Span {
+    let (address, port) = server_address(request).unzip();
     let span = tracing::info_span!(
         target: spans::TARGET,
         "rpc",
@@ -195,12 +198,49 @@ fn server_span(method: &'static str, headers: &http::HeaderMap) -> Span {
         rpc.system.name = "grpc",
         rpc.method = method,
         rpc.response.status_code = Empty,
+        server.address = address,
+        server.port = port,
         task_id = Empty,
     );
-    let parent = TraceContextPropagator::new().extract(&Headers(headers));
+    let parent = TraceContextPropagator::new().extract(&Headers(request.headers()));
     // A span is built lazily, so the parent set here is the one it starts with.
     let _ = span.set_parent(parent);
     span
+}
+
+/// The longest `:authority` host taken as `server.address` (a DNS name is at most 253
+/// characters): a client's header is not copied onto every span at any length.
+const MAX_HOST: usize = 253;
+
+/// `server.address` and `server.port`: the authority the client called (its name for
+/// this server, behind a load balancer too), else the socket the call came in on.
+fn server_address<B>(request: &http::Request<B>) -> Option<(String, u16)> {
+    let local = local_addr(request.extensions());
+    match request.uri().authority() {
+        Some(a) if a.host().len() <= MAX_HOST => {
+            let default = if request.uri().scheme_str() == Some("https") {
+                443
+            } else {
+                80
+            };
+            let port = a.port_u16().or(local.map(|l| l.port())).unwrap_or(default);
+            Some((a.host().to_owned(), port))
+        }
+        _ => local.map(|l| (l.ip().to_string(), l.port())),
+    }
+}
+
+/// The local end of the call's connection, plain or TLS.
+fn local_addr(extensions: &http::Extensions) -> Option<std::net::SocketAddr> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    extensions
+        .get::<TcpConnectInfo>()
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .map(TlsConnectInfo::get_ref)
+        })
+        .and_then(TcpConnectInfo::local_addr)
 }
 
 /// What is left to record when the response ends.
@@ -308,6 +348,38 @@ mod tests {
         );
         assert_eq!(method_of("/taskpod.v1.TaskService/DropTables"), "_OTHER");
         assert_eq!(method_of("/"), "_OTHER");
+    }
+
+    #[test]
+    fn the_server_address_is_the_called_authority_else_the_local_socket() {
+        let called = http::Request::get("http://api.example:50051/taskpod.v1.TaskService/GetTask")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            server_address(&called),
+            Some(("api.example".to_owned(), 50051))
+        );
+        let tls = http::Request::get("https://api.example/x")
+            .body(())
+            .unwrap();
+        assert_eq!(server_address(&tls), Some(("api.example".to_owned(), 443)));
+        let mut bare = http::Request::get("/x").body(()).unwrap();
+        assert_eq!(server_address(&bare), None);
+        let local = "10.0.0.7:50051".parse().unwrap();
+        bare.extensions_mut()
+            .insert(tonic::transport::server::TcpConnectInfo {
+                local_addr: Some(local),
+                remote_addr: None,
+            });
+        assert_eq!(server_address(&bare), Some(("10.0.0.7".to_owned(), 50051)));
+        let long = format!("http://{}.example/x", "a".repeat(300));
+        let mut long = http::Request::get(long).body(()).unwrap();
+        long.extensions_mut()
+            .insert(tonic::transport::server::TcpConnectInfo {
+                local_addr: Some(local),
+                remote_addr: None,
+            });
+        assert_eq!(server_address(&long), Some(("10.0.0.7".to_owned(), 50051)));
     }
 
     #[test]

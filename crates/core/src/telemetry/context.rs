@@ -29,24 +29,47 @@ pub fn traceparent_of(span: &Span) -> Option<String> {
     carrier.remove(TRACEPARENT)
 }
 
-/// The current span's `traceparent`, else `fallback` (the context this work was
-/// handed, passed on when this process does not trace). A fallback that is not a W3C
-/// traceparent is dropped, as the W3C spec asks of a malformed one, and a valid one is
-/// passed on in its canonical 55 characters: it is stored on every event a call
-/// writes, so a client cannot make that 16 KB.
+/// The current span's context to store, else `fallback` (the context this work was
+/// handed, passed on when this process does not trace): [`traceparent_in`] the current
+/// span. A fallback that is not a W3C traceparent is dropped, as the W3C spec asks of a
+/// malformed one, and a valid one is passed on in its canonical 55 characters: it is
+/// stored on every event a call writes, so a client cannot make that 16 KB.
 pub fn traceparent_or(fallback: Option<&str>) -> Option<String> {
-    traceparent_of(&Span::current()).or_else(|| fallback.and_then(canonical))
+    traceparent_in(&Span::current(), fallback)
 }
 
-/// `traceparent` as version 00 of the W3C format, when it names a valid span.
-pub fn canonical(traceparent: &str) -> Option<String> {
-    let sc = span_context(traceparent)?;
-    Some(format!(
+/// The `traceparent` an event written in `span` stores, for work that was `handed` a
+/// context: the span's own when it is sampled (it will be exported), or when it carries
+/// on the handed trace unsampled (a caller chose not to sample: the choice is passed
+/// on); otherwise the handed one. Never the fresh context of a span the sampler dropped
+/// at the root: nothing exported it, and whoever continued it would inherit "not
+/// sampled" for a trace nobody sampled, which is how a task's phases, completion and
+/// node losses went missing from its trace.
+pub fn traceparent_in(span: &Span, handed: Option<&str>) -> Option<String> {
+    let handed = handed.and_then(span_context);
+    let cx = span.context();
+    let own = cx.span().span_context().clone();
+    let continues_handed = handed
+        .as_ref()
+        .is_some_and(|h| h.trace_id() == own.trace_id());
+    if own.is_valid() && (own.is_sampled() || continues_handed) {
+        return traceparent_of(span);
+    }
+    handed.map(|sc| format_traceparent(&sc))
+}
+
+fn format_traceparent(sc: &SpanContext) -> String {
+    format!(
         "00-{}-{}-{:02x}",
         sc.trace_id(),
         sc.span_id(),
         sc.trace_flags().to_u8()
-    ))
+    )
+}
+
+/// `traceparent` as version 00 of the W3C format, when it names a valid span.
+pub fn canonical(traceparent: &str) -> Option<String> {
+    span_context(traceparent).map(|sc| format_traceparent(&sc))
 }
 
 /// The remote span a `traceparent` names; `None` when it does not parse.
@@ -117,6 +140,47 @@ mod tests {
         ] {
             assert!(span_context(bad).is_none(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_span_dropped_at_the_root_stores_what_it_was_handed_and_a_caller_unsampled_trace_is_kept() {
+        use opentelemetry::trace::TracerProvider as _;
+        use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+        let provider = SdkTracerProvider::builder()
+            .with_sampler(crate::telemetry::sampler::TaskPaths::new(Box::new(
+                Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+            )))
+            .build();
+        let subscriber = crate::telemetry::subscriber(
+            tracing_subscriber::EnvFilter::new("off"),
+            crate::telemetry::LogFormat::Text,
+            Some(provider.tracer("test")),
+        );
+        let handed = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        tracing::subscriber::with_default(subscriber, || {
+            // No parent and no task operation: the sampler drops it, with a fresh id.
+            let root = tracing::info_span!("phase planning");
+            assert!(traceparent_of(&root).is_some_and(|t| t.ends_with("-00")));
+            assert_eq!(traceparent_in(&root, Some(handed)).as_deref(), Some(handed));
+            assert_eq!(traceparent_in(&root, None), None);
+
+            // A span that continues what it was handed stores its own context, in the
+            // handed trace, sampled or (a caller that chose not to sample) not.
+            let stored = |handed: &str| {
+                let pod = tracing::info_span!("taskpod.pod");
+                continue_trace(&pod, Some(handed));
+                traceparent_in(&pod, Some(handed)).unwrap()
+            };
+            let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+            for (given, flags) in [(handed, "-01"), (unsampled, "-00")] {
+                let own = stored(given);
+                assert!(
+                    own.starts_with(&given[..36]) && own.ends_with(flags),
+                    "{own}"
+                );
+                assert_ne!(own[..52], given[..52], "its own span");
+            }
+        });
     }
 
     #[test]

@@ -109,6 +109,16 @@ struct StreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
     service: String,
@@ -140,6 +150,7 @@ pub struct Metrics {
     pods_unplaceable: Family<NodeLabels, Gauge>,
     pods_pending: Gauge,
     pods_pending_oldest: Gauge<f64, AtomicU64>,
+    change_feed_lag: Gauge<f64, AtomicU64>,
     pod_crashes: Family<CrashLabels, Counter>,
     pod_restarts: Family<NodeLabels, Counter>,
     failover_adoption: Latencies<NodeLabels>,
@@ -147,6 +158,8 @@ pub struct Metrics {
     watch_tracked: Gauge,
     watch_lag: LatencyHistogram,
     bus_publish_failures: Counter,
+    bus_publishes_dropped: Family<ReasonLabels, Counter>,
+    bus_subscriptions_lost: Family<CauseLabels, Counter>,
     build_info: Family<BuildLabels, Gauge>,
     /// The OTLP view; unset while nothing exports metrics.
     otel: OnceLock<Otel>,
@@ -166,6 +179,7 @@ struct Otel {
     pods_unplaceable: OtelGauge<i64>,
     pods_pending: OtelGauge<i64>,
     pods_pending_oldest: OtelGauge<f64>,
+    change_feed_lag: OtelGauge<f64>,
     pod_crashes: OtelCounter<u64>,
     pod_restarts: OtelCounter<u64>,
     failover_adoption: Histogram<f64>,
@@ -173,6 +187,8 @@ struct Otel {
     watch_tracked: UpDownCounter<i64>,
     watch_lag: Histogram<f64>,
     bus_publish_failures: OtelCounter<u64>,
+    bus_publishes_dropped: OtelCounter<u64>,
+    bus_subscriptions_lost: OtelCounter<u64>,
     build_info: OtelGauge<i64>,
 }
 
@@ -203,6 +219,7 @@ impl Metrics {
             pods_unplaceable: Family::default(),
             pods_pending: Gauge::default(),
             pods_pending_oldest: Gauge::default(),
+            change_feed_lag: Gauge::default(),
             pod_crashes: Family::default(),
             pod_restarts: Family::default(),
             failover_adoption: Family::new_with_constructor(failover_latency),
@@ -210,6 +227,8 @@ impl Metrics {
             watch_tracked: Gauge::default(),
             watch_lag: latency(),
             bus_publish_failures: Counter::default(),
+            bus_publishes_dropped: Family::default(),
+            bus_subscriptions_lost: Family::default(),
             build_info: Family::default(),
             otel: OnceLock::new(),
         }
@@ -234,6 +253,96 @@ impl Metrics {
                     KeyValue::new("service", service.to_owned()),
                 ],
             );
+        }
+    }
+
+    /// Creates at 0 every series a fresh `role` process can name before anything has
+    /// happened: each kind's tasks created and finished (by terminal status), the
+    /// appends of its writers, the watch streams, and a worker `node`'s crashes by cause,
+    /// restarts and failovers. A dashboard's rate then reads 0 rather than "No data"
+    /// until the first event. Histograms get their series on `/metrics` only: an OTLP
+    /// histogram has no data point without an observation.
+    pub fn known_series(&self, role: Role, node: Option<&str>) {
+        let otel = self.otel.get();
+        let terminal = || {
+            crate::domain::Status::ALL
+                .iter()
+                .filter(|s| s.is_terminal())
+        };
+        for kind in crate::domain::KINDS.iter().map(|k| (*k).to_owned()) {
+            if role != Role::Worker {
+                drop(
+                    self.tasks_created
+                        .get_or_create(&KindLabels { kind: kind.clone() }),
+                );
+                if let Some(o) = otel {
+                    o.tasks_created
+                        .add(0, &[KeyValue::new("kind", kind.clone())]);
+                }
+            }
+            for status in terminal().map(crate::domain::Status::as_str) {
+                let labels = FinishedLabels {
+                    status,
+                    kind: kind.clone(),
+                };
+                drop(self.tasks_finished.get_or_create(&labels));
+                drop(self.task_duration.get_or_create(&labels));
+                if let Some(o) = otel {
+                    let attrs = [
+                        KeyValue::new("status", status),
+                        KeyValue::new("kind", kind.clone()),
+                    ];
+                    o.tasks_finished.add(0, &attrs);
+                }
+            }
+        }
+        let writers: &[&'static str] = match role {
+            Role::Api => &["api"],
+            Role::Worker => &["pod", "worker"],
+            Role::All => &["api", "pod", "worker"],
+        };
+        for writer in writers {
+            drop(self.event_append.get_or_create(&WriterLabels { writer }));
+        }
+        if role != Role::Worker {
+            self.add_watch_stream("task", 0);
+            self.add_watch_stream("tasks", 0);
+        }
+        if let Some(node) = node.filter(|_| role != Role::Api) {
+            self.known_node_series(node);
+        }
+        if let Some(o) = otel {
+            o.bus_publish_failures.add(0, &[]);
+        }
+    }
+
+    /// A worker node's crashes by cause, restarts and failovers, at 0.
+    fn known_node_series(&self, node: &str) {
+        let labels = NodeLabels {
+            node: node.to_owned(),
+        };
+        drop(self.pod_restarts.get_or_create(&labels));
+        drop(self.failover_adoption.get_or_create(&labels));
+        let otel = self.otel.get();
+        if let Some(o) = otel {
+            o.pod_restarts
+                .add(0, &[KeyValue::new("node", node.to_owned())]);
+        }
+        for cause in crate::domain::restart::CrashKind::ALL
+            .iter()
+            .map(|c| c.as_str())
+        {
+            drop(self.pod_crashes.get_or_create(&CrashLabels {
+                node: node.to_owned(),
+                cause,
+            }));
+            if let Some(o) = otel {
+                let attrs = [
+                    KeyValue::new("node", node.to_owned()),
+                    KeyValue::new("cause", cause),
+                ];
+                o.pod_crashes.add(0, &attrs);
+            }
         }
     }
 
@@ -270,10 +379,27 @@ impl Metrics {
             Unit::Seconds,
             self.task_duration.clone(),
         );
+        r.register_with_unit(
+            "taskpod_change_feed_lag",
+            "How long the oldest open writing transaction of taskpod's database has held \
+             the change feed's watermark (0 when none is open)",
+            Unit::Seconds,
+            self.change_feed_lag.clone(),
+        );
         r.register(
             "taskpod_bus_publish_failures",
-            "Publishes to Redis that failed (readers repair from Postgres)",
+            "Attempts to reach Redis to publish (connects, round trips) that failed",
             self.bus_publish_failures.clone(),
+        );
+        r.register(
+            "taskpod_bus_publishes_dropped",
+            "Updates never published (readers repair from Postgres), by reason",
+            self.bus_publishes_dropped.clone(),
+        );
+        r.register(
+            "taskpod_bus_subscriptions_lost",
+            "Subscription connections found dead and replaced, by cause",
+            self.bus_subscriptions_lost.clone(),
         );
         if api {
             r.register_with_unit(
@@ -472,6 +598,20 @@ impl Metrics {
         }
     }
 
+    /// How long the oldest open writing transaction of the database has held the change
+    /// feed's watermark, as the last read of the watermark saw it.
+    pub fn change_feed_lag(&self, seconds: f64) {
+        self.change_feed_lag.set(seconds);
+        if let Some(o) = self.otel.get() {
+            o.change_feed_lag.record(seconds, &[]);
+        }
+    }
+
+    /// The last value [`Metrics::change_feed_lag`] set.
+    pub fn change_feed_lag_now(&self) -> f64 {
+        self.change_feed_lag.get()
+    }
+
     /// Cluster-wide: tasks active without a running pod, and the oldest one's wait.
     pub fn pods_pending(&self, count: i64, oldest_seconds: f64) {
         self.pods_pending.set(count);
@@ -568,6 +708,7 @@ impl Metrics {
         }
     }
 
+    /// A connect to Redis or a publishing round trip failed.
     pub fn bus_publish_failed(&self) {
         self.bus_publish_failures.inc();
         if let Some(o) = self.otel.get() {
@@ -575,9 +716,37 @@ impl Metrics {
         }
     }
 
-    /// Publishes that failed so far in this process.
+    /// Attempts to publish that failed so far in this process.
     pub fn bus_publish_failures(&self) -> u64 {
         self.bus_publish_failures.get()
+    }
+
+    /// `count` updates will never be published; `reason` is `queue_full` (the oldest
+    /// queued, to make room), `failed` (in a round trip that failed) or `stopped` (the
+    /// publisher was stopping or gone).
+    pub fn bus_publishes_dropped(&self, reason: &'static str, count: u64) {
+        if count == 0 {
+            return;
+        }
+        self.bus_publishes_dropped
+            .get_or_create(&ReasonLabels { reason })
+            .inc_by(count);
+        if let Some(o) = self.otel.get() {
+            o.bus_publishes_dropped
+                .add(count, &[KeyValue::new("reason", reason)]);
+        }
+    }
+
+    /// A subscription's connection was found dead: `closed` (by Redis or the network)
+    /// or `unresponsive` (a ping or a subscribe went unanswered).
+    pub fn bus_subscription_lost(&self, cause: &'static str) {
+        self.bus_subscriptions_lost
+            .get_or_create(&CauseLabels { cause })
+            .inc();
+        if let Some(o) = self.otel.get() {
+            o.bus_subscriptions_lost
+                .add(1, &[KeyValue::new("cause", cause)]);
+        }
     }
 }
 
@@ -656,6 +825,14 @@ impl Otel {
                 .with_unit("{task}")
                 .with_description("Tasks active without a running pod, cluster-wide")
                 .build(),
+            change_feed_lag: m
+                .f64_gauge("taskpod.change_feed.lag")
+                .with_unit("s")
+                .with_description(
+                    "How long the oldest open writing transaction of taskpod's database has \
+                     held the change feed's watermark",
+                )
+                .build(),
             pods_pending_oldest: m
                 .f64_gauge("taskpod.pods.pending.oldest")
                 .with_unit("s")
@@ -697,8 +874,22 @@ impl Otel {
             ),
             bus_publish_failures: m
                 .u64_counter("taskpod.bus.publish.failures")
-                .with_unit("{publish}")
-                .with_description("Publishes to Redis that failed (readers repair from Postgres)")
+                .with_unit("{attempt}")
+                .with_description(
+                    "Attempts to reach Redis to publish (connects, round trips) that failed",
+                )
+                .build(),
+            bus_publishes_dropped: m
+                .u64_counter("taskpod.bus.publishes.dropped")
+                .with_unit("{update}")
+                .with_description(
+                    "Updates never published (readers repair from Postgres), by reason",
+                )
+                .build(),
+            bus_subscriptions_lost: m
+                .u64_counter("taskpod.bus.subscriptions.lost")
+                .with_unit("{connection}")
+                .with_description("Subscription connections found dead and replaced, by cause")
                 .build(),
             build_info: m
                 .i64_gauge("taskpod.build.info")
@@ -711,6 +902,12 @@ impl Otel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn assert_has(text: &str, expected: &[&str]) {
+        for e in expected {
+            assert!(text.contains(e), "missing {e}\nin\n{text}");
+        }
+    }
 
     fn text(m: &Metrics, role: Role) -> String {
         let mut out = String::new();
@@ -734,27 +931,65 @@ mod tests {
         m.event_append("api", 0.002);
         m.watch_lag(0.003);
         m.bus_publish_failed();
+        m.bus_publishes_dropped("queue_full", 3);
+        m.bus_subscription_lost("unresponsive");
         let out = text(&m, Role::All);
-        for expected in [
-            r#"rpc_server_call_duration_seconds_bucket{le="0.001",rpc_system_name="grpc",rpc_method="taskpod.v1.TaskService/GetTask",rpc_response_status_code="OK"} 1"#,
-            r#"db_client_operation_duration_seconds_count{db_system_name="postgresql",db_operation_name="SELECT",db_query_summary="SELECT tasks"} 1"#,
-            r#"taskpod_tasks_created_total{kind="sleep"} 3"#,
-            r#"taskpod_tasks_finished_total{status="completed",kind="sleep"} 1"#,
-            r#"taskpod_task_duration_seconds_count{status="completed",kind="sleep"} 1"#,
-            r#"taskpod_pods_running{node="w1"} 4"#,
-            r#"taskpod_partitions_owned{node="w1"} 128"#,
-            "taskpod_pods_pending 2",
-            "taskpod_pods_pending_oldest_seconds 0.5",
-            r#"taskpod_pod_crashes_total{node="w1",cause="handler"} 1"#,
-            r#"taskpod_pod_restarts_total{node="w1"} 1"#,
-            r#"taskpod_failover_adoption_seconds_count{node="w1"} 1"#,
-            r#"taskpod_event_append_seconds_count{writer="api"} 1"#,
-            "taskpod_watch_lag_seconds_count 1",
-            "taskpod_bus_publish_failures_total 1",
-            r#"taskpod_build_info{version=""#,
-        ] {
-            assert!(out.contains(expected), "missing {expected}\nin\n{out}");
-        }
+        assert_has(
+            &out,
+            &[
+                r#"rpc_server_call_duration_seconds_bucket{le="0.001",rpc_system_name="grpc",rpc_method="taskpod.v1.TaskService/GetTask",rpc_response_status_code="OK"} 1"#,
+                r#"db_client_operation_duration_seconds_count{db_system_name="postgresql",db_operation_name="SELECT",db_query_summary="SELECT tasks"} 1"#,
+                r#"taskpod_tasks_created_total{kind="sleep"} 3"#,
+                r#"taskpod_tasks_finished_total{status="completed",kind="sleep"} 1"#,
+                r#"taskpod_task_duration_seconds_count{status="completed",kind="sleep"} 1"#,
+                r#"taskpod_pods_running{node="w1"} 4"#,
+                r#"taskpod_partitions_owned{node="w1"} 128"#,
+                "taskpod_pods_pending 2",
+                "taskpod_pods_pending_oldest_seconds 0.5",
+                r#"taskpod_pod_crashes_total{node="w1",cause="handler"} 1"#,
+                r#"taskpod_pod_restarts_total{node="w1"} 1"#,
+                r#"taskpod_failover_adoption_seconds_count{node="w1"} 1"#,
+                r#"taskpod_event_append_seconds_count{writer="api"} 1"#,
+                "taskpod_watch_lag_seconds_count 1",
+                "taskpod_bus_publish_failures_total 1",
+                r#"taskpod_bus_publishes_dropped_total{reason="queue_full"} 3"#,
+                r#"taskpod_bus_subscriptions_lost_total{cause="unresponsive"} 1"#,
+                r#"taskpod_build_info{version=""#,
+            ],
+        );
+    }
+
+    #[test]
+    fn a_fresh_process_serves_its_known_series_at_zero() {
+        let m = Metrics::new();
+        m.known_series(Role::Api, None);
+        let api = text(&m, Role::Api);
+        assert_has(
+            &api,
+            &[
+                r#"taskpod_tasks_created_total{kind="exec"} 0"#,
+                r#"taskpod_tasks_finished_total{status="cancelled",kind="manual"} 0"#,
+                r#"taskpod_task_duration_seconds_count{status="completed",kind="sleep"} 0"#,
+                r#"taskpod_event_append_seconds_count{writer="api"} 0"#,
+                r#"taskpod_watch_streams{stream="tasks"} 0"#,
+                "taskpod_bus_publish_failures_total 0",
+                "taskpod_watch_lag_seconds_count 0",
+            ],
+        );
+        let m = Metrics::new();
+        m.known_series(Role::Worker, Some("w1"));
+        let worker = text(&m, Role::Worker);
+        assert_has(
+            &worker,
+            &[
+                r#"taskpod_tasks_finished_total{status="failed",kind="exec"} 0"#,
+                r#"taskpod_event_append_seconds_count{writer="pod"} 0"#,
+                r#"taskpod_pod_crashes_total{node="w1",cause="node_lost"} 0"#,
+                r#"taskpod_pod_restarts_total{node="w1"} 0"#,
+                r#"taskpod_failover_adoption_seconds_count{node="w1"} 0"#,
+            ],
+        );
+        assert!(!worker.contains("taskpod_tasks_created"), "{worker}");
     }
 
     #[test]

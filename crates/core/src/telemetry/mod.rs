@@ -8,7 +8,8 @@
 //!   configured, the OTLP exporter;
 //! - [`exposition`]: the `/metrics` endpoint;
 //! - [`spans`]: client spans for Postgres and Redis, messaging spans for the bus;
-//! - [`sampler`]: which spans may start a trace.
+//! - [`sampler`]: which spans may start a trace;
+//! - [`per_call`]: the per-layer filter wrapper that keeps every layer's verdict fresh.
 //!
 //! [`init`] installs it all and returns a [`Telemetry`] whose
 //! [`shutdown`](Telemetry::shutdown) flushes what is buffered. With no OTLP endpoint it
@@ -18,6 +19,7 @@ pub mod config;
 pub mod context;
 pub mod exposition;
 pub mod metrics;
+pub mod per_call;
 pub mod sampler;
 pub mod spans;
 
@@ -151,25 +153,8 @@ pub fn init(config: &TelemetryConfig, default_filter: &str) -> Result<Telemetry,
 
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    // Spans that exist only to be exported stay out of log lines.
-    let filter = filter.and(tracing_subscriber::filter::filter_fn(|meta| {
-        !(meta.is_span() && meta.target() == spans::TARGET)
-    }));
-    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let logs = match config.log_format {
-        LogFormat::Text => logs.boxed(),
-        LogFormat::Pretty => logs.pretty().boxed(),
-        LogFormat::Json => logs.json().boxed(),
-    }
-    .with_filter(filter);
-    let spans = tracer.as_ref().map(|provider| {
-        tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer("taskpod"))
-            .with_filter(exported_spans())
-    });
-    tracing_subscriber::registry()
-        .with(logs)
-        .with(spans)
+    let tracer_of_spans = tracer.as_ref().map(|provider| provider.tracer("taskpod"));
+    subscriber(filter, config.log_format, tracer_of_spans)
         .try_init()
         .map_err(|_| TelemetryError::AlreadyInstalled)?;
     TRACES_EXPORTED.store(tracer.is_some(), Ordering::Relaxed);
@@ -185,6 +170,33 @@ pub fn init(config: &TelemetryConfig, default_filter: &str) -> Result<Telemetry,
         tracing::info!(%endpoint, "exporting metrics over OTLP");
     }
     Ok(Telemetry { tracer, meter })
+}
+
+/// The layers every server installs: log lines to stderr as `log_filter` and `format`
+/// say, and, given a tracer, the spans [`exported_spans`] names. Both filters are
+/// [`per_call::PerCall`]: see there why.
+pub fn subscriber(
+    log_filter: EnvFilter,
+    format: LogFormat,
+    tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
+) -> impl tracing::Subscriber + Send + Sync + 'static {
+    // Spans that exist only to be exported stay out of log lines.
+    let filter = log_filter.and(tracing_subscriber::filter::filter_fn(|meta| {
+        !(meta.is_span() && meta.target() == spans::TARGET)
+    }));
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match format {
+        LogFormat::Text => logs.boxed(),
+        LogFormat::Pretty => logs.pretty().boxed(),
+        LogFormat::Json => logs.json().boxed(),
+    }
+    .with_filter(per_call::PerCall(filter));
+    let spans = tracer.map(|tracer| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(per_call::PerCall(exported_spans()))
+    });
+    tracing_subscriber::registry().with(logs).with(spans)
 }
 
 impl Telemetry {
