@@ -1,6 +1,8 @@
 //! A private Redis for one cluster, from the system's `redis-server`, that a test can
 //! SIGKILL and start again on the same port (the bus carries hints, not data, so it
-//! runs without persistence: a restart starts empty, as it would in production).
+//! runs without persistence: a restart starts empty, as it would in production), pause
+//! (SIGSTOP: a black hole that still accepts connections into its backlog) and resume,
+//! and send commands to (`CLIENT KILL`, `CONFIG SET`, `PUBSUB`).
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -13,6 +15,8 @@ use tokio::process::{Child, Command};
 use crate::os::{self, Signal};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long [`RedisServer::command`] waits for an answer.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct RedisServer {
@@ -21,6 +25,8 @@ pub struct RedisServer {
     /// Addresses it binds besides 127.0.0.1 (host ends of members' namespaces).
     also_bind: Vec<Ipv4Addr>,
     child: Option<Child>,
+    /// SIGSTOPped and not resumed since.
+    paused: bool,
 }
 
 impl RedisServer {
@@ -35,6 +41,7 @@ impl RedisServer {
             port: os::free_port()?,
             also_bind: also_bind.to_vec(),
             child: None,
+            paused: false,
         };
         server.launch().await?;
         Ok(server)
@@ -53,6 +60,11 @@ impl RedisServer {
         format!("redis://{addr}:{}", self.port)
     }
 
+    /// Its log, where it tells which clients it disconnected and why.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("redis.log")
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(Child::id)
     }
@@ -64,11 +76,60 @@ impl RedisServer {
         }
     }
 
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// SIGSTOP: connections stay open and new ones are accepted by the kernel, but
+    /// nothing is ever answered until [`RedisServer::resume`].
+    ///
+    /// # Errors
+    /// When it is not running.
+    pub fn pause(&mut self) -> anyhow::Result<()> {
+        let pid = self.pid().context("redis-server is not running")?;
+        os::signal(pid, Signal::STOP)?;
+        self.paused = true;
+        Ok(())
+    }
+
+    /// SIGCONT.
+    ///
+    /// # Errors
+    /// When it is not running.
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        let pid = self.pid().context("redis-server is not running")?;
+        os::signal(pid, Signal::CONT)?;
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Runs one command (`["CLIENT", "KILL", "TYPE", "pubsub"]`) on a connection of its
+    /// own and returns the reply.
+    ///
+    /// # Errors
+    /// When Redis does not answer within a few seconds, or refuses the command.
+    pub async fn command(&self, args: &[&str]) -> anyhow::Result<redis::Value> {
+        let (name, rest) = args.split_first().context("an empty command")?;
+        let client = redis::Client::open(self.url())?;
+        let call = async {
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            redis::cmd(name)
+                .arg(rest)
+                .query_async::<redis::Value>(&mut conn)
+                .await
+        };
+        tokio::time::timeout(COMMAND_TIMEOUT, call)
+            .await
+            .with_context(|| format!("redis {args:?} did not answer in {COMMAND_TIMEOUT:?}"))?
+            .with_context(|| format!("redis {args:?}"))
+    }
+
     /// SIGKILL: every subscription and every message in flight is gone at once.
     ///
     /// # Errors
     /// When it is not reaped in time.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.paused = false;
         if let Some(mut child) = self.child.take() {
             let _ = child.start_kill();
             tokio::time::timeout(Duration::from_secs(10), child.wait())
@@ -78,20 +139,24 @@ impl RedisServer {
         Ok(())
     }
 
-    /// Starts it again on the same port.
+    /// Starts it again on the same port (resumes it if paused).
     ///
     /// # Errors
     /// When it does not come up.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         if self.is_running() {
+            if self.paused {
+                self.resume()?;
+            }
             return Ok(());
         }
+        self.paused = false;
         self.child = None;
         self.launch().await
     }
 
     async fn launch(&mut self) -> anyhow::Result<()> {
-        let log = self.dir.join("redis.log");
+        let log = self.log_path();
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &self.port.to_string()])
             .arg("--bind")

@@ -3,15 +3,21 @@
 //! Redis pub/sub is at-most-once (a message is gone on any disconnect, and a slow
 //! subscriber is cut off), so every reader also has a path to Postgres: workers run a
 //! periodic check and one after every reconnect; watchers backfill from the store. A
-//! writer publishes after its commit; a failed publish is counted and logged, never an
-//! error for the write (Redis down: writes keep working).
+//! writer publishes after its commit without waiting on Redis: a lost publish is
+//! counted and logged, never an error for the write, and a slow or silent Redis never
+//! holds a write (Redis down or stalled: writes keep their pace).
 //!
 //! Layout:
 //! - [`channels`]: channel names;
 //! - [`TaskUpdate`]: what is published;
-//! - [`publisher`]: pipelined, best-effort publishing;
-//! - [`subscriber`]: one reconnecting subscription with a changeable channel set.
+//! - [`publisher`]: queued, pipelined, best-effort publishing by one owned task, over a
+//!   bounded queue (`backlog`);
+//! - [`subscriber`]: one reconnecting, pinged subscription with a changeable channel
+//!   set;
+//! - `connection`: the socket settings of every connection.
 
+mod backlog;
+mod connection;
 pub mod publisher;
 pub mod subscriber;
 
@@ -19,11 +25,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::partition::partition_of;
 use chrono::{DateTime, Utc};
 
-use crate::domain::{NewTask, Phase, Status, Task, TaskId, TaskState};
-use crate::store::Secret;
+use crate::domain::{Phase, Status, TaskId};
+use crate::store::{Committed, Secret};
 
 pub use publisher::Publisher;
 pub use subscriber::{BusEvent, Subscription};
@@ -52,7 +57,8 @@ pub mod channels {
 pub struct BusSettings {
     /// `redis://host:port`; empty disables the bus.
     pub url: Secret,
-    /// How long a connect or a publish may take before it counts as failed.
+    /// How long a connect, a publishing round trip, or an answer to a subscription's
+    /// ping or (un)subscribe may take before the connection counts as failed.
     pub timeout_ms: u64,
     /// Test hook: publish nothing, as if Redis dropped every message (readers must
     /// repair from the store). Never set it in production.
@@ -95,8 +101,8 @@ pub struct TaskUpdate {
     pub partition: i32,
     pub kind: String,
     pub priority: i32,
-    /// The remaining fields a WatchTasks filter can name, where the writer knows them
-    /// (a pod does not know the new `updated_at`; readers take rows from the store).
+    /// The remaining fields a WatchTasks filter can name, as the writing statement
+    /// returned them (optional on the wire, for messages of older writers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_by: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -109,79 +115,23 @@ pub struct TaskUpdate {
 }
 
 impl TaskUpdate {
-    /// The update for a change that left the task in `state`.
-    pub fn of(
-        state: &TaskState,
-        partition_count: u32,
-        event_type: &str,
-        traceparent: Option<String>,
-    ) -> Self {
+    /// The update announcing what a write committed: the only way one is made.
+    pub fn committed(c: &Committed) -> Self {
+        let s = &c.state;
         Self {
-            task_id: state.task_id,
-            version: state.version,
-            status: state.status,
-            phase: state.phase,
-            event_type: event_type.to_owned(),
-            epoch: state.pod_epoch,
-            partition: partition_of(state.task_id, partition_count) as i32,
-            kind: state.kind.clone(),
-            priority: state.priority,
-            created_by: None,
-            created_at: None,
-            updated_at: None,
-            traceparent,
-        }
-    }
-
-    /// The update for a change whose committed row the writer has read back: every
-    /// field filled.
-    pub fn from_task(task: &Task, event_type: &str, traceparent: Option<String>) -> Self {
-        Self {
-            task_id: task.task_id,
-            version: task.version,
-            status: task.status,
-            phase: task.phase,
-            event_type: event_type.to_owned(),
-            epoch: task.pod.as_ref().map_or(0, |p| p.epoch),
-            partition: task.partition,
-            kind: task.kind.clone(),
-            priority: task.priority,
-            created_by: Some(task.created_by.clone()),
-            created_at: Some(task.created_at),
-            updated_at: Some(task.updated_at),
-            traceparent,
-        }
-    }
-
-    /// The update for a task just created by `created_by` in a transaction that began
-    /// at `created_at` (its rows' `created_at` and `updated_at`).
-    pub fn created(
-        task_id: TaskId,
-        task: &NewTask,
-        partition_count: u32,
-        created_by: &str,
-        created_at: Option<DateTime<Utc>>,
-        traceparent: Option<String>,
-    ) -> Self {
-        let (status, version, event_type) = if task.auto_start {
-            (Status::Active, 2, "pod_requested")
-        } else {
-            (Status::Inactive, 1, "task_created")
-        };
-        Self {
-            task_id,
-            version,
-            status,
-            phase: Phase::SpecClarification,
-            event_type: event_type.to_owned(),
-            epoch: 0,
-            partition: partition_of(task_id, partition_count) as i32,
-            kind: task.kind.clone(),
-            priority: task.priority,
-            created_by: Some(created_by.to_owned()),
-            created_at,
-            updated_at: created_at,
-            traceparent,
+            task_id: s.task_id,
+            version: s.version,
+            status: s.status,
+            phase: s.phase,
+            event_type: c.event_type.to_owned(),
+            epoch: s.pod_epoch,
+            partition: c.partition,
+            kind: s.kind.clone(),
+            priority: s.priority,
+            created_by: Some(c.created_by.clone()),
+            created_at: Some(c.created_at),
+            updated_at: Some(c.updated_at),
+            traceparent: c.traceparent.clone(),
         }
     }
 }
