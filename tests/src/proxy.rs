@@ -16,7 +16,16 @@
 //! - [`Mode::Hold`]: no byte moves either way and every socket stays open; new
 //!   connections are accepted and held too (the upstream connection is made only once
 //!   the hold ends). What was sent meanwhile is delivered after healing, as TCP would
-//!   after a partition.
+//!   after a partition;
+//! - [`Mode::Strand`]: the connections open when it was set go silent as with
+//!   [`Mode::Hold`], while later ones pass: a half-open connection (a NAT or load
+//!   balancer that forgot it), which only a client's own timeouts can notice and a new
+//!   connection cures;
+//! - [`Mode::SilenceOn`]: a partition of a few connections only. The first
+//!   `connections` connections whose client sends `pattern` forward that message (the
+//!   server acts on it: for `COMMIT`, commits) and then go silent both ways with their
+//!   sockets open, until healed; every other connection, open or new, passes. A client
+//!   learns of it only from its own timeouts, and the server keeps its session.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,6 +54,17 @@ pub enum Mode {
         once: bool,
     },
     Hold,
+    /// Connections numbered below `below` (in accept order, from 0) are held; the
+    /// others pass. See [`FaultProxy::strand_open`].
+    Strand {
+        below: u64,
+    },
+    /// Silences the next `connections` connections that carry `pattern`, right after
+    /// forwarding it; the count goes down as they are taken.
+    SilenceOn {
+        pattern: Vec<u8>,
+        connections: u32,
+    },
     /// A dead pooler: every connection, open or new, is reset as soon as the client
     /// sends anything (new ones at once), so calls fail fast instead of hanging.
     Refuse,
@@ -68,6 +88,7 @@ pub enum Delivery {
 struct Stats {
     connections: AtomicU64,
     resets: AtomicU64,
+    silenced: AtomicU64,
 }
 
 /// A running proxy; dropping it closes its listener and every connection.
@@ -78,6 +99,17 @@ pub struct FaultProxy {
     mode: watch::Sender<Mode>,
     stats: Arc<Stats>,
     acceptor: AbortHandle,
+}
+
+impl Mode {
+    /// Whether connection number `id` may move no byte in this mode.
+    fn holds(&self, id: u64) -> bool {
+        match self {
+            Self::Hold => true,
+            Self::Strand { below } => id < *below,
+            _ => false,
+        }
+    }
 }
 
 impl FaultProxy {
@@ -134,6 +166,14 @@ impl FaultProxy {
         self.set_mode(Mode::Hold);
     }
 
+    /// Every connection open now goes silent (no byte either way, no FIN, no RST) until
+    /// [`FaultProxy::heal`]; connections made after this pass.
+    pub fn strand_open(&self) {
+        self.set_mode(Mode::Strand {
+            below: self.connections(),
+        });
+    }
+
     pub fn refuse(&self) {
         self.set_mode(Mode::Refuse);
     }
@@ -153,6 +193,20 @@ impl FaultProxy {
             delivery,
             once: true,
         });
+    }
+
+    /// Silences the first `connections` connections that send `pattern`, after
+    /// forwarding it, until [`FaultProxy::heal`] (see [`Mode::SilenceOn`]).
+    pub fn silence_on(&self, pattern: &[u8], connections: u32) {
+        self.set_mode(Mode::SilenceOn {
+            pattern: pattern.to_vec(),
+            connections,
+        });
+    }
+
+    /// Connections silenced by [`Mode::SilenceOn`] so far.
+    pub fn silenced(&self) -> u64 {
+        self.stats.silenced.load(Ordering::Relaxed)
     }
 
     /// Connections accepted so far.
@@ -185,9 +239,15 @@ async fn accept_loop(
         let Ok((client, _)) = listener.accept().await else {
             continue;
         };
-        stats.connections.fetch_add(1, Ordering::Relaxed);
+        let id = stats.connections.fetch_add(1, Ordering::Relaxed);
         let _ = client.set_nodelay(true);
-        connections.spawn(serve(client, upstream, mode.clone(), Arc::clone(&stats)));
+        connections.spawn(serve(
+            client,
+            id,
+            upstream,
+            mode.clone(),
+            Arc::clone(&stats),
+        ));
     }
 }
 
@@ -198,6 +258,7 @@ async fn wait_while_held(mode: &mut watch::Receiver<Mode>) -> bool {
 
 async fn serve(
     mut client: TcpStream,
+    id: u64,
     upstream: SocketAddr,
     switch: watch::Sender<Mode>,
     stats: Arc<Stats>,
@@ -216,7 +277,7 @@ async fn serve(
         return;
     };
     let _ = server.set_nodelay(true);
-    if pump(&mut client, &mut server, &mut mode, &switch).await == End::Reset {
+    if pump(&mut client, &mut server, id, &mut mode, &switch, &stats).await == End::Reset {
         stats.resets.fetch_add(1, Ordering::Relaxed);
         reset(&client);
         reset(&server);
@@ -232,8 +293,10 @@ enum End {
 async fn pump(
     client: &mut TcpStream,
     server: &mut TcpStream,
+    id: u64,
     mode: &mut watch::Receiver<Mode>,
     switch: &watch::Sender<Mode>,
+    stats: &Stats,
 ) -> End {
     let (mut client_read, mut client_write) = client.split();
     let (mut server_read, mut server_write) = server.split();
@@ -244,9 +307,13 @@ async fn pump(
     let (mut client_done, mut server_done) = (false, false);
     // A `DeliverNext` fault fired on this connection: the next message is its victim.
     let mut armed = false;
+    // A `SilenceOn` fault took this connection: it stays silent until the mode changes
+    // to anything but another `SilenceOn`.
+    let mut silenced = false;
     while !(client_done && server_done) {
         let current = mode.borrow_and_update().clone();
-        let held = current == Mode::Hold;
+        silenced &= matches!(current, Mode::SilenceOn { .. });
+        let held = current.holds(id) || silenced;
         tokio::select! {
             changed = mode.changed() => {
                 if changed.is_err() {
@@ -271,6 +338,21 @@ async fn pump(
                         let _ = tokio::time::timeout(REPLY_WAIT, server_read.read(&mut down)).await;
                     }
                     return End::Reset;
+                }
+                if let Mode::SilenceOn { pattern, .. } = &current {
+                    let mut window = tail.clone();
+                    window.extend_from_slice(chunk);
+                    if contains(&window, pattern) && take_silence(switch) {
+                        stats.silenced.fetch_add(1, Ordering::Relaxed);
+                        silenced = true;
+                        tail.clear();
+                        if server_write.write_all(chunk).await.is_err() {
+                            return End::Reset;
+                        }
+                        continue;
+                    }
+                    let keep = pattern.len().saturating_sub(1);
+                    tail = window[window.len().saturating_sub(keep)..].to_vec();
                 }
                 if let Mode::ResetOn { pattern, delivery, once } = &current {
                     let mut window = tail.clone();
@@ -323,6 +405,18 @@ async fn pump(
         }
     }
     End::Closed
+}
+
+/// Takes one connection off a [`Mode::SilenceOn`] count; false when none is left (or
+/// the mode changed meanwhile).
+fn take_silence(switch: &watch::Sender<Mode>) -> bool {
+    switch.send_if_modified(|m| match m {
+        Mode::SilenceOn { connections, .. } if *connections > 0 => {
+            *connections -= 1;
+            true
+        }
+        _ => false,
+    })
 }
 
 /// Closes with an RST instead of a FIN: the peer's next read fails at once.
@@ -474,6 +568,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn strand_silences_the_open_connections_only() -> anyhow::Result<()> {
+        let echo = Echo::start().await?;
+        let proxy = FaultProxy::start(echo.addr).await?;
+        let mut open = TcpStream::connect(proxy.addr()).await?;
+        assert!(round_trip(&mut open, b"before").await?.is_some());
+
+        proxy.strand_open();
+        assert_eq!(round_trip(&mut open, b"lost").await?, None, "stranded");
+        let mut new = TcpStream::connect(proxy.addr()).await?;
+        assert_eq!(
+            round_trip(&mut new, b"new").await?,
+            Some(b"new".to_vec()),
+            "a later connection passes"
+        );
+        assert_eq!(echo.received(), "beforenew");
+        assert_eq!(proxy.resets(), 0);
+        Ok(())
+    }
+
+    #[tokio::test]
     async fn a_one_shot_reset_cuts_the_first_carrier_only_then_heals() -> anyhow::Result<()> {
         let echo = Echo::start().await?;
         let proxy = FaultProxy::start(echo.addr).await?;
@@ -507,6 +621,41 @@ mod tests {
         assert!(is_cut_off(&mut conn).await);
         assert_eq!(echo.received(), "PARSE;EXECUTE;", "the server ran it");
         assert_eq!(proxy.resets(), 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn silence_takes_the_first_carriers_only_after_forwarding_until_healed()
+    -> anyhow::Result<()> {
+        let echo = Echo::start().await?;
+        let proxy = FaultProxy::start(echo.addr).await?;
+        let mut first = TcpStream::connect(proxy.addr()).await?;
+        let mut other = TcpStream::connect(proxy.addr()).await?;
+        proxy.silence_on(b"COMMIT", 1);
+        assert_eq!(
+            round_trip(&mut first, b"COMMIT;").await?,
+            None,
+            "no answer on a silenced connection"
+        );
+        assert_eq!(echo.received(), "COMMIT;", "the server got it");
+        assert_eq!(
+            round_trip(&mut other, b"COMMIT;").await?,
+            Some(b"COMMIT;".to_vec()),
+            "the count is spent: others pass"
+        );
+        assert_eq!(
+            round_trip(&mut first, b"more").await?,
+            None,
+            "silent both ways"
+        );
+        assert_eq!(proxy.silenced(), 1);
+        proxy.heal();
+        assert_eq!(
+            read_exact_within(&mut first, 11, Duration::from_secs(5)).await?,
+            Some(b"COMMIT;more".to_vec()),
+            "healed: what was held flows"
+        );
+        assert_eq!(proxy.resets(), 0);
         Ok(())
     }
 

@@ -8,10 +8,17 @@
 //! requests that arrive while a flush is in flight share the next one. Postgres
 //! already shares WAL flushes among concurrent commits: what a shared flush saves is
 //! the round trips and the per-transaction work.
+//!
+//! A flush stuck on a silent store connection must not hold the requests queued behind
+//! it: one that runs past [`Shape::stall`] is left to finish on its own (a few at a
+//! time) while its flusher takes the next batch, and a flush whose callers have all
+//! stopped waiting (each waits at most the store's call limit) is given up, which lets
+//! go of its connection.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, Span};
 
@@ -52,6 +59,9 @@ pub struct Shape {
     pub max_batch: usize,
     /// Flushes in flight at once: one can wait on a row lock while the next proceeds.
     pub flushers: usize,
+    /// A flush running longer than this no longer holds its flusher: up to `flushers`
+    /// such flushes finish on their own while the flushers go on.
+    pub stall: Duration,
 }
 
 impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
@@ -64,8 +74,15 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
     {
         let (tx, rx) = mpsc::channel::<Item<T, R>>(shape.max_batch * shape.flushers.max(1) * 4);
         let rx = Arc::new(Mutex::new(rx));
+        let stalled = Arc::new(Semaphore::new(shape.flushers.max(1)));
         for _ in 0..shape.flushers.max(1) {
-            tracker.spawn(run(rx.clone(), shape.max_batch.max(1), flush.clone()));
+            tracker.spawn(run(
+                rx.clone(),
+                shape,
+                stalled.clone(),
+                tracker.clone(),
+                flush.clone(),
+            ));
         }
         Self { tx }
     }
@@ -103,11 +120,19 @@ pub enum NoAnswer {
     TimedOut(std::time::Duration),
 }
 
-async fn run<T, R, F, Fut>(rx: Arc<Mutex<mpsc::Receiver<Item<T, R>>>>, max_batch: usize, flush: F)
-where
+async fn run<T, R, F, Fut>(
+    rx: Arc<Mutex<mpsc::Receiver<Item<T, R>>>>,
+    shape: Shape,
+    stalled: Arc<Semaphore>,
+    tracker: TaskTracker,
+    flush: F,
+) where
+    T: Send + 'static,
+    R: Send + 'static,
     F: Fn(Vec<T>) -> Fut,
-    Fut: Future<Output = Vec<R>>,
+    Fut: Future<Output = Vec<R>> + Send + 'static,
 {
+    let max_batch = shape.max_batch.max(1);
     loop {
         let mut batch = Vec::with_capacity(max_batch);
         {
@@ -142,12 +167,41 @@ where
         };
         let (requests, replies): (Vec<T>, Vec<oneshot::Sender<R>>) =
             batch.into_iter().map(|i| (i.request, i.reply)).unzip();
-        let answers = flush(requests).instrument(span).await;
-        for (reply, answer) in replies.into_iter().zip(answers) {
-            // A caller that stopped waiting no longer needs its answer.
-            let _ = reply.send(answer);
+        let mut flight = tracker.spawn(answer(flush(requests), replies).instrument(span));
+        if tokio::time::timeout(shape.stall, &mut flight).await.is_ok() {
+            continue;
+        }
+        match stalled.clone().try_acquire_owned() {
+            // Left to finish on its own, holding one of the stalled places meanwhile.
+            Ok(place) => {
+                tracker.spawn(async move {
+                    let _ = flight.await;
+                    drop(place);
+                });
+            }
+            // Too many stalled already: this flusher waits too.
+            Err(_) => {
+                let _ = flight.await;
+            }
         }
     }
+}
+
+/// Runs a flush and hands each caller its answer; gives the flush up (dropping
+/// whatever store call it waits on) once none of its callers is waiting any more.
+async fn answer<R>(flush: impl Future<Output = Vec<R>>, mut replies: Vec<oneshot::Sender<R>>) {
+    let answers = tokio::select! {
+        answers = flush => answers,
+        () = all_gone(&mut replies) => return,
+    };
+    for (reply, answer) in replies.into_iter().zip(answers) {
+        // A caller that stopped waiting no longer needs its answer.
+        let _ = reply.send(answer);
+    }
+}
+
+async fn all_gone<R>(replies: &mut [oneshot::Sender<R>]) {
+    futures::future::join_all(replies.iter_mut().map(oneshot::Sender::closed)).await;
 }
 
 #[cfg(test)]
@@ -165,6 +219,7 @@ mod tests {
             Shape {
                 max_batch: 64,
                 flushers: 1,
+                stall: Duration::from_secs(1),
             },
             &tracker,
             move |batch: Vec<u32>| {
@@ -193,39 +248,76 @@ mod tests {
         tracker.wait().await;
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_caller_waits_at_most_the_call_limit_and_a_request_left_behind_is_not_flushed() {
+    struct SilentStore {
+        tracker: TaskTracker,
+        batcher: Batcher<u32, u32>,
+        /// Every request a flush was given.
+        flushed: Arc<std::sync::Mutex<Vec<u32>>>,
+        /// Hanging flushes dropped before they ended.
+        dropped: Arc<AtomicUsize>,
+    }
+
+    /// A flusher whose every flush hangs far past the call limit, as on a silent store,
+    /// except for requests `fast` lets through.
+    fn silent_store(stall: Duration, fast: fn(u32) -> bool) -> SilentStore {
+        struct Dropped(Arc<AtomicUsize>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let tracker = TaskTracker::new();
         let flushed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let dropped = Arc::new(AtomicUsize::new(0));
         let batcher = Batcher::start(
             Shape {
                 max_batch: 4,
                 flushers: 1,
+                stall,
             },
             &tracker,
             {
-                let flushed = flushed.clone();
+                let (flushed, dropped) = (flushed.clone(), dropped.clone());
                 move |batch: Vec<u32>| {
-                    let flushed = flushed.clone();
+                    let (flushed, dropped) = (flushed.clone(), dropped.clone());
                     async move {
                         if let Ok(mut f) = flushed.lock() {
                             f.extend(batch.iter().copied());
                         }
-                        // A silent store: every flush hangs far past the limit.
-                        tokio::time::sleep(crate::store::call_limit() * 10).await;
+                        if !batch.iter().all(|n| fast(*n)) {
+                            let guard = Dropped(dropped);
+                            tokio::time::sleep(crate::store::call_limit() * 10).await;
+                            std::mem::forget(guard);
+                        }
                         batch
                     }
                 }
             },
         );
+        SilentStore {
+            tracker,
+            batcher,
+            flushed,
+            dropped,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_waits_at_most_the_call_limit_and_a_request_left_behind_is_not_flushed() {
+        let SilentStore {
+            tracker,
+            batcher,
+            flushed,
+            dropped,
+        } = silent_store(crate::store::call_limit() * 100, |_| false);
         let first = tokio::spawn({
             let b = batcher.clone();
             async move { b.call(1).await }
         });
         tokio::task::yield_now().await;
-        // Queued behind the hanging flush: it gives up at the limit, not after it.
-        let second = batcher.call(2).await;
-        assert!(matches!(second, Err(NoAnswer::TimedOut(_))));
+        // Queued behind the hanging flush: its caller gives up before the flusher is free.
+        let second = tokio::time::timeout(crate::store::call_limit() / 2, batcher.call(2)).await;
+        assert!(second.is_err());
         assert!(matches!(first.await, Ok(Err(NoAnswer::TimedOut(_)))));
         tokio::time::sleep(crate::store::call_limit() * 20).await;
         assert_eq!(
@@ -233,6 +325,35 @@ mod tests {
             vec![1],
             "the request whose caller gave up was never flushed"
         );
+        assert_eq!(
+            dropped.load(Ordering::Relaxed),
+            1,
+            "the flush nobody waited for any more was given up"
+        );
+        drop(batcher);
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_flush_does_not_hold_the_requests_behind_it() {
+        let stall = Duration::from_secs(1);
+        let SilentStore {
+            tracker, batcher, ..
+        } = silent_store(stall, |n| n != 1);
+        let stuck = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.call(1).await }
+        });
+        tokio::task::yield_now().await;
+        let started = tokio::time::Instant::now();
+        assert_eq!(batcher.call(2).await, Ok(2));
+        assert!(
+            started.elapsed() < crate::store::call_limit() / 2,
+            "answered once the stuck flush stalled, not when it gave up"
+        );
+        assert_eq!(batcher.call(3).await, Ok(3));
+        assert!(matches!(stuck.await, Ok(Err(NoAnswer::TimedOut(_)))));
         drop(batcher);
         tracker.close();
         tracker.wait().await;

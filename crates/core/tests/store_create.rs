@@ -350,7 +350,7 @@ async fn callers_batched_into_one_create_each_get_their_own_answer(
             assert_eq!(events.len(), 2);
         }
     }
-    // The keyed request ran alone: its retry gets the same task.
+    // The keyed request shared the transaction: its retry gets the same task.
     let again = store
         .create_each(&requests[3..4])
         .await
@@ -359,4 +359,92 @@ async fn callers_batched_into_one_create_each_get_their_own_answer(
         .unwrap();
     assert!(again.replayed);
     assert_eq!(again.task_id(), results[3].as_ref().unwrap().task_id());
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn request_ids_share_a_batch_each_with_the_answer_it_would_have_alone(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let store = store(opts).await;
+    let keyed = |title: &str, actor: &str, id: &str| {
+        (
+            NewTask::new(title, "manual"),
+            ctx(actor).with_request_id(id),
+        )
+    };
+    let earlier = store
+        .create_task(
+            &NewTask::new("earlier", "manual"),
+            &ctx("alice").with_request_id("r0"),
+        )
+        .await
+        .unwrap();
+    let requests = vec![
+        keyed("one", "alice", "r1"),
+        keyed("earlier", "alice", "r0"),
+        (NewTask::new("plain", "manual"), ctx("alice")),
+        // The same request twice in one batch, and the same id for another request.
+        keyed("one", "alice", "r1"),
+        keyed("not one", "alice", "r1"),
+        // Request ids are the principal's own.
+        keyed("bob's", "bob", "r1"),
+    ];
+    let results = store.create_each(&requests).await;
+    let id = |i: usize| results[i].as_ref().unwrap().task_id().unwrap();
+    assert!(!results[0].as_ref().unwrap().replayed);
+    assert_eq!(
+        id(1),
+        earlier.task_id().unwrap(),
+        "a retry of an earlier request"
+    );
+    assert!(results[1].as_ref().unwrap().replayed);
+    assert_eq!(id(3), id(0), "the same request twice is one task");
+    assert!(results[3].as_ref().unwrap().replayed);
+    assert!(matches!(
+        results[4],
+        Err(Error::IdempotencyKeyReused { .. })
+    ));
+    assert_ne!(id(5), id(0));
+    for (i, title) in [(0, "one"), (2, "plain"), (5, "bob's")] {
+        assert_eq!(store.get_task(id(i)).await.unwrap().title, title);
+    }
+    assert_eq!(count_all(&store).await, 4, "earlier, one, plain, bob's");
+    // Retried as a batch again: the same answers, nothing new.
+    let again = store.create_each(&requests[..1]).await;
+    assert_eq!(again[0].as_ref().unwrap().task_id(), Some(id(0)));
+    assert_eq!(count_all(&store).await, 4);
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn concurrent_batches_sharing_request_ids_create_each_task_once(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let store = store(opts).await;
+    // Four batches over the same twenty keys, in different orders: they wait on each
+    // other's claims (never deadlock), and every key names one task.
+    let batch = |rotate: usize| {
+        let mut requests: Vec<(NewTask, RequestContext)> = (0..20)
+            .map(|i| {
+                (
+                    NewTask::new(format!("task {i}"), "manual"),
+                    ctx("alice").with_request_id(format!("r{i}")),
+                )
+            })
+            .collect();
+        requests.rotate_left(rotate);
+        requests
+    };
+    let batches: Vec<_> = (0..4).map(|n| batch(n * 5)).collect();
+    let results = futures::future::join_all(batches.iter().map(|b| store.create_each(b))).await;
+    let mut by_key = std::collections::HashMap::new();
+    for (requests, answers) in batches.iter().zip(&results) {
+        for ((_, ctx), answer) in requests.iter().zip(answers) {
+            let id = answer.as_ref().unwrap().task_id().unwrap();
+            let first = by_key.entry(ctx.request_id.clone()).or_insert(id);
+            assert_eq!(*first, id, "{:?}", ctx.request_id);
+        }
+    }
+    assert_eq!(count_all(&store).await, 20);
 }

@@ -24,7 +24,7 @@ pub mod validation;
 pub use command::Command;
 pub use event::{Event, EventMetadata, Writer};
 pub use ids::{NodeId, TaskId};
-pub use state::{MANUAL_KIND, TaskState, decide, evolve, mint_pod};
+pub use state::{KINDS, MANUAL_KIND, TaskState, decide, evolve, mint_pod};
 pub use status::{Phase, PodState, Status};
 pub mod request;
 pub mod task;

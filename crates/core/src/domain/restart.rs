@@ -23,6 +23,12 @@ pub enum CrashKind {
 }
 
 impl CrashKind {
+    pub const ALL: &'static [CrashKind] = &[
+        CrashKind::Handler,
+        CrashKind::NodeLost,
+        CrashKind::Interrupted,
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             CrashKind::Handler => "handler",

@@ -19,6 +19,9 @@ use crate::error::Error;
 /// human-in-the-loop flow.
 pub const MANUAL_KIND: &str = "manual";
 
+/// Every kind a worker has a handler for: the whole label set of a metric's `kind`.
+pub const KINDS: &[&str] = &[MANUAL_KIND, "sleep", "exec"];
+
 /// Everything the state table decides on: the task's lifecycle and its pod.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskState {

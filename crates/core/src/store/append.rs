@@ -4,6 +4,7 @@
 use tracing::instrument;
 
 use super::Store;
+use super::committed::{self, Committed};
 use super::errors::from_sqlx;
 use super::keys::node_alive_sql;
 use super::traced::Traced as _;
@@ -81,16 +82,21 @@ impl Store {
             epoch: Some(epoch),
             ..metadata.clone()
         };
-        write_changes(&mut tx, &before, &after, events, &metadata).await?;
+        let listed = write_changes(&mut tx, &before, &after, events, &metadata).await?;
         tx.commit().traced("COMMIT").await.map_err(from_sqlx)?;
         let writer = match fence {
             AppendFence::Pod { .. } => "pod",
             AppendFence::Worker { .. } => "worker",
         };
         record_commit(writer, started, &before, &after);
+        let last_event = events.last().map(Event::type_name).unwrap_or_default();
+        self.announce(&committed::join(
+            [(&after, last_event, metadata.traceparent.as_deref())],
+            &listed,
+        ));
         Ok(Appended {
             state: after,
-            last_event: events.last().map(Event::type_name).unwrap_or_default(),
+            last_event,
         })
     }
 
@@ -149,18 +155,29 @@ impl Store {
                 .collect();
             match write_guarded(&self.pool, &changes).await {
                 Ok(written) => {
-                    let written: std::collections::HashSet<TaskId> = written.into_iter().collect();
+                    let last_event = |i: usize| {
+                        items[i]
+                            .events
+                            .last()
+                            .map(Event::type_name)
+                            .unwrap_or_default()
+                    };
+                    let done = committed::join(
+                        guarded.iter().map(|(i, after, metadata)| {
+                            (after, last_event(*i), metadata.traceparent.as_deref())
+                        }),
+                        &written,
+                    );
+                    self.announce(&done);
+                    let written: std::collections::HashSet<TaskId> =
+                        done.iter().map(Committed::task_id).collect();
                     for (i, after, _) in guarded {
                         let item = &items[i];
                         if written.contains(&item.before.task_id) {
                             record_commit("pod", started, &item.before, &after);
                             results[i] = Some(Ok(Appended {
                                 state: after,
-                                last_event: item
-                                    .events
-                                    .last()
-                                    .map(Event::type_name)
-                                    .unwrap_or_default(),
+                                last_event: last_event(i),
                             }));
                         }
                     }

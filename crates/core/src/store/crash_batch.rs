@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use tracing::instrument;
 
 use super::Store;
+use super::committed;
 use super::crashes::{CrashOutcome, CrashReport, decide_crash};
 use super::errors::from_sqlx;
 use super::keys::node_alive_sql;
@@ -291,9 +292,11 @@ impl Store {
                 metadata: &d.metadata,
             })
             .collect();
-        if !changes.is_empty() {
-            write_many(&mut tx, &changes).await?;
-        }
+        let listed = if changes.is_empty() {
+            Vec::new()
+        } else {
+            write_many(&mut tx, &changes).await?
+        };
         let delayed: Vec<(uuid::Uuid, f64)> = decided
             .iter()
             .filter_map(|d| d.delay.map(|s| (d.before.task_id.as_uuid(), s)))
@@ -319,6 +322,17 @@ impl Store {
             .map(|(t, at)| (TaskId(t), at))
             .collect();
         tx.commit().traced("COMMIT").await.map_err(from_sqlx)?;
+        self.announce(&committed::join(
+            decided.iter().filter_map(|d| {
+                let last = d.events.last()?;
+                Some((
+                    &d.after,
+                    last.type_name(),
+                    d.metadata.traceparent.as_deref(),
+                ))
+            }),
+            &listed,
+        ));
 
         for d in decided {
             record_commit("worker", started, &d.before, &d.after);

@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use tracing::instrument;
 
 use super::Store;
+use super::committed;
 use super::errors::from_sqlx;
 use super::traced::Traced as _;
 use super::writes::{lock_state, record_commit, write_changes};
@@ -115,7 +116,7 @@ impl Store {
             epoch: Some(report.epoch),
             ..metadata.clone()
         };
-        write_changes(&mut tx, &before, &after, &events, &metadata).await?;
+        let listed = write_changes(&mut tx, &before, &after, &events, &metadata).await?;
         if let Some(delay) = delay {
             let not_before: DateTime<Utc> = sqlx::query_scalar(
                 "UPDATE task_heads SET not_before = now() + make_interval(secs => $2) WHERE task_id = $1 \
@@ -133,6 +134,12 @@ impl Store {
         }
         tx.commit().traced("COMMIT").await.map_err(from_sqlx)?;
         record_commit("worker", started, &before, &after);
+        if let Some(last) = events.last() {
+            self.announce(&committed::join(
+                [(&after, last.type_name(), metadata.traceparent.as_deref())],
+                &listed,
+            ));
+        }
         Ok(outcome)
     }
 

@@ -9,13 +9,16 @@ use serde::{Deserialize, Serialize};
 use tracing::instrument;
 
 use super::Store;
+use super::committed;
 use super::create::correlation_id;
 use super::errors::from_sqlx;
 use super::idempotency::{self, Claim, Key};
 use super::traced::Traced as _;
 use super::writes::{Change, lock_state, record_commit, write_changes, write_guarded};
 use crate::domain::validation::{validate_command, validate_context};
-use crate::domain::{Command, EventMetadata, RequestContext, TaskId, TaskState, decide, evolve};
+use crate::domain::{
+    Command, Event, EventMetadata, RequestContext, TaskId, TaskState, decide, evolve,
+};
 use crate::error::Error;
 
 /// The task's state after a command, and whether this is the stored answer to an earlier
@@ -89,7 +92,7 @@ impl Store {
             .iter()
             .try_fold(before.clone(), |s, e| evolve(&s, e))?;
         let metadata = event_metadata(ctx);
-        write_changes(&mut tx, &before, &after, &events, &metadata).await?;
+        let listed = write_changes(&mut tx, &before, &after, &events, &metadata).await?;
         let executed = Executed {
             last_event: events
                 .last()
@@ -104,6 +107,14 @@ impl Store {
         }
         tx.commit().traced("COMMIT").await.map_err(from_sqlx)?;
         record_commit("api", started, &before, &executed.state);
+        self.announce(&committed::join(
+            [(
+                &executed.state,
+                last_type(&events),
+                metadata.traceparent.as_deref(),
+            )],
+            &listed,
+        ));
         Ok(executed)
     }
 
@@ -129,13 +140,15 @@ impl Store {
             events: &events,
             metadata: &metadata,
         };
-        if write_guarded(&self.pool, &[(change, false)])
-            .await?
-            .is_empty()
-        {
+        let listed = write_guarded(&self.pool, &[(change, false)]).await?;
+        if listed.is_empty() {
             return Ok(None);
         }
         record_commit("api", started, &before, &after);
+        self.announce(&committed::join(
+            [(&after, last_type(&events), metadata.traceparent.as_deref())],
+            &listed,
+        ));
         Ok(Some(Executed {
             last_event: events
                 .last()
@@ -156,4 +169,9 @@ fn event_metadata(ctx: &RequestContext) -> EventMetadata {
         traceparent: ctx.traceparent.clone(),
         epoch: None,
     }
+}
+
+/// The type of the last event a command appended.
+fn last_type(events: &[Event]) -> &'static str {
+    events.last().map(Event::type_name).unwrap_or_default()
 }

@@ -14,6 +14,7 @@
 //! - [`keys`]: the advisory-lock key scheme, and the node-liveness fence in SQL;
 //! - [`mint`]: pod epochs, minted in batches;
 //! - `idempotency`: AIP-155 request ids;
+//! - `commit`: learning the outcome of a COMMIT whose answer was lost;
 //! - [`query`]: get, list (keyset pages), count, read a stream;
 //! - `changes`: commit-order-safe change feeds (watermarks) for watch streams;
 //! - [`nodes`]: worker membership, partition rows, the per-tick pod check;
@@ -23,6 +24,8 @@
 pub mod append;
 mod changes;
 pub mod checkpoint;
+mod commit;
+mod committed;
 pub mod crash_batch;
 pub mod crashes;
 pub mod create;
@@ -49,6 +52,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tracing::instrument;
 
 pub use append::{AppendFence, Appended, PodAppend};
+pub use committed::Committed;
 pub use create::Created;
 pub use execute::Executed;
 pub use mint::{MintRequest, MintedPod};
@@ -58,6 +62,7 @@ pub use query::{
 };
 pub use settings::{Secret, StoreSettings};
 
+use crate::bus::Publisher;
 use crate::error::Error;
 use traced::Traced as _;
 
@@ -75,6 +80,8 @@ pub struct Store {
     pool: PgPool,
     /// Fixed at the first migration; every task's partition is a hash over it.
     partition_count: u32,
+    /// Where every write announces what it committed (disabled: nowhere).
+    bus: Publisher,
 }
 
 impl Store {
@@ -108,7 +115,15 @@ impl Store {
         Ok(Self {
             pool,
             partition_count,
+            bus: Publisher::disabled(),
         })
+    }
+
+    /// The same store, announcing every committed change on `bus` after its commit.
+    #[must_use]
+    pub fn with_bus(mut self, bus: Publisher) -> Self {
+        self.bus = bus;
+        self
     }
 
     /// A store whose pool connects on first use, so an unreachable Postgres shows as
@@ -123,6 +138,7 @@ impl Store {
         Ok(Self {
             pool,
             partition_count,
+            bus: Publisher::disabled(),
         })
     }
 
@@ -210,10 +226,25 @@ fn connect_options(settings: &StoreSettings) -> Result<PgConnectOptions, Error> 
         .map_err(|e| Error::invalid("store.url", format!("{e}")))?;
     let statement_timeout = format!("{}ms", settings.statement_timeout_ms);
     let lock_timeout = format!("{}ms", settings.lock_timeout_ms);
+    // A live client sends a transaction's next statement at once: one idle in it for
+    // longer than a call may take has been given up (its call timed out on a silent
+    // connection) and must not keep holding row locks and request ids.
+    let idle_in_transaction = format!("{}ms", settings.call_limit().as_millis());
     Ok(opts.application_name(&settings.application_name).options([
         ("statement_timeout", statement_timeout.as_str()),
         ("lock_timeout", lock_timeout.as_str()),
-        // A client that vanished mid-transaction must not hold a head row lock.
-        ("idle_in_transaction_session_timeout", "60s"),
+        (
+            "idle_in_transaction_session_timeout",
+            idle_in_transaction.as_str(),
+        ),
+        // The server's side of a connection whose client vanished (a partition, a dead
+        // host) ends within half a minute instead of the system's two hours, and its
+        // transaction with it. sqlx sets no socket options on the client's side: there
+        // every call has its own bound (`deadline`), and the pool drops a connection
+        // whose call was abandoned.
+        ("tcp_keepalives_idle", "10"),
+        ("tcp_keepalives_interval", "5"),
+        ("tcp_keepalives_count", "3"),
+        ("tcp_user_timeout", "30000"),
     ]))
 }

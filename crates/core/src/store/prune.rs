@@ -2,7 +2,7 @@
 //!
 //! One unbounded `DELETE` of a table that grew for months runs into
 //! `statement_timeout` and never catches up, and while it runs it holds a transaction id
-//! that keeps `pg_snapshot_xmin` (the change feed's watermark) from moving, which stalls
+//! that keeps the change feed's watermark (`Store::watermark`) from moving, which stalls
 //! every watch stream and every worker's tick. Each batch here is its own short
 //! statement, so neither happens, however far behind the prune is.
 

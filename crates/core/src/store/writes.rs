@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use sqlx::{Postgres, Transaction};
 
+use super::committed::Listing;
 use super::errors::from_sqlx;
 use super::rows::state_columns;
 use super::traced::Traced as _;
@@ -180,7 +181,7 @@ pub(crate) async fn write_changes(
     after: &TaskState,
     events: &[Event],
     metadata: &EventMetadata,
-) -> Result<(), Error> {
+) -> Result<Vec<Listing>, Error> {
     write_many(
         tx,
         &[Change {
@@ -199,9 +200,9 @@ pub(crate) async fn write_changes(
 pub(crate) async fn write_many(
     tx: &mut Transaction<'_, Postgres>,
     changes: &[Change<'_>],
-) -> Result<(), Error> {
+) -> Result<Vec<Listing>, Error> {
     let cols = ChangeColumns::build(changes.iter().map(|c| (c, false)))?;
-    sqlx::query(
+    let listed: Vec<Listing> = sqlx::query_as(
         r#"
         WITH appended AS (
             INSERT INTO events (stream_id, version, type, data, metadata)
@@ -221,11 +222,18 @@ pub(crate) async fn write_many(
                    traceparent = COALESCE(c.traceparent, h.traceparent)
               FROM changed c
              WHERE h.task_id = c.task_id
+        ), listed AS (
+            UPDATE tasks t
+               SET status = c.status, phase = c.phase, last_error = c.last_error,
+                   updated_at = now()
+              FROM changed c
+             WHERE t.task_id = c.task_id AND c.lifecycle
+            RETURNING t.task_id, t.updated_at
         )
-        UPDATE tasks t
-           SET status = c.status, phase = c.phase, last_error = c.last_error, updated_at = now()
-          FROM changed c
-         WHERE t.task_id = c.task_id AND c.lifecycle
+        SELECT t.task_id, t.partition, t.created_by, t.created_at,
+               COALESCE(l.updated_at, t.updated_at) AS updated_at
+          FROM changed c JOIN tasks t ON t.task_id = c.task_id
+          LEFT JOIN listed l ON l.task_id = c.task_id
         "#,
     )
     .bind(&cols.events.stream_ids)
@@ -244,11 +252,11 @@ pub(crate) async fn write_many(
     .bind(&cols.errors)
     .bind(&cols.lifecycle)
     .bind(&cols.traces)
-    .execute(&mut **tx)
+    .fetch_all(&mut **tx)
     .traced("INSERT events UPDATE task_heads UPDATE tasks")
     .await
     .map_err(from_sqlx)?;
-    Ok(())
+    Ok(listed)
 }
 
 /// Reads the task's state and locks its head row until the transaction ends. Every
@@ -295,18 +303,18 @@ pub(crate) fn record_commit(
 /// rest make a caller's stale view harmless; and still `active` where
 /// `require_active` says so), in one statement
 /// that needs no transaction of its own: the optimistic form of lock, decide, write
-/// (`UPDATE ... WHERE version = $v RETURNING`). Returns the tasks written; a change
-/// whose head moved is left out, for the caller to decide again under the lock. At
-/// most one change per task.
+/// (`UPDATE ... WHERE version = $v RETURNING`). Returns the listing rows of the tasks
+/// written; a change whose head moved is left out, for the caller to decide again
+/// under the lock. At most one change per task.
 pub(crate) async fn write_guarded<'e, E>(
     executor: E,
     changes: &[(Change<'_>, bool)],
-) -> Result<Vec<crate::domain::TaskId>, Error>
+) -> Result<Vec<Listing>, Error>
 where
     E: sqlx::PgExecutor<'e>,
 {
     let cols = ChangeColumns::build(changes.iter().map(|(c, active)| (c, *active)))?;
-    let written: Vec<uuid::Uuid> = sqlx::query_scalar(
+    let written: Vec<Listing> = sqlx::query_as(
         r#"
         WITH changed AS (
             SELECT * FROM UNNEST($6::uuid[], $7::int8[], $8::int8[], $9::text[], $10::uuid[],
@@ -344,8 +352,12 @@ where
               FROM changed c
              WHERE t.task_id = c.task_id AND c.lifecycle
                AND t.task_id IN (SELECT task_id FROM head)
+            RETURNING t.task_id, t.updated_at
         )
-        SELECT task_id FROM head
+        SELECT t.task_id, t.partition, t.created_by, t.created_at,
+               COALESCE(l.updated_at, t.updated_at) AS updated_at
+          FROM head JOIN tasks t ON t.task_id = head.task_id
+          LEFT JOIN listed l ON l.task_id = head.task_id
         "#,
     )
     .bind(&cols.events.stream_ids)
@@ -375,5 +387,5 @@ where
     .traced("UPDATE task_heads INSERT events UPDATE tasks")
     .await
     .map_err(from_sqlx)?;
-    Ok(written.into_iter().map(crate::domain::TaskId).collect())
+    Ok(written)
 }
