@@ -139,12 +139,7 @@ async fn read_until(
 }
 
 fn gauge(metrics: &str, name: &str) -> i64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|v| v as i64)
-        .unwrap_or_else(|| panic!("{name} not exported:\n{metrics}"))
+    taskpod_e2e::metric_count(metrics, name)
 }
 
 async fn api(db: &TestDb, extra: &[(&str, &str)]) -> ApiProcess {
@@ -220,6 +215,10 @@ async fn regression_a_resumed_watch_sends_left_only_for_tasks_its_client_held() 
     let (snapshot, token) = read_until(&mut s, |s| *s == Seen::Done).await;
     assert_eq!(snapshot.len(), 3, "{snapshot:?}");
     drop(s);
+    // A task that matched within a second or two of the token may be one the client
+    // held (the token's time is in seconds, with a margin for clocks): what follows is
+    // later than that.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
 
     // 300 tasks that never matched; 20 that matched and stopped while the client was
     // away (it never held them); the one it held stops.
@@ -240,16 +239,105 @@ async fn regression_a_resumed_watch_sends_left_only_for_tasks_its_client_held() 
     .await;
     let lefts: Vec<&Seen> = seen.iter().filter(|s| matches!(s, Seen::Left(_))).collect();
     assert_eq!(lefts, vec![&Seen::Left(held.clone())], "{seen:?}");
-    // The token's watermark is the cluster's xmin: when another database's transaction
-    // held it back while the stream began, `still`'s start sits above the token, and the
-    // resumed stream may repeat that version (a repeat after a resume, never a skip);
-    // it never reports `still` as leaving, nor at another version.
+    // The token's watermark trails this database's open writers: when one was still
+    // open while the stream began, `still`'s start sits above the token, and the resumed
+    // stream may repeat that version (a repeat after a resume, never a skip); it never
+    // reports `still` as leaving, nor at another version.
     assert!(
         seen.iter()
             .filter(|s| matches!(s, Seen::Task(id, _) if *id == still))
             .all(|s| *s == Seen::Task(still.clone(), 2)),
         "an unchanged task comes back only as it was: {seen:?}"
     );
+}
+
+/// Found by CI: a stream's token trails what its snapshot showed when a transaction of
+/// the database was open as it began (the snapshot reads rows as they are, the token
+/// names the watermark). Resumed from it, the stream rebuilt what the client held as
+/// of the watermark alone, missed that the client held a task started above it, and
+/// never sent that task's `left`.
+#[tokio::test]
+async fn regression_a_resume_sends_left_for_a_task_shown_above_the_tokens_watermark() {
+    let db = TestDb::create().await.unwrap();
+    db.offer_kinds(&["manual"], &[]).await.unwrap();
+    let api = api(&db, &[]).await;
+    let mut c = api.client().await.unwrap();
+
+    // A writer of this database opens before the task starts: the watermark stays
+    // below the start while it is open.
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let mut open = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+    let held = create(&mut c, "manual", "held").await;
+    start(&mut c, &held).await;
+    let mut s = watch(&mut c, "status = active", "").await;
+    let (snapshot, token) = read_until(&mut s, |s| *s == Seen::Done).await;
+    assert_eq!(snapshot, vec![Seen::Task(held.clone(), 2), Seen::Done]);
+    drop(s);
+    open.rollback().await.unwrap();
+
+    stop(&mut c, &held).await;
+    let mut resumed = watch(&mut c, "status = active", &token).await;
+    let marker = create(&mut c, "manual", "marker").await;
+    start(&mut c, &marker).await;
+    let (seen, _) = read_until(
+        &mut resumed,
+        |s| matches!(s, Seen::Task(id, _) if *id == marker),
+    )
+    .await;
+    assert!(
+        seen.contains(&Seen::Left(held.clone())),
+        "the client holds {held} from the snapshot: {seen:?}"
+    );
+}
+
+/// Defect 3: the feed's watermark was the cluster-wide snapshot xmin, so a transaction
+/// left open in another database froze every WatchTasks stream (heartbeats went on).
+/// No bus here: every update comes through the change feed.
+#[tokio::test]
+async fn regression_a_transaction_open_in_another_database_does_not_freeze_watchers() {
+    let db = TestDb::create().await.unwrap();
+    db.offer_kinds(&["manual"], &[]).await.unwrap();
+    let api = api(&db, &[]).await;
+    let mut c = api.client().await.unwrap();
+    let mut s = watch(&mut c, "", "").await;
+    read_until(&mut s, |s| *s == Seen::Done).await;
+
+    let admin = sqlx::PgPool::connect(&std::env::var("DATABASE_URL").unwrap())
+        .await
+        .unwrap();
+    let mut held = admin.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *held)
+        .await
+        .unwrap();
+
+    let id = create(&mut c, "manual", "under a held transaction").await;
+    start(&mut c, &id).await;
+    stop(&mut c, &id).await;
+    let (seen, _) = read_until(&mut s, |s| *s == Seen::Task(id.clone(), 3)).await;
+    let versions: Vec<i64> = seen
+        .iter()
+        .filter_map(|s| match s {
+            Seen::Task(t, v) if *t == id => Some(*v),
+            _ => None,
+        })
+        .collect();
+    // A stream shows rows as they are when read: versions may be skipped, never repeated.
+    assert!(
+        versions.windows(2).all(|w| w[0] < w[1]) && versions.last() == Some(&3),
+        "versions in order, each once: {seen:?}"
+    );
+    let metrics = api.scrape().await.unwrap();
+    assert_eq!(
+        gauge(&metrics, "taskpod_change_feed_lag_seconds"),
+        0,
+        "nothing of taskpod's database holds the feed"
+    );
+    held.rollback().await.unwrap();
 }
 
 /// Defect: a row read above the watermark (an older transaction still open) was read

@@ -6,8 +6,10 @@
 //! repair interval. News comes from Redis (one subscription per replica, following
 //! exactly the channels some relay watches, so `tasks` only while a WatchTasks stream
 //! is open) and from one poll of the store's change feed per replica, not per watcher:
-//! every `poll_interval_ms` without a bus, every `repair_interval_ms` with one (to
-//! repair publishes Redis dropped and the time it was down).
+//! every `repair_interval_ms` while the subscription is in place (to repair publishes
+//! Redis dropped), every `poll_interval_ms` without a bus or while the subscription is
+//! down or being replaced (Redis gone, stalled, or its connection silent), so a Redis
+//! fault costs watchers the poll interval, not the repair interval.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -16,6 +18,7 @@ use std::time::Duration;
 use taskpod_core::bus::{BusEvent, BusSettings, Subscription, channels};
 use taskpod_core::store::Store;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Debug)]
@@ -57,16 +60,16 @@ impl Hub {
         tracker: &tokio_util::task::TaskTracker,
     ) -> Self {
         let subscription = Subscription::start(bus, shutdown.clone());
-        let (subscription, events) = match subscription {
+        let (subscription, events, live) = match subscription {
             Some((s, rx, task)) => {
                 tracker.spawn(async move {
                     let _ = task.await;
                 });
-                (Some(s), Some(rx))
+                let live = s.live();
+                (Some(s), Some(rx), Some(live))
             }
-            None => (None, None),
+            None => (None, None, None),
         };
-        let interval = if events.is_some() { repair } else { poll };
         let hub = Self {
             inner: Arc::new(Inner {
                 channels: Mutex::new(HashMap::new()),
@@ -76,7 +79,8 @@ impl Hub {
         if let Some(events) = events {
             tracker.spawn(hub.clone().relay_bus(events, shutdown.clone()));
         }
-        tracker.spawn(hub.clone().poll_store(store, interval, shutdown));
+        let every = Intervals { poll, repair };
+        tracker.spawn(hub.clone().poll_store(store, every, live, shutdown));
         hub
     }
 
@@ -181,16 +185,29 @@ impl Hub {
         }
     }
 
-    /// One change-feed poll for every watcher of this replica.
-    async fn poll_store(self, store: Store, every: Duration, shutdown: CancellationToken) {
+    /// One change-feed poll for every watcher of this replica, as often as `live` (the
+    /// subscription's state; `None` without a bus) asks.
+    async fn poll_store(
+        self,
+        store: Store,
+        every: Intervals,
+        mut live: Option<watch::Receiver<bool>>,
+        shutdown: CancellationToken,
+    ) {
         let mut mark = None;
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last: Option<Instant> = None;
         loop {
+            let bus_up = live.as_ref().is_some_and(|l| *l.borrow());
+            let interval = if bus_up { every.repair } else { every.poll };
+            let due = last.map_or_else(Instant::now, |t| t + interval);
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
+                () = tokio::time::sleep_until(due) => {}
+                // Down: poll now, what it dropped is in the store. Up again: its
+                // `Connected` has made every relay look, wait the repair interval.
+                () = bus_changed(&mut live) => continue,
             }
+            last = Some(Instant::now());
             let idle = self
                 .inner
                 .channels
@@ -223,5 +240,24 @@ impl Hub {
                     .chain(std::iter::once(channels::TASKS)),
             ));
         }
+    }
+}
+
+/// How often the hub polls the store: with a live subscription, and without one.
+#[derive(Clone, Copy, Debug)]
+struct Intervals {
+    poll: Duration,
+    repair: Duration,
+}
+
+/// Resolves when the subscription's state changes; never without a bus. A
+/// subscription whose task ended counts as down from then on.
+async fn bus_changed(live: &mut Option<watch::Receiver<bool>>) {
+    let ended = match live.as_mut() {
+        Some(rx) => rx.changed().await.is_err(),
+        None => std::future::pending().await,
+    };
+    if ended {
+        *live = None;
     }
 }

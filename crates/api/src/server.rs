@@ -57,8 +57,13 @@ pub async fn serve(
     let store = Store::connect(&settings.store).await?;
     store.ensure_event_partitions().await?;
     let tokens = PageTokens::new(&settings.page_tokens);
-    // Owns every task this server starts (watch relays, maintenance).
+    // Owns every task this server starts (watch relays, maintenance, the publisher).
     let tracker = TaskTracker::new();
+    taskpod_core::telemetry::metrics::metrics().known_series(Role::Api, None);
+    let bus = taskpod_core::bus::Publisher::start(&settings.bus, &tracker)
+        .map_err(|e| ServeError::Bus(e.to_string()))?;
+    // Every write announces what it committed, through the store.
+    let store = store.with_bus(bus.clone());
     if let Some(metrics) = metrics {
         tracker.spawn(exposition::serve(metrics, Role::Api, shutdown.clone()));
     }
@@ -87,14 +92,11 @@ pub async fn serve(
         hub.clone(),
         admission.expensive(),
     );
-    let bus = taskpod_core::bus::Publisher::new(&settings.bus)
-        .map_err(|e| ServeError::Bus(e.to_string()))?;
     let api = TaskApi::new(
         store,
         tokens,
         watches,
         Duration::from_millis(settings.pod_wait_ms),
-        bus,
         hub,
         &tracker,
     )
@@ -188,6 +190,8 @@ pub async fn serve(
         // The services go with the server here, and with them the create batcher's
         // last handle: its flushers end once they have answered what queued.
     };
+    // Store clones hold the publisher: it stops when told, after what is queued.
+    bus.close();
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("background tasks did not stop within the grace period");

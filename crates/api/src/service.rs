@@ -16,7 +16,6 @@ use tonic::{Request, Response, Status};
 use crate::auth::{Caller, request_context};
 use crate::errors::{Fields, to_status};
 use taskpod_core::batch::{Batcher, Shape};
-use taskpod_core::bus::{Publisher, TaskUpdate};
 use taskpod_core::domain::NewTask;
 use taskpod_core::store::Created;
 
@@ -37,17 +36,19 @@ pub struct TaskApi {
     pods: PodWaits,
     kinds: KindCatalog,
     /// Announces every committed change (best effort, after the commit).
-    bus: Publisher,
     /// Concurrent CreateTask calls share transactions (each keeps its own answer).
     creates: Batcher<(NewTask, RequestContext), Result<Created, Error>>,
     /// A list page's encoded size stays under this.
     max_page_bytes: usize,
 }
 
-/// Up to 256 CreateTask calls a transaction, four transactions in flight.
+/// Up to 256 CreateTask calls a transaction, four transactions in flight; a
+/// transaction stuck for a second (a silent store connection) no longer holds the
+/// calls behind it.
 const CREATE_SHAPE: Shape = Shape {
     max_batch: 256,
     flushers: 4,
+    stall: std::time::Duration::from_secs(1),
 };
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -69,37 +70,22 @@ impl TaskApi {
         tokens: PageTokens,
         watches: Watches,
         pod_wait: std::time::Duration,
-        bus: Publisher,
         hub: Hub,
         tracker: &tokio_util::task::TaskTracker,
     ) -> Self {
+        // Each flush announces what it committed (the store does, after its commit).
         let creates = {
-            let (store, bus) = (store.clone(), bus.clone());
+            let store = store.clone();
             Batcher::start(
                 CREATE_SHAPE,
                 tracker,
                 move |batch: Vec<(NewTask, RequestContext)>| {
-                    let (store, bus) = (store.clone(), bus.clone());
-                    async move {
-                        let results = store.create_each(&batch).await;
-                        // The whole batch announced in one round trip, before anyone is
-                        // answered.
-                        let updates: Vec<TaskUpdate> = batch
-                            .iter()
-                            .zip(&results)
-                            .filter_map(|((task, ctx), r)| r.as_ref().ok().map(|c| (task, ctx, c)))
-                            .flat_map(|(task, ctx, c)| {
-                                created_updates(&store, c, std::slice::from_ref(task), ctx)
-                            })
-                            .collect();
-                        bus.publish(&updates).await;
-                        results
-                    }
+                    let store = store.clone();
+                    async move { store.create_each(&batch).await }
                 },
             )
         };
         Self {
-            bus,
             creates,
             pods: PodWaits::new(store.clone(), pod_wait, hub),
             kinds: KindCatalog::new(store.clone()),
@@ -115,11 +101,6 @@ impl TaskApi {
     pub fn with_max_page_bytes(mut self, bytes: usize) -> Self {
         self.max_page_bytes = bytes;
         self
-    }
-
-    async fn announce_created(&self, created: &Created, tasks: &[NewTask], ctx: &RequestContext) {
-        let updates = created_updates(&self.store, created, tasks, ctx);
-        self.bus.publish(&updates).await;
     }
 
     fn context<T>(req: &Request<T>, meta: Option<&RequestMeta>) -> Result<RequestContext, Status> {
@@ -139,13 +120,8 @@ impl TaskApi {
         let id = convert::task_id("task_id", task_id).map_err(plain)?;
         record_task(&id);
         let executed = self.store.execute(id, &command, ctx).await.map_err(plain)?;
-        // The row read back serves the answer and fills every field of the update.
+        // The row read back serves the answer (the store announced the change).
         let mut task = self.store.get_task(id).await.map_err(plain)?;
-        if !executed.replayed {
-            let update =
-                TaskUpdate::from_task(&task, &executed.last_event, ctx.traceparent.clone());
-            self.bus.publish(&[update]).await;
-        }
         if let Some(until) = until {
             // A replayed answer carries the epoch of the first call, so a retry waits
             // for the same pod.
@@ -199,35 +175,6 @@ impl TaskApi {
             .unwrap_or_default();
         Ok((page.tasks, next))
     }
-}
-
-/// The updates announcing `created` (none for a replayed answer: it was announced
-/// the first time).
-fn created_updates(
-    store: &Store,
-    created: &Created,
-    tasks: &[NewTask],
-    ctx: &RequestContext,
-) -> Vec<TaskUpdate> {
-    if created.replayed {
-        return Vec::new();
-    }
-    let count = store.partition_count();
-    created
-        .task_ids
-        .iter()
-        .zip(tasks)
-        .map(|(id, task)| {
-            TaskUpdate::created(
-                *id,
-                task,
-                count,
-                &ctx.actor_id,
-                created.created_at,
-                ctx.traceparent.clone(),
-            )
-        })
-        .collect()
 }
 
 /// The typed criteria and the AIP-160 string as one store filter.
@@ -321,24 +268,14 @@ impl TaskService for TaskApi {
             .check(std::slice::from_ref(&new), false)
             .await
             .map_err(|e| to_status(e, fields))?;
-        let created = if ctx.request_id.is_some() {
-            // A request id is claimed in its own transaction.
-            let created = self
-                .store
-                .create_task(&new, &ctx)
-                .await
-                .map_err(|e| to_status(e, fields))?;
-            self.announce_created(&created, std::slice::from_ref(&new), &ctx)
-                .await;
-            created
-        } else {
-            // Created, and announced, with the other calls of its batch.
-            self.creates
-                .call((new, ctx))
-                .await
-                .unwrap_or_else(|e| Err(Error::StoreUnavailable(e.to_string())))
-                .map_err(|e| to_status(e, fields))?
-        };
+        // Created, and announced, with the other calls of its batch (a request id is
+        // claimed in the batch's transaction).
+        let created = self
+            .creates
+            .call((new, ctx))
+            .await
+            .unwrap_or_else(|e| Err(Error::StoreUnavailable(e.to_string())))
+            .map_err(|e| to_status(e, fields))?;
         let task_id = created
             .task_id()
             .map(|id| id.to_string())
@@ -375,7 +312,6 @@ impl TaskService for TaskApi {
             .create_tasks(&tasks, &ctx)
             .await
             .map_err(|e| to_status(e, fields))?;
-        self.announce_created(&created, &tasks, &ctx).await;
         Ok(Response::new(v1::CreateTasksResponse {
             task_ids: created.task_ids.iter().map(TaskId::to_string).collect(),
         }))

@@ -74,6 +74,11 @@ impl FollowSet {
             .collect()
     }
 
+    /// Every followed task, when there are at most `limit`.
+    pub fn all_up_to(&self, limit: usize) -> Option<Vec<TaskId>> {
+        (self.shown.len() <= limit).then(|| self.shown.keys().copied().collect())
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.shown.len()

@@ -18,7 +18,7 @@ mod set_relay;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use resume::ResumeToken;
+pub use resume::{Resume, ResumeToken};
 use taskpod_core::domain::{Event, PodInfo, Task, TaskId, TaskState};
 use taskpod_core::store::{Store, TaskFilter, View};
 use taskpod_proto::convert;
@@ -107,7 +107,7 @@ impl Watches {
         &self,
         filter: TaskFilter,
         fingerprint: String,
-        resume: Option<u64>,
+        resume: Option<Resume>,
         view: View,
     ) -> ReceiverStream<Result<v1::WatchTasksResponse, Status>> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
@@ -121,7 +121,7 @@ impl Watches {
     ///
     /// # Errors
     /// FAILED_PRECONDITION when the token is older than the configured lifetime.
-    pub fn resume_point(&self, token: ResumeToken) -> Result<u64, Status> {
+    pub fn resume_point(&self, token: ResumeToken) -> Result<Resume, Status> {
         let ttl = Duration::from_secs(self.settings.resume_token_ttl_secs);
         token
             .mark(chrono::Utc::now(), ttl)

@@ -24,6 +24,14 @@ use super::follow::FollowSet;
 /// Tasks read per round trip while rebuilding.
 const CHUNK: usize = 500;
 
+/// Where a resumed stream starts: the watermark it had served up to, and a time no
+/// earlier than when the token was issued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resume {
+    pub mark: u64,
+    pub issued: chrono::DateTime<chrono::Utc>,
+}
+
 /// What a WatchTasks resume token carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -46,32 +54,47 @@ impl ResumeToken {
         }
     }
 
-    /// The watermark to resume from, or how old the token is when older than `ttl`.
+    /// Where to resume, or how old the token is when older than `ttl`.
     pub fn mark(
         self,
         now: chrono::DateTime<chrono::Utc>,
         ttl: Duration,
-    ) -> Result<u64, Option<Duration>> {
+    ) -> Result<Resume, Option<Duration>> {
         match self {
             Self::Legacy(_) => Err(None),
             Self::Point { m, t } => {
                 let age = Duration::from_secs(now.timestamp().saturating_sub(t).max(0) as u64);
-                if age > ttl { Err(Some(age)) } else { Ok(m) }
+                if age > ttl {
+                    return Err(Some(age));
+                }
+                // Issued within the second after `t`.
+                let issued =
+                    chrono::DateTime::from_timestamp(t.saturating_add(1), 0).unwrap_or(now);
+                Ok(Resume { mark: m, issued })
             }
         }
     }
 }
 
-/// The tasks a stream resumed at `mark` follows: those that matched `filter` then,
-/// each at its version then.
+/// The tasks a stream resumed at `at` follows: every task its client may hold.
+///
+/// The client holds what the stream showed before the token was issued, and a stream
+/// shows rows as they are when read: past its watermark (a transaction of the database
+/// still open when it began) a snapshot or a look may already have shown a later
+/// version. So a task changed since the mark is followed when it matched at the mark
+/// (at its version then), or at any version written before the token was issued (as
+/// shown just before the first such version, so the stream shows it again from there:
+/// a repeat after a resume, never a miss). A later `left` may then reach a client that
+/// never held the task (it drops nothing); one that holds it always gets its `left`.
 ///
 /// # Errors
 /// [`Error::StoreUnavailable`]; [`Error::Internal`] for a stream that does not replay.
 pub async fn followed_at(
     store: &Store,
     filter: &TaskFilter,
-    mark: u64,
+    at: Resume,
 ) -> Result<FollowSet, Error> {
+    let mark = at.mark;
     let mut matching_now: Vec<(TaskId, i64)> = Vec::new();
     let mut after = None;
     loop {
@@ -111,22 +134,66 @@ pub async fn followed_at(
     }
     for chunk in candidates.chunks(CHUNK) {
         let rows = store.get_tasks(chunk).await?;
-        let mut streams: HashMap<TaskId, Vec<RecordedEvent>> = HashMap::new();
-        for e in store.events_before(chunk, mark).await? {
-            streams.entry(e.task_id).or_default().push(e);
+        let mut streams: HashMap<TaskId, Vec<(RecordedEvent, bool)>> = HashMap::new();
+        for (e, below) in store.events_before(chunk, mark, Some(at.issued)).await? {
+            streams.entry(e.task_id).or_default().push((e, below));
         }
         for row in rows {
             // No events below the mark: the task did not exist for the stream yet.
             let Some(events) = streams.get(&row.task_id) else {
                 continue;
             };
-            let then = as_of(&row, events)?;
-            if filter.matches(&then) {
-                follow.insert(row.task_id, then.version);
+            match first_match(&row, events, filter)? {
+                Some(Match::AtMark(version)) => follow.insert(row.task_id, version),
+                Some(Match::Later(version)) => follow.insert(row.task_id, version - 1),
+                None => {}
             }
         }
     }
     Ok(follow)
+}
+
+/// Where a task changed since the mark first matched a stream's filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Match {
+    /// At the mark: the client holds it at this version, or a later one.
+    AtMark(i64),
+    /// Only at this later version, written before the token was issued: the client may
+    /// hold it, or not.
+    Later(i64),
+}
+
+/// The first version at which `row` matched `filter`, among the states its stream
+/// passed through up to `events` (in version order; a gap ends it), from the last
+/// one written below the mark on.
+fn first_match(
+    row: &Task,
+    stream: &[(RecordedEvent, bool)],
+    filter: &TaskFilter,
+) -> Result<Option<Match>, Error> {
+    let events: Vec<RecordedEvent> = stream
+        .iter()
+        .enumerate()
+        .take_while(|(i, (e, _))| e.version == *i as i64 + 1)
+        .map(|(_, (e, _))| e.clone())
+        .collect();
+    // The earliest state the client can hold: after the leading events below the mark
+    // (starting earlier only adds states). Events written after the mark but before
+    // the token are the later states it may hold.
+    let below = stream.iter().take_while(|(_, below)| *below).count().max(1);
+    for end in below..=events.len() {
+        let then = as_of(row, &events[..end])?;
+        if filter.matches(&then) {
+            return Ok(Some(
+                if end == below && stream.first().is_some_and(|(_, b)| *b) {
+                    Match::AtMark(then.version)
+                } else {
+                    Match::Later(then.version)
+                },
+            ));
+        }
+    }
+    Ok(None)
 }
 
 /// `row` as it stood after `events` (a prefix of its stream).
@@ -150,19 +217,23 @@ mod tests {
         let issued = Utc.with_ymd_and_hms(2026, 12, 7, 10, 0, 0).unwrap();
         let token = ResumeToken::issue(42, issued);
         let ttl = Duration::from_secs(3600);
+        let at = |r: Result<Resume, Option<Duration>>| r.map(|r| r.mark);
         assert_eq!(
-            token.mark(issued + chrono::Duration::seconds(3600), ttl),
+            at(token.mark(issued + chrono::Duration::seconds(3600), ttl)),
             Ok(42)
         );
         assert_eq!(
-            token.mark(issued + chrono::Duration::seconds(3601), ttl),
+            at(token.mark(issued + chrono::Duration::seconds(3601), ttl)),
             Err(Some(Duration::from_secs(3601)))
         );
         // A clock behind the issuer's does not make a token younger than new.
         assert_eq!(
-            token.mark(issued - chrono::Duration::seconds(5), ttl),
+            at(token.mark(issued - chrono::Duration::seconds(5), ttl)),
             Ok(42)
         );
+        // The time it carries is no earlier than the issue.
+        let resumed = token.mark(issued, ttl).unwrap();
+        assert!(resumed.issued >= issued);
     }
 
     #[test]
