@@ -11,10 +11,12 @@ use taskpod_core::batch::{Batcher, Shape};
 use taskpod_core::store::{Appended, PodAppend, Store};
 use tokio_util::task::TaskTracker;
 
-/// Up to 256 appends a transaction, two transactions in flight.
+/// Up to 256 appends a transaction, two transactions in flight; one stuck for a
+/// second (a silent store connection) no longer holds the appends behind it.
 const SHAPE: Shape = Shape {
     max_batch: 256,
     flushers: 2,
+    stall: std::time::Duration::from_secs(1),
 };
 
 /// Where pods send their appends; cheap to clone.

@@ -31,11 +31,10 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use taskpod_core::Error;
-use taskpod_core::bus::{Publisher, TaskUpdate};
 use taskpod_core::domain::{Event, EventMetadata, MANUAL_KIND, Phase, Status, Task, TaskState};
 use taskpod_core::store::checkpoint::Checkpoint;
-use taskpod_core::store::{Appended, PodAppend, RecordedEvent, Store};
-use taskpod_core::telemetry::context::traceparent_of;
+use taskpod_core::store::{PodAppend, RecordedEvent, Store};
+use taskpod_core::telemetry::context::traceparent_in;
 use tokio_util::sync::CancellationToken;
 
 use crate::appender::Appender;
@@ -79,8 +78,6 @@ pub struct PodContext {
     /// Cancelled by the controller when the pod must stop.
     stop: CancellationToken,
     metadata: EventMetadata,
-    /// Every append is announced on the bus after it commits.
-    bus: Publisher,
     /// What an earlier pod of this task saved, and the events written after it.
     restored: Option<(Checkpoint, Vec<RecordedEvent>)>,
     /// The pod's `taskpod.pod` span.
@@ -106,11 +103,9 @@ impl PodContext {
         let PodIo {
             store,
             appender,
-            bus,
             liveness,
         } = io;
         Self {
-            bus,
             liveness,
             appender,
             restored: None,
@@ -253,6 +248,8 @@ impl PodContext {
             otel.name = phase_span_name(self.state.phase),
             task_id = %self.task.task_id,
             taskpod.phase = self.state.phase.as_str(),
+            taskpod.kind = %self.task.kind,
+            taskpod.epoch = self.epoch,
         );
         self.phase_span = Some(span);
     }
@@ -265,11 +262,11 @@ impl PodContext {
         }
     }
 
-    /// The metadata of an event written in `span`: its trace context, else the one
-    /// this pod was handed.
+    /// The metadata of an event written in `span`: its trace context (see
+    /// [`traceparent_in`]), else the one this pod was handed.
     fn metadata_in(&self, span: &Span) -> EventMetadata {
         EventMetadata {
-            traceparent: traceparent_of(span).or_else(|| self.origin.clone()),
+            traceparent: traceparent_in(span, self.origin.as_deref()),
             ..self.metadata.clone()
         }
     }
@@ -283,7 +280,14 @@ impl PodContext {
             error: error.to_owned(),
             from_phase: self.state.phase,
         };
-        let span = self.phase_span.take().unwrap_or_else(|| self.span.clone());
+        let within = self.phase_span.take().unwrap_or_else(|| self.span.clone());
+        let span = tracing::info_span!(
+            parent: &within,
+            "taskpod.task.fail",
+            task_id = %self.task.task_id,
+            taskpod.reason = error,
+            otel.status_code = "ERROR",
+        );
         self.append_in(event, &span).await
     }
 
@@ -308,7 +312,6 @@ impl PodContext {
                 .await
             {
                 Ok(a) => {
-                    self.announce(&a, &metadata).instrument(span.clone()).await;
                     self.state = a.state;
                     return;
                 }
@@ -340,25 +343,22 @@ impl PodContext {
             node,
             started_at: chrono::Utc::now(),
         };
-        let span = self.span.clone();
+        // A span of its own that ends with the write: the pod's span ends only with the
+        // pod (never, if its worker is killed), and a stored context must name a span
+        // that gets exported.
+        let span = tracing::info_span!(
+            parent: &self.span,
+            "taskpod.pod.start",
+            task_id = %self.task.task_id,
+            taskpod.epoch = self.epoch,
+        );
         self.append_in(event, &span).await?;
+        drop(span);
         self.enter_phase();
         Ok(())
     }
 
-    async fn announce(&self, appended: &Appended, metadata: &EventMetadata) {
-        let mut update = TaskUpdate::of(
-            &appended.state,
-            self.store.partition_count(),
-            appended.last_event,
-            metadata.traceparent.clone(),
-        );
-        update.created_by = Some(self.task.created_by.clone());
-        update.created_at = Some(self.task.created_at);
-        self.bus.publish(&[update]).await;
-    }
-
-    /// Appends `event` (with its publish) inside `span`, whose trace context the event
+    /// Appends `event` (the store announces it) inside `span`, whose trace context the event
     /// records.
     ///
     /// Boxed, like every store round trip of a pod: a pod's future is held for its
@@ -385,9 +385,6 @@ impl PodContext {
                 .await;
             match res {
                 Ok(appended) => {
-                    self.announce(&appended, &metadata)
-                        .instrument(span.clone())
-                        .await;
                     self.state = appended.state;
                     return Ok(());
                 }

@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use taskpod_core::bus::Publisher;
 use taskpod_core::domain::{EventMetadata, NodeId, Task, TaskState};
 use taskpod_core::store::Store;
 use taskpod_core::store::checkpoint::Checkpoint;
@@ -69,6 +68,7 @@ pub(crate) fn span(spec: &PodSpec, node: NodeId) -> Span {
     let span = tracing::info_span!(
         "taskpod.pod",
         task_id = %spec.task.task_id,
+        taskpod.kind = %spec.task.kind,
         taskpod.epoch = spec.epoch,
         taskpod.node = %node,
         taskpod.exit = tracing::field::Empty,
@@ -83,7 +83,6 @@ pub(crate) struct PodIo {
     pub store: Store,
     /// Appends, batched with other pods' (see [`crate::appender`]).
     pub appender: Appender,
-    pub bus: Publisher,
     /// Whether this node still holds its claim: what `exec` feeds its guards from, so a
     /// node that lost its lock session stops its programs without the control loop.
     pub liveness: Liveness,
@@ -177,7 +176,6 @@ mod tests {
         let io = PodIo {
             appender: Appender::start(store.clone(), &tracker),
             store,
-            bus: Publisher::disabled(),
             liveness: Liveness::always(),
         };
         let now = chrono::Utc::now();

@@ -1,12 +1,11 @@
 //! Crash recording, in a task of its own: handler crashes of this node's pods and the
 //! pods lost nodes left behind.
 //!
-//! Recording a crash is a transaction of several statements plus a publish that may
-//! wait on Redis; thousands at once (a peer died) used to hold the control loop for
-//! seconds. Here they queue, are written a chunk per transaction
-//! (`Store::record_crashes`, each item keeping its own outcome under its own row
-//! lock), announced in one publish per chunk, and their outcomes come back to the
-//! control loop as messages. A store outage is retried a few times, then the outcome
+//! Recording a crash is a transaction of several statements; thousands at once (a
+//! peer died) used to hold the control loop for seconds. Here they queue, are written
+//! a chunk per transaction (`Store::record_crashes`, each item keeping its own outcome
+//! under its own row lock, the chunk announced by the store in one publish), and their
+//! outcomes come back to the control loop as messages. A store outage is retried a few times, then the outcome
 //! is an error and the next check plans the pod again.
 
 use std::collections::HashMap;
@@ -14,13 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use taskpod_core::Error;
-use taskpod_core::bus::{Publisher, TaskUpdate};
 use taskpod_core::domain::restart::{CrashKind, RestartPolicy};
 use taskpod_core::domain::{EventMetadata, NodeId, TaskId};
 use taskpod_core::store::Store;
 use taskpod_core::store::crash_batch::CrashItem;
 use taskpod_core::store::crashes::{CrashOutcome, CrashReport};
-use taskpod_core::telemetry::context::{continue_trace, traceparent_of};
+use taskpod_core::telemetry::context::{continue_trace, traceparent_in};
 use taskpod_core::telemetry::metrics::metrics;
 use tokio::sync::{Mutex, mpsc};
 
@@ -73,7 +71,6 @@ impl Recorder {
 #[derive(Clone, Debug)]
 pub(crate) struct RecorderIo {
     pub store: Store,
-    pub bus: Publisher,
     pub policy: RestartPolicy,
     /// This node's name, for the crash counter.
     pub name: String,
@@ -149,7 +146,7 @@ async fn record_chunk(io: &RecorderIo, recorder: NodeId, jobs: Vec<Job>) -> Vec<
             metadata: EventMetadata {
                 actor_id: format!("worker:{recorder}"),
                 correlation_id: format!("worker:{recorder}"),
-                traceparent: traceparent_of(span).or_else(|| job.trace.clone()),
+                traceparent: traceparent_in(span, job.trace.as_deref()),
                 ..EventMetadata::default()
             },
         })
@@ -167,19 +164,13 @@ async fn record_chunk(io: &RecorderIo, recorder: NodeId, jobs: Vec<Job>) -> Vec<
         backoff *= 2;
         answers = io.store.record_crashes(&items, recorder, &io.policy).await;
     }
-    let mut announce: Vec<(TaskId, &'static str, Option<String>)> = Vec::new();
     let mut out = Vec::with_capacity(jobs.len());
-    for ((job, item), outcome) in jobs.into_iter().zip(&items).zip(answers) {
+    for (job, outcome) in jobs.into_iter().zip(answers) {
         match &outcome {
             Ok(CrashOutcome::AlreadyRecorded) => {}
             Ok(o) => {
                 metrics().pod_crashed(&io.name, job.kind.as_str());
-                let event = match o {
-                    CrashOutcome::Failed { .. } => "task_failed",
-                    _ => "pod_crashed",
-                };
                 tracing::info!(task.id = %job.task, epoch = job.epoch, kind = job.kind.as_str(), outcome = ?o, "pod end recorded");
-                announce.push((job.task, event, item.metadata.traceparent.clone()));
             }
             Err(e) => {
                 tracing::debug!(task.id = %job.task, epoch = job.epoch, error = %e, "pod end not recorded");
@@ -193,7 +184,6 @@ async fn record_chunk(io: &RecorderIo, recorder: NodeId, jobs: Vec<Job>) -> Vec<
         });
     }
     drop(spans);
-    announce_all(io, announce).await;
     out
 }
 
@@ -216,28 +206,4 @@ fn span(job: &Job) -> tracing::Span {
     };
     continue_trace(&span, job.trace.as_deref());
     span
-}
-
-/// Announces what was recorded, read back in one query and published in one round
-/// trip (best effort, after the commits).
-async fn announce_all(io: &RecorderIo, changed: Vec<(TaskId, &'static str, Option<String>)>) {
-    if changed.is_empty() {
-        return;
-    }
-    let ids: Vec<TaskId> = changed.iter().map(|c| c.0).collect();
-    let Ok(tasks) = io.store.get_tasks(&ids).await else {
-        return;
-    };
-    let how: HashMap<TaskId, (&'static str, Option<String>)> = changed
-        .into_iter()
-        .map(|(t, event, trace)| (t, (event, trace)))
-        .collect();
-    let updates: Vec<TaskUpdate> = tasks
-        .iter()
-        .filter_map(|t| {
-            let (event, trace) = how.get(&t.task_id)?;
-            Some(TaskUpdate::from_task(t, event, trace.clone()))
-        })
-        .collect();
-    io.bus.publish(&updates).await;
 }

@@ -10,7 +10,7 @@ use taskpod_core::domain::{NodeId, TaskId};
 use taskpod_core::store::crashes::CrashOutcome;
 use taskpod_core::store::nodes::PodCandidate;
 use taskpod_core::store::{MintRequest, MintedPod};
-use taskpod_core::telemetry::context::{continue_trace, traceparent_of};
+use taskpod_core::telemetry::context::{continue_trace, traceparent_in};
 use taskpod_core::telemetry::metrics::metrics;
 use tokio::time::Instant;
 use tracing::Instrument as _;
@@ -134,6 +134,7 @@ impl Controller {
                     let span = tracing::info_span!(
                         "taskpod.pod.claim",
                         task_id = %s.task.task_id,
+                        taskpod.kind = %s.task.kind,
                         taskpod.partition = s.task.partition,
                         taskpod.epoch = tracing::field::Empty,
                         taskpod.batch = chunk.len(),
@@ -167,9 +168,8 @@ impl Controller {
                     continue;
                 };
                 span.record("taskpod.epoch", m.epoch);
-                let trace = traceparent_of(&span)
-                    .or(asked)
-                    .or_else(|| m.traceparent.clone());
+                let handed = asked.or_else(|| m.traceparent.clone());
+                let trace = traceparent_in(&span, handed.as_deref());
                 self.spawn_pod(m, trace);
             }
         }
@@ -208,7 +208,6 @@ impl Controller {
         let io = PodIo {
             store: self.store.clone(),
             appender: self.appender.clone(),
-            bus: self.bus.clone(),
             liveness: inc.liveness().clone(),
         };
         let node = inc.node();

@@ -64,14 +64,14 @@ const DRAIN_RECORDS: Duration = Duration::from_secs(5);
 pub struct Controller {
     settings: WorkerSettings,
     store: Store,
-    /// Announces changes; pods and the recorder publish their own.
+    /// Hands out publishing handles: pods and the recorder publish their own changes.
     bus: Publisher,
     handlers: BTreeMap<String, Arc<dyn Handler>>,
     slots: BTreeMap<String, Slots>,
     kinds: BTreeSet<String>,
     programs: BTreeSet<String>,
-    /// The pods' appends, batched; its flushers run on `flushers`, waited for at the end
-    /// of the drain.
+    /// The pods' appends, batched; its flushers run on `flushers` (with the bus
+    /// publisher's task), waited for at the end of the drain.
     appender: Appender,
     flushers: TaskTracker,
     /// The current incarnation; `None` between a fence and the next registration.
@@ -124,6 +124,7 @@ impl Controller {
     /// When the store or the lock session cannot be reached.
     pub async fn start(settings: WorkerSettings) -> Result<Self, WorkerError> {
         let store = Store::connect(&settings.store).await?;
+        metrics().known_series(taskpod_core::telemetry::Role::Worker, Some(&settings.name));
         let handlers = crate::handlers::registry(&settings.handlers);
         let slots = handlers
             .keys()
@@ -137,9 +138,11 @@ impl Controller {
                 (kind.clone(), Slots::new(n as usize))
             })
             .collect();
-        let bus =
-            Publisher::new(&settings.bus).map_err(|e| WorkerError::Settings(e.to_string()))?;
         let flushers = TaskTracker::new();
+        let bus = Publisher::start(&settings.bus, &flushers)
+            .map_err(|e| WorkerError::Settings(e.to_string()))?;
+        // Every write announces what it committed, through the store.
+        let store = store.with_bus(bus.clone());
         let appender = Appender::start(store.clone(), &flushers);
         let (recorder, recorded, inbox) = recorder::channel();
         let (node_id, node_rx) = watch::channel(None);
@@ -147,7 +150,6 @@ impl Controller {
         let mut services = Supervisor::new();
         let io = RecorderIo {
             store: store.clone(),
-            bus: bus.clone(),
             policy: settings.restart_policy(),
             name: settings.name.clone(),
         };
@@ -447,9 +449,16 @@ impl Controller {
         self.chores_stop.cancel();
         let services = std::mem::take(&mut self.services);
         services.shutdown().await;
-        // The pods are gone, and with this the last handle on the appender.
+        // The pods and the recorder are gone, and with this the last handles on the
+        // appender and the publisher (which sends what it still holds, within
+        // `bus.timeout_ms`).
         let flushers = self.flushers.clone();
+        let bus = self.bus.clone();
         drop(self);
+        // Store clones hold the publisher too: it stops when told, not when the last
+        // handle goes.
+        bus.close();
+        drop(bus);
         flushers.close();
         flushers.wait().await;
         tracing::info!("drained");

@@ -268,7 +268,7 @@ impl WorkerSettings {
             return invalid("handlers.kinds", "a worker must offer at least one kind");
         }
         for kind in &self.handlers.kinds {
-            if !matches!(kind.as_str(), "manual" | "sleep" | "exec") {
+            if !taskpod_core::domain::KINDS.contains(&kind.as_str()) {
                 return invalid("handlers.kinds", format!("no handler for kind {kind:?}"));
             }
         }
