@@ -121,12 +121,7 @@ impl ApiProcess {
 
     /// The process's resident memory in KiB, from /proc.
     pub fn rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()?)).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
+        crate::os::rss_kib(self.child.id()?)
     }
 
     pub fn endpoint(&self) -> String {
@@ -167,4 +162,22 @@ impl ApiProcess {
     pub async fn wait(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
         Ok(tokio::time::timeout(timeout, self.child.wait()).await??)
     }
+}
+
+/// A task's whole history (up to 1,000 events, one page), as `ListTaskEvents` gives it.
+///
+/// # Errors
+/// The call's status.
+pub async fn task_events(
+    client: &mut TaskServiceClient<Channel>,
+    task_id: &str,
+) -> Result<Vec<taskpod_proto::v1::Event>, tonic::Status> {
+    let page = client
+        .list_task_events(taskpod_proto::v1::ListTaskEventsRequest {
+            task_id: task_id.to_owned(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await?;
+    Ok(page.into_inner().events)
 }

@@ -10,7 +10,8 @@
 //! - [`api`]: a fresh database per test and real `taskpod-api` processes on it
 //!   ([`spawn_api`] for a database given by URL);
 //! - [`worker`]: real `taskpod-worker` processes;
-//! - [`otlp`]: an OTLP receiver the binaries export traces and metrics to;
+//! - [`otlp`]: an OTLP receiver the binaries export traces and metrics to; [`traces`]:
+//!   one trace as it got it, and the `traceparent`s events carry;
 //! - [`cli`]: the `taskpod` client commands run against them, on a database migrated by
 //!   `taskpod migrate`;
 //! - [`cluster`]: a whole cluster with its own Postgres and Redis, for tests that crash
@@ -27,6 +28,7 @@ pub mod cluster;
 pub mod os;
 pub mod otlp;
 pub mod proxy;
+pub mod traces;
 pub mod worker;
 
 /// How long [`eventually`] waits for a condition: generous, CI machines have two cores
@@ -387,6 +389,21 @@ pub async fn spawn_server(
             bail!("{binary} exited ({status}) before announcing itself; first line {line:?}");
         }
     }
+}
+
+/// The value of `series` (a name, with its labels as printed) in Prometheus or
+/// OpenMetrics text, if it is there.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The value of `series` as an integer; panics naming the series when it is missing
+/// (a test's metric that is not exported is a failure).
+pub fn metric_count(text: &str, series: &str) -> i64 {
+    metric_value(text, series).unwrap_or_else(|| panic!("{series} not exported:\n{text}")) as i64
 }
 
 /// `GET /metrics` at `addr`: the whole response, status line and headers included.

@@ -10,6 +10,33 @@ use anyhow::Context as _;
 pub use rustix::process::Signal;
 use rustix::process::{Pid, kill_process};
 
+/// A process's resident memory in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// Established TCP connections (IPv4) whose remote end is `port`: the clients a
+/// loopback server on that port has, seen from their side.
+pub fn connections_to(port: u16) -> usize {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return 0;
+    };
+    let port = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.get(2).is_some_and(|remote| remote.ends_with(&port)) && cols.get(3) == Some(&"01")
+        })
+        .count()
+}
+
 /// Sends `signal` to `pid`.
 ///
 /// # Errors

@@ -2,11 +2,14 @@
 //! clients creating `sleep` and `exec` tasks (and cancelling a few), and a seeded
 //! schedule of faults: workers SIGKILLed and restarted, paused past takeover and
 //! resumed, their lock sessions terminated; Postgres stopped `-m immediate` and
-//! restarted; Redis and API replicas SIGKILLed and restarted; and, through fault
-//! proxies, a worker's link to Postgres silenced and an API replica's commits made
-//! ambiguous (committed, answer lost). Then everything is healed
-//! and the checker holds the store to what clients were told and to the design's
-//! invariants (`taskpod_e2e::chaos::check`).
+//! restarted; Redis and API replicas SIGKILLed and restarted; Redis paused, its
+//! subscribers killed and its pubsub buffers shrunk; a transaction held open in another
+//! database; and, through fault proxies, a worker's or a replica's link to Postgres
+//! silenced, a replica's connections reset and its commits made ambiguous (committed,
+//! answer lost). WatchTasks clients follow it all, resuming on another replica when a
+//! stream fails. Then everything is healed and the checker holds the store to what
+//! clients were told and to the design's invariants (`taskpod_e2e::chaos::check`), and
+//! every watcher's history to the stream's promises (`taskpod_e2e::chaos::watchers`).
 //!
 //! - CI mode (no variables): two fresh seeds of 45 s of faults each, every fault kind
 //!   at least once per seed, more than 2,000 tasks in all.

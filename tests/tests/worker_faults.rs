@@ -558,10 +558,7 @@ async fn an_exec_program_sees_none_of_the_workers_settings() {
 }
 
 fn gauge(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
+    taskpod_e2e::metric_value(text, series)
 }
 
 fn tempdir() -> std::path::PathBuf {

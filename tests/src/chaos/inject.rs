@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::schedule::Fault;
 use crate::cluster::{Cluster, CutKind};
-use crate::proxy::Delivery;
+use crate::proxy::{Delivery, FaultProxy};
 
 /// What became of one scheduled fault.
 #[derive(Clone, Debug)]
@@ -119,6 +119,74 @@ pub async fn apply(cluster: &mut Cluster, fault: &Fault) -> anyhow::Result<(bool
             let name = worker_name(cluster, *worker)?;
             cut_worker(cluster, &name, *kind, *hold_ms).await
         }
+        Fault::PauseRedis { pause_ms } => {
+            cluster.pause_redis()?;
+            sleep(*pause_ms).await;
+            cluster.resume_redis()?;
+            Ok((
+                true,
+                format!("redis (pid {:?}) paused", cluster.redis()?.pid()),
+            ))
+        }
+        Fault::KillSubscriptions => {
+            let killed = cluster
+                .redis()?
+                .command(&["CLIENT", "KILL", "TYPE", "pubsub"])
+                .await?;
+            let n = match killed {
+                redis::Value::Int(n) => n,
+                _ => 0,
+            };
+            Ok((n > 0, format!("{n} subscriber connections killed")))
+        }
+        Fault::TinyPubsubBuffer { for_ms } => {
+            let limit =
+                |value: &'static str| ["CONFIG", "SET", "client-output-buffer-limit", value];
+            cluster
+                .redis()?
+                .command(&limit("pubsub 1kb 512b 1"))
+                .await?;
+            sleep(*for_ms).await;
+            cluster
+                .redis()?
+                .command(&limit("pubsub 32mb 8mb 60"))
+                .await?;
+            Ok((true, "pubsub output buffers limited to 1 KiB".to_owned()))
+        }
+        Fault::HoldOtherDatabase { hold_ms } => {
+            use sqlx::Connection as _;
+            let mut other = cluster.other_database().await?;
+            let mut tx = other.begin().await?;
+            let xid: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+                .fetch_one(&mut *tx)
+                .await?;
+            sleep(*hold_ms).await;
+            // The server may have restarted meanwhile: the transaction is gone either way.
+            let _ = tx.rollback().await;
+            Ok((
+                true,
+                format!("transaction {xid} held open in database postgres"),
+            ))
+        }
+        Fault::SilenceApiStore { api, hold_ms } => {
+            let (name, proxy) = api_proxy(cluster, *api)?;
+            proxy.hold();
+            sleep(*hold_ms).await;
+            proxy.heal();
+            Ok((true, format!("{name}'s link to Postgres held silent")))
+        }
+        Fault::ResetApiStore { api, for_ms } => {
+            let (name, proxy) = api_proxy(cluster, *api)?;
+            let before = proxy.resets();
+            proxy.refuse();
+            sleep(*for_ms).await;
+            proxy.heal();
+            let reset = proxy.resets() - before;
+            Ok((
+                true,
+                format!("{name}: {reset} connections to Postgres reset"),
+            ))
+        }
         Fault::AmbiguousCommits { api, for_ms } => {
             let member = cluster
                 .apis()
@@ -157,6 +225,18 @@ async fn cut_worker(
     cluster.heal_cut(name).await?;
     cut?;
     Ok((true, format!("{name}: {kind}, healed")))
+}
+
+/// An API replica's name and fault proxy.
+fn api_proxy(cluster: &Cluster, index: usize) -> anyhow::Result<(String, &FaultProxy)> {
+    let member = cluster
+        .apis()
+        .get(index)
+        .ok_or_else(|| anyhow::anyhow!("no API replica #{index}"))?;
+    let proxy = member
+        .proxy()
+        .ok_or_else(|| anyhow::anyhow!("{} has no fault proxy", member.name()))?;
+    Ok((member.name().to_owned(), proxy))
 }
 
 fn worker_name(cluster: &Cluster, index: usize) -> anyhow::Result<String> {

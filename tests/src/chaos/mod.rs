@@ -13,7 +13,9 @@
 //!   environment;
 //! - [`partition`]: one real network partition of a worker or a replica (network
 //!   namespaces and nftables), its timeline and its checks;
-//! - [`rng`]: the seeded generator behind schedules and mixes.
+//! - [`rng`]: the seeded generator behind schedules and mixes;
+//! - [`watchers`]: WatchTasks clients that resume through the storm, and the checks
+//!   of their histories.
 
 pub mod check;
 pub mod history;
@@ -26,3 +28,4 @@ pub mod programs;
 pub mod rng;
 pub mod schedule;
 pub mod storm;
+pub mod watchers;

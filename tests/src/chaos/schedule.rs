@@ -35,6 +35,23 @@ pub enum Fault {
     /// and the answer is lost (its fault proxy resets the connection): ambiguous
     /// outcomes that only request ids make safe to retry.
     AmbiguousCommits { api: usize, for_ms: u64 },
+    /// SIGSTOP Redis for `pause_ms`, then SIGCONT: a black hole, every connection open
+    /// and silent (publishers must not stall, subscribers must notice).
+    PauseRedis { pause_ms: u64 },
+    /// `CLIENT KILL TYPE pubsub`: every subscription cut at once, Redis still up.
+    KillSubscriptions,
+    /// For `for_ms`, `client-output-buffer-limit pubsub` so small that Redis cuts any
+    /// subscriber that falls a few messages behind.
+    TinyPubsubBuffer { for_ms: u64 },
+    /// A transaction with an id held open for `hold_ms` in another database of the
+    /// same server: taskpod's change feed must not wait for it.
+    HoldOtherDatabase { hold_ms: u64 },
+    /// Hold an API replica's link to Postgres silent for `hold_ms` (its fault proxy
+    /// passes nothing and keeps every socket open), then heal.
+    SilenceApiStore { api: usize, hold_ms: u64 },
+    /// For `for_ms`, an API replica's connections to Postgres are reset as soon as they
+    /// send anything: a dead pooler.
+    ResetApiStore { api: usize, for_ms: u64 },
     /// A real partition of the worker that runs in a network namespace: the kernel
     /// drops its packets to and/or from Postgres and Redis as `kind` says, for
     /// `hold_ms`, then the cut is healed.
@@ -57,17 +74,27 @@ pub enum FaultKind {
     PartitionWorker,
     AmbiguousCommits,
     CutWorker,
+    PauseRedis,
+    KillSubscriptions,
+    TinyPubsubBuffer,
+    HoldOtherDatabase,
+    SilenceApiStore,
+    ResetApiStore,
 }
 
 impl FaultKind {
     /// The kinds every CI run must include at least once.
-    pub const REQUIRED: [FaultKind; 6] = [
+    pub const REQUIRED: [FaultKind; 10] = [
         FaultKind::KillWorker,
         FaultKind::PauseWorker,
         FaultKind::TerminateLockSession,
         FaultKind::CrashPostgres,
         FaultKind::KillRedis,
         FaultKind::KillApi,
+        FaultKind::PauseRedis,
+        FaultKind::KillSubscriptions,
+        FaultKind::TinyPubsubBuffer,
+        FaultKind::HoldOtherDatabase,
     ];
 
     /// The kinds a cluster of `shape` can take: the network faults need a member that
@@ -79,6 +106,8 @@ impl FaultKind {
         }
         if shape.proxied_api.is_some() {
             kinds.push(FaultKind::AmbiguousCommits);
+            kinds.push(FaultKind::SilenceApiStore);
+            kinds.push(FaultKind::ResetApiStore);
         }
         if shape.netns_worker.is_some() {
             kinds.push(FaultKind::CutWorker);
@@ -99,6 +128,12 @@ impl Fault {
             Fault::PartitionWorker { .. } => FaultKind::PartitionWorker,
             Fault::AmbiguousCommits { .. } => FaultKind::AmbiguousCommits,
             Fault::CutWorker { .. } => FaultKind::CutWorker,
+            Fault::PauseRedis { .. } => FaultKind::PauseRedis,
+            Fault::KillSubscriptions => FaultKind::KillSubscriptions,
+            Fault::TinyPubsubBuffer { .. } => FaultKind::TinyPubsubBuffer,
+            Fault::HoldOtherDatabase { .. } => FaultKind::HoldOtherDatabase,
+            Fault::SilenceApiStore { .. } => FaultKind::SilenceApiStore,
+            Fault::ResetApiStore { .. } => FaultKind::ResetApiStore,
         }
     }
 
@@ -109,10 +144,15 @@ impl Fault {
             | Fault::CrashPostgres { down_ms }
             | Fault::KillRedis { down_ms }
             | Fault::KillApi { down_ms, .. } => *down_ms,
-            Fault::PauseWorker { pause_ms, .. } => *pause_ms,
-            Fault::PartitionWorker { hold_ms, .. } | Fault::CutWorker { hold_ms, .. } => *hold_ms,
-            Fault::AmbiguousCommits { for_ms, .. } => *for_ms,
-            Fault::TerminateLockSession { .. } => 0,
+            Fault::PauseWorker { pause_ms, .. } | Fault::PauseRedis { pause_ms } => *pause_ms,
+            Fault::PartitionWorker { hold_ms, .. }
+            | Fault::CutWorker { hold_ms, .. }
+            | Fault::HoldOtherDatabase { hold_ms }
+            | Fault::SilenceApiStore { hold_ms, .. } => *hold_ms,
+            Fault::AmbiguousCommits { for_ms, .. }
+            | Fault::TinyPubsubBuffer { for_ms }
+            | Fault::ResetApiStore { for_ms, .. } => *for_ms,
+            Fault::TerminateLockSession { .. } | Fault::KillSubscriptions => 0,
         })
     }
 
@@ -150,6 +190,24 @@ impl Fault {
                 worker: shape.netns_worker.unwrap_or_default(),
                 kind: CutKind::ALL[rng.index(CutKind::ALL.len())],
                 hold_ms: shape.idle_session_timeout_ms + rng.range(1_000, 6_000),
+            },
+            FaultKind::PauseRedis => Fault::PauseRedis {
+                pause_ms: rng.range(1_000, 4_000),
+            },
+            FaultKind::KillSubscriptions => Fault::KillSubscriptions,
+            FaultKind::TinyPubsubBuffer => Fault::TinyPubsubBuffer {
+                for_ms: rng.range(1_500, 4_000),
+            },
+            FaultKind::HoldOtherDatabase => Fault::HoldOtherDatabase {
+                hold_ms: rng.range(3_000, 8_000),
+            },
+            FaultKind::SilenceApiStore => Fault::SilenceApiStore {
+                api: shape.proxied_api.unwrap_or_default(),
+                hold_ms: rng.range(1_000, 5_000),
+            },
+            FaultKind::ResetApiStore => Fault::ResetApiStore {
+                api: shape.proxied_api.unwrap_or_default(),
+                for_ms: rng.range(500, 2_500),
             },
         }
     }
@@ -192,6 +250,26 @@ impl fmt::Display for Fault {
                 kind,
                 hold_ms,
             } => write!(f, "{kind} of worker #{worker} for {hold_ms} ms"),
+            Fault::PauseRedis { pause_ms } => {
+                write!(f, "SIGSTOP redis for {pause_ms} ms, then SIGCONT")
+            }
+            Fault::KillSubscriptions => write!(f, "redis CLIENT KILL TYPE pubsub"),
+            Fault::TinyPubsubBuffer { for_ms } => write!(
+                f,
+                "redis client-output-buffer-limit pubsub 1kb 512b 1 for {for_ms} ms"
+            ),
+            Fault::HoldOtherDatabase { hold_ms } => write!(
+                f,
+                "hold a transaction open in another database for {hold_ms} ms"
+            ),
+            Fault::SilenceApiStore { api, hold_ms } => write!(
+                f,
+                "silence API replica #{api}'s Postgres link for {hold_ms} ms"
+            ),
+            Fault::ResetApiStore { api, for_ms } => write!(
+                f,
+                "reset API replica #{api}'s Postgres connections for {for_ms} ms"
+            ),
         }
     }
 }

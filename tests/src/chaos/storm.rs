@@ -20,6 +20,7 @@ use super::load::{Load, LoadConfig, Mix};
 use super::overlap;
 use super::programs::{EXEC_LOG, Program};
 use super::schedule::{FaultKind, Schedule, Shape};
+use super::watchers::{self, STORM_WATCHERS, Watchers};
 use crate::cluster::{Cluster, ClusterSpec};
 use crate::os;
 
@@ -176,7 +177,8 @@ impl StormConfig {
         for program in Program::ALL {
             spec.programs.push(program.spec());
         }
-        spec
+        // Heartbeats often enough that the watchers' last resume check is quick.
+        spec.api_env("TASKPOD_WATCH__HEARTBEAT_INTERVAL_MS", 2_000)
     }
 }
 
@@ -336,6 +338,10 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
         replicas,
         Arc::clone(&history),
     );
+    let watchers = Watchers::start(
+        &STORM_WATCHERS,
+        cluster.clients().context("watchers' clients")?,
+    );
     let running = {
         let load = Arc::clone(&load);
         tokio::spawn(async move { load.run().await })
@@ -392,6 +398,9 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
     wait_for_programs(&cluster, Duration::from_secs(40)).await;
     timings.lap("settle");
 
+    let watched = check_watchers(&cluster, watchers).await?;
+    timings.lap("watchers");
+
     let mut snapshot = Snapshot::load(cluster.pool()).await?;
     snapshot.node_names.extend(nodes.stop());
     let log = std::fs::read_to_string(cluster.programs_dir().join(EXEC_LOG)).unwrap_or_default();
@@ -417,6 +426,8 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
     report
         .figures
         .insert("exec log lines torn by a kill", torn.to_string());
+    report.figures.insert("watchers", watched.figures);
+    report.violations.extend(watched.violations);
     for (index, name, status, log) in exits {
         report.violations.push(
             Violation::new(
@@ -443,6 +454,46 @@ pub async fn run(config: &StormConfig) -> anyhow::Result<StormOutcome> {
         unresolved,
         timings,
         report,
+    })
+}
+
+/// What the watchers saw, checked.
+struct Watched {
+    figures: String,
+    violations: Vec<Violation>,
+}
+
+/// How long the watchers get to show the final state once every task ended.
+const WATCHERS_CONVERGE: Duration = Duration::from_secs(60);
+
+/// Waits for every watcher's view to reach what the store holds, stops them, and
+/// checks each history, then one more resume from each last token.
+async fn check_watchers(cluster: &Cluster, watchers: Watchers) -> anyhow::Result<Watched> {
+    let expected = watchers::expected_views(cluster.pool(), &STORM_WATCHERS).await?;
+    watchers.converge(&expected, WATCHERS_CONVERGE).await;
+    let histories = watchers.stop().await;
+    let mut client = cluster
+        .clients()?
+        .into_iter()
+        .next()
+        .context("no API replica")?;
+    let mut violations = Vec::new();
+    let mut figures = Vec::new();
+    for (history, want) in histories.iter().zip(&expected) {
+        violations.extend(watchers::check(history, want));
+        violations
+            .extend(watchers::check_resume(history, &mut client, Duration::from_secs(30)).await);
+        figures.push(format!(
+            "{}: {} entries, {} resumes, {} tasks in view",
+            history.spec.name,
+            history.seen.len(),
+            history.resumes(),
+            history.view().len()
+        ));
+    }
+    Ok(Watched {
+        figures: figures.join("; "),
+        violations,
     })
 }
 

@@ -9,7 +9,8 @@
 //! replica on the same port, so clients reconnect); a worker's lock session can be
 //! terminated from Postgres; Postgres can be crashed (`pg_ctl stop -m immediate`) and
 //! started again on the same port and data; Redis can be SIGKILLed and restarted on the
-//! same port. Any member can reach Postgres through a [`FaultProxy`], or run in a
+//! same port, or paused (SIGSTOP: a black hole) and resumed. Any member can reach
+//! Postgres or Redis through a [`FaultProxy`] of its own, or run in a
 //! network namespace of its own ([`Netns`]) whose link to Postgres and Redis the
 //! kernel cuts ([`Cluster::cut`]: both services or one, both ways or one).
 //!
@@ -61,12 +62,14 @@ pub enum Role {
     Api,
 }
 
-/// One worker or API replica: its process and, when it has one, its proxy to Postgres.
+/// One worker or API replica: its process and, when it has them, its proxies to
+/// Postgres and to Redis.
 #[derive(Debug)]
 pub struct Member {
     role: Role,
     process: ServerProcess,
     proxy: Option<FaultProxy>,
+    redis_proxy: Option<FaultProxy>,
     /// Where an API replica listens (fixed across restarts).
     addr: Option<SocketAddr>,
     /// Its network namespace, when the spec asked for one. Declared last: it is
@@ -94,6 +97,11 @@ impl Member {
     /// Its proxy to Postgres, when the spec asked for one.
     pub fn proxy(&self) -> Option<&FaultProxy> {
         self.proxy.as_ref()
+    }
+
+    /// Its proxy to Redis, when the spec asked for one.
+    pub fn redis_proxy(&self) -> Option<&FaultProxy> {
+        self.redis_proxy.as_ref()
     }
 
     /// Its network namespace, when the spec asked for one.
@@ -277,19 +285,38 @@ impl Cluster {
         Ok((Some(proxy), url))
     }
 
-    /// Where a member reaches Postgres and Redis: through its proxy, its namespace's
+    /// Where a member reaches Postgres and Redis: through its proxies, its namespace's
     /// host end, or directly.
-    async fn urls_for(
+    async fn routes_for(
         &self,
         via_proxy: bool,
+        redis_via_proxy: bool,
         netns: Option<&Netns>,
-    ) -> anyhow::Result<(Option<FaultProxy>, String, Option<String>)> {
+    ) -> anyhow::Result<Routes> {
         if let Some(ns) = netns {
-            let redis = self.redis.as_ref().map(|r| r.url_at(ns.host_addr()));
-            return Ok((None, self.postgres.url_at(ns.host_addr(), DATABASE), redis));
+            return Ok(Routes {
+                proxy: None,
+                store_url: self.postgres.url_at(ns.host_addr(), DATABASE),
+                redis_proxy: None,
+                bus_url: self.redis.as_ref().map(|r| r.url_at(ns.host_addr())),
+            });
         }
-        let (proxy, store) = self.proxy_for(via_proxy).await?;
-        Ok((proxy, store, self.redis_url()))
+        let (proxy, store_url) = self.proxy_for(via_proxy).await?;
+        let (redis_proxy, bus_url) = match &self.redis {
+            Some(redis) if redis_via_proxy => {
+                let upstream = SocketAddr::from(([127, 0, 0, 1], redis.port()));
+                let proxy = FaultProxy::start(upstream).await?;
+                let url = format!("redis://{}", proxy.addr());
+                (Some(proxy), Some(url))
+            }
+            _ => (None, self.redis_url()),
+        };
+        Ok(Routes {
+            proxy,
+            store_url,
+            redis_proxy,
+            bus_url,
+        })
     }
 
     async fn start_worker(
@@ -300,16 +327,23 @@ impl Cluster {
         program_env: &[(String, String)],
         logs: &Path,
     ) -> anyhow::Result<Member> {
-        let (proxy, store_url, bus_url) = self.urls_for(worker.via_proxy, netns.as_ref()).await?;
+        let routes = self
+            .routes_for(worker.via_proxy, worker.redis_via_proxy, netns.as_ref())
+            .await?;
+        let (store_url, bus_url) = (&routes.store_url, &routes.bus_url);
         let mut env = vec![
             pair("TASKPOD_NAME", &worker.name),
-            pair("TASKPOD_STORE__URL", &store_url),
+            pair("TASKPOD_STORE__URL", store_url),
             pair("TASKPOD_HEALTH_LISTEN", "127.0.0.1:0"),
             pair("TASKPOD_METRICS_LISTEN", "127.0.0.1:0"),
-            pair("TASKPOD_TICK_MS", "100"),
-            pair("TASKPOD_CLAIM_INTERVAL_MS", "200"),
-            pair("TASKPOD_SETTLE_MS", "500"),
         ];
+        if !spec.default_timing {
+            env.extend([
+                pair("TASKPOD_TICK_MS", "100"),
+                pair("TASKPOD_CLAIM_INTERVAL_MS", "200"),
+                pair("TASKPOD_SETTLE_MS", "500"),
+            ]);
+        }
         if worker.lock_direct {
             env.push(pair("TASKPOD_LOCK__URL", &self.database_url()));
         }
@@ -331,7 +365,8 @@ impl Cluster {
         Ok(Member {
             role: Role::Worker,
             process,
-            proxy,
+            proxy: routes.proxy,
+            redis_proxy: routes.redis_proxy,
             addr: None,
             netns,
         })
@@ -344,14 +379,17 @@ impl Cluster {
         netns: Option<Netns>,
         logs: &Path,
     ) -> anyhow::Result<Member> {
-        let (proxy, store_url, bus_url) = self.urls_for(api.via_proxy, netns.as_ref()).await?;
+        let routes = self
+            .routes_for(api.via_proxy, api.redis_via_proxy, netns.as_ref())
+            .await?;
+        let (store_url, bus_url) = (&routes.store_url, &routes.bus_url);
         // In a namespace it listens on the namespace's own address (a fresh namespace
         // has every port free); clients reach it over the veth pair.
         let ip = netns.as_ref().map_or(Ipv4Addr::LOCALHOST, Netns::ns_addr);
         let addr = SocketAddr::from((ip, os::free_port()?));
         let mut env = vec![
             pair("TASKPOD_LISTEN", &addr.to_string()),
-            pair("TASKPOD_STORE__URL", &store_url),
+            pair("TASKPOD_STORE__URL", store_url),
             pair("TASKPOD_AUTH__ENABLED", "false"),
             pair("TASKPOD_PAGE_TOKENS__CURRENT_KEY", PAGE_KEY),
             pair("TASKPOD_SHUTDOWN_GRACE_MS", "3000"),
@@ -373,7 +411,8 @@ impl Cluster {
         Ok(Member {
             role: Role::Api,
             process,
-            proxy,
+            proxy: routes.proxy,
+            redis_proxy: routes.redis_proxy,
             addr: Some(addr),
             netns,
         })
@@ -386,6 +425,16 @@ impl Cluster {
 
     pub fn redis_url(&self) -> Option<String> {
         self.redis.as_ref().map(RedisServer::url)
+    }
+
+    /// The cluster's Redis, for commands (`CLIENT KILL`, `CONFIG SET`, `PUBSUB`).
+    ///
+    /// # Errors
+    /// When the cluster runs without Redis.
+    pub fn redis(&self) -> anyhow::Result<&RedisServer> {
+        self.redis
+            .as_ref()
+            .context("the cluster runs without Redis")
     }
 
     /// A pool on the cluster's database for oracle queries. It reconnects by itself
@@ -504,6 +553,28 @@ impl Cluster {
             .await
     }
 
+    /// SIGSTOP to Redis: a black hole until [`Cluster::resume_redis`].
+    ///
+    /// # Errors
+    /// When it is not running, or the cluster runs without Redis.
+    pub fn pause_redis(&mut self) -> anyhow::Result<()> {
+        self.redis
+            .as_mut()
+            .context("the cluster runs without Redis")?
+            .pause()
+    }
+
+    /// SIGCONT to Redis.
+    ///
+    /// # Errors
+    /// When it is not running, or the cluster runs without Redis.
+    pub fn resume_redis(&mut self) -> anyhow::Result<()> {
+        self.redis
+            .as_mut()
+            .context("the cluster runs without Redis")?
+            .resume()
+    }
+
     /// Starts Redis again on the same port.
     ///
     /// # Errors
@@ -514,6 +585,17 @@ impl Cluster {
             .context("the cluster runs without Redis")?
             .restart()
             .await
+    }
+
+    /// A session on another database of the cluster's server (`postgres`): its open
+    /// transactions are another application's, which taskpod's change feed must not
+    /// wait for.
+    ///
+    /// # Errors
+    /// When Postgres refuses.
+    pub async fn other_database(&self) -> anyhow::Result<sqlx::PgConnection> {
+        use sqlx::Connection as _;
+        Ok(sqlx::PgConnection::connect(&self.postgres.url("postgres")).await?)
     }
 
     /// Members that exited on their own since the last call (not killed or drained
@@ -574,7 +656,7 @@ impl Cluster {
             redis.restart().await?;
         }
         for member in self.workers.iter_mut().chain(self.apis.iter_mut()) {
-            if let Some(proxy) = &member.proxy {
+            for proxy in member.proxy.iter().chain(&member.redis_proxy) {
                 proxy.heal();
             }
             if let Some(ns) = member
@@ -652,8 +734,12 @@ async fn make_namespaces(spec: &ClusterSpec) -> anyhow::Result<BTreeMap<String, 
     let wanted: Vec<String> = spec
         .workers
         .iter()
-        .map(|w| (&w.name, w.netns, w.via_proxy))
-        .chain(spec.apis.iter().map(|a| (&a.name, a.netns, a.via_proxy)))
+        .map(|w| (&w.name, w.netns, w.via_proxy || w.redis_via_proxy))
+        .chain(
+            spec.apis
+                .iter()
+                .map(|a| (&a.name, a.netns, a.via_proxy || a.redis_via_proxy)),
+        )
         .filter(|(_, netns, _)| *netns)
         .map(|(name, _, via_proxy)| {
             if via_proxy {
@@ -671,6 +757,14 @@ async fn make_namespaces(spec: &ClusterSpec) -> anyhow::Result<BTreeMap<String, 
         namespaces.insert(name, ns);
     }
     Ok(namespaces)
+}
+
+/// Where a member reaches Postgres and Redis, and the proxies on the way.
+struct Routes {
+    proxy: Option<FaultProxy>,
+    store_url: String,
+    redis_proxy: Option<FaultProxy>,
+    bus_url: Option<String>,
 }
 
 fn pair(key: &str, value: &str) -> (String, String) {

@@ -25,6 +25,8 @@ pub struct WorkerSpec {
     /// Run in a network namespace of its own, so that the network between it and
     /// Postgres and Redis can be cut ([`super::Netns`]). Not with `via_proxy`.
     pub netns: bool,
+    /// Reach Redis through a [`crate::proxy::FaultProxy`] of its own. Not with `netns`.
+    pub redis_via_proxy: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -36,6 +38,8 @@ pub struct ApiSpec {
     /// Run in a network namespace of its own (it then listens on its namespace's
     /// address). Not with `via_proxy`.
     pub netns: bool,
+    /// Reach Redis through a [`crate::proxy::FaultProxy`] of its own. Not with `netns`.
+    pub redis_via_proxy: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -51,6 +55,9 @@ pub struct ClusterSpec {
     pub postgres_settings: Vec<(String, String)>,
     /// Start without Redis (the workers and replicas run without a bus).
     pub no_redis: bool,
+    /// Run the workers at their default tick, claim interval and settle time, as an
+    /// operator would, rather than the harness's fast ones.
+    pub default_timing: bool,
 }
 
 impl ClusterSpec {
@@ -64,6 +71,7 @@ impl ClusterSpec {
                     via_proxy: false,
                     lock_direct: false,
                     netns: false,
+                    redis_via_proxy: false,
                 })
                 .collect(),
             apis: (1..=apis)
@@ -72,6 +80,7 @@ impl ClusterSpec {
                     env: Vec::new(),
                     via_proxy: false,
                     netns: false,
+                    redis_via_proxy: false,
                 })
                 .collect(),
             ..Self::default()
@@ -140,6 +149,24 @@ impl ClusterSpec {
         self
     }
 
+    /// Route a worker (by index) to Redis through a fault proxy.
+    #[must_use]
+    pub fn worker_redis_via_proxy(mut self, index: usize) -> Self {
+        if let Some(w) = self.workers.get_mut(index) {
+            w.redis_via_proxy = true;
+        }
+        self
+    }
+
+    /// Route an API replica (by index) to Redis through a fault proxy.
+    #[must_use]
+    pub fn api_redis_via_proxy(mut self, index: usize) -> Self {
+        if let Some(a) = self.apis.get_mut(index) {
+            a.redis_via_proxy = true;
+        }
+        self
+    }
+
     /// Run a worker (by index) in a network namespace of its own.
     #[must_use]
     pub fn worker_in_netns(mut self, index: usize) -> Self {
@@ -155,6 +182,13 @@ impl ClusterSpec {
         if let Some(a) = self.apis.get_mut(index) {
             a.netns = true;
         }
+        self
+    }
+
+    /// Workers at their default tick, claim interval and settle time.
+    #[must_use]
+    pub fn default_timing(mut self) -> Self {
+        self.default_timing = true;
         self
     }
 
