@@ -138,6 +138,16 @@ async fn read_until(
     }
 }
 
+/// The versions of `id` among `seen`, in the order they came.
+fn versions_of(seen: &[Seen], id: &str) -> Vec<i64> {
+    seen.iter()
+        .filter_map(|s| match s {
+            Seen::Task(t, v) if t == id => Some(*v),
+            _ => None,
+        })
+        .collect()
+}
+
 fn gauge(metrics: &str, name: &str) -> i64 {
     taskpod_e2e::metric_count(metrics, name)
 }
@@ -294,6 +304,42 @@ async fn regression_a_resume_sends_left_for_a_task_shown_above_the_tokens_waterm
     );
 }
 
+/// Found by the long crash storm (seed 220861): a task created after a token's mark but
+/// within the second it was issued may have been shown, so a resumed stream follows it
+/// from "before version 1". Its next change was then replayed from an empty stream and
+/// every resume from that token failed INTERNAL, so broad watchers never caught up.
+#[tokio::test]
+async fn regression_a_resume_follows_a_task_created_just_after_the_token() {
+    let db = TestDb::create().await.unwrap();
+    db.offer_kinds(&["manual"], &[]).await.unwrap();
+    let api = api(&db, &[]).await;
+    let mut c = api.client().await.unwrap();
+
+    // The token is issued between `before` and the create's answer; when both fall in
+    // one wall-clock second, the task's first event is recorded no later than the
+    // second after the token's (what the token names as its issue time).
+    let mut created = None;
+    for _ in 0..10 {
+        let before = chrono::Utc::now();
+        let mut s = watch(&mut c, "", "").await;
+        let (_, token) = read_until(&mut s, |s| *s == Seen::Done).await;
+        drop(s);
+        let id = create(&mut c, "manual", "just after the token").await;
+        if chrono::Utc::now().timestamp() == before.timestamp() {
+            created = Some((id, token));
+            break;
+        }
+    }
+    let (id, token) = created.expect("a token and a create within one second");
+    start(&mut c, &id).await;
+
+    let mut resumed = watch(&mut c, "", &token).await;
+    let (seen, _) = read_until(&mut resumed, |s| *s == Seen::Task(id.clone(), 2)).await;
+    let versions = versions_of(&seen, &id);
+    // The client may never have seen it: it is shown from its creation on.
+    assert_eq!(versions, vec![1, 2], "{seen:?}");
+}
+
 /// Defect 3: the feed's watermark was the cluster-wide snapshot xmin, so a transaction
 /// left open in another database froze every WatchTasks stream (heartbeats went on).
 /// No bus here: every update comes through the change feed.
@@ -319,13 +365,7 @@ async fn regression_a_transaction_open_in_another_database_does_not_freeze_watch
     start(&mut c, &id).await;
     stop(&mut c, &id).await;
     let (seen, _) = read_until(&mut s, |s| *s == Seen::Task(id.clone(), 3)).await;
-    let versions: Vec<i64> = seen
-        .iter()
-        .filter_map(|s| match s {
-            Seen::Task(t, v) if *t == id => Some(*v),
-            _ => None,
-        })
-        .collect();
+    let versions = versions_of(&seen, &id);
     // A stream shows rows as they are when read: versions may be skipped, never repeated.
     assert!(
         versions.windows(2).all(|w| w[0] < w[1]) && versions.last() == Some(&3),

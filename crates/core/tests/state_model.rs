@@ -541,6 +541,15 @@ proptest! {
                 }
             }
         }
+        // The state after each event is the replay of the stream up to it.
+        let history = TaskState::history(task_id(), &stream)
+            .map_err(|e| TestCaseError::fail(format!("history of {stream:?} failed: {e}")))?;
+        prop_assert_eq!(history.len(), stream.len());
+        for (n, state) in history.iter().enumerate() {
+            let replayed = TaskState::replay(task_id(), &stream[..=n])
+                .map_err(|e| TestCaseError::fail(format!("replay: {e}")))?;
+            prop_assert_eq!(&replayed, state, "history differs at event {}", n);
+        }
     }
 
     #[test]

@@ -171,39 +171,31 @@ fn first_match(
     stream: &[(RecordedEvent, bool)],
     filter: &TaskFilter,
 ) -> Result<Option<Match>, Error> {
-    let events: Vec<RecordedEvent> = stream
+    // The leading run of versions 1, 2, ...: a gap ends what can be replayed.
+    let events: Vec<&RecordedEvent> = stream
         .iter()
         .enumerate()
         .take_while(|(i, (e, _))| e.version == *i as i64 + 1)
-        .map(|(_, (e, _))| e.clone())
+        .map(|(_, (e, _))| e)
         .collect();
+    let states = TaskState::history(row.task_id, events.iter().map(|e| &e.event))?;
     // The earliest state the client can hold: after the leading events below the mark
     // (starting earlier only adds states). Events written after the mark but before
     // the token are the later states it may hold.
     let below = stream.iter().take_while(|(_, below)| *below).count().max(1);
-    for end in below..=events.len() {
-        let then = as_of(row, &events[..end])?;
+    let at_mark = stream.first().is_some_and(|(_, b)| *b);
+    for (end, (state, last)) in states.iter().zip(&events).enumerate().skip(below - 1) {
+        let mut then = at_state(row, state);
+        then.updated_at = last.recorded_at;
         if filter.matches(&then) {
-            return Ok(Some(
-                if end == below && stream.first().is_some_and(|(_, b)| *b) {
-                    Match::AtMark(then.version)
-                } else {
-                    Match::Later(then.version)
-                },
-            ));
+            return Ok(Some(if end + 1 == below && at_mark {
+                Match::AtMark(then.version)
+            } else {
+                Match::Later(then.version)
+            }));
         }
     }
     Ok(None)
-}
-
-/// `row` as it stood after `events` (a prefix of its stream).
-fn as_of(row: &Task, events: &[RecordedEvent]) -> Result<Task, Error> {
-    let state = TaskState::replay(row.task_id, events.iter().map(|e| &e.event))?;
-    let mut task = at_state(row, &state);
-    if let Some(last) = events.last() {
-        task.updated_at = last.recorded_at;
-    }
-    Ok(task)
 }
 
 #[cfg(test)]

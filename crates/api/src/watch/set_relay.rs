@@ -205,6 +205,9 @@ impl SetRelay {
     /// The task as it stood after each status or phase change since `shown`, the
     /// version this stream last showed, ending with its current state. Only the current
     /// state when the task is new to the stream or nothing was skipped.
+    ///
+    /// `shown` is 0 for a task a resumed stream follows from its creation on (it first
+    /// matched at version 1, after the token's mark): every state from version 1 is new.
     async fn changes_of(
         &self,
         row: Task,
@@ -221,14 +224,22 @@ impl SetRelay {
             .into_iter()
             .map(|e| e.event)
             .collect();
+        // The state at version v is history[v - 1]. A stream read short (the task was
+        // pruned meanwhile) gives fewer states, never a wrong one.
+        let history = TaskState::history(row.task_id, &events)?;
+        let previous = usize::try_from(previous).unwrap_or(0);
+        let mut held = previous
+            .checked_sub(1)
+            .and_then(|i| history.get(i))
+            .map(|s| (s.status, s.phase));
         let mut out = Vec::new();
-        let mut state = TaskState::replay(row.task_id, &events[..previous as usize])?;
-        let (mut status, mut phase) = (state.status, state.phase);
-        for v in previous + 1..row.version {
-            state = TaskState::replay(row.task_id, &events[..v as usize])?;
-            if (state.status, state.phase) != (status, phase) {
-                out.push(at_state(&row, &state));
-                (status, phase) = (state.status, state.phase);
+        for state in history.iter().skip(previous) {
+            if state.version >= row.version {
+                break;
+            }
+            if held != Some((state.status, state.phase)) {
+                out.push(at_state(&row, state));
+                held = Some((state.status, state.phase));
             }
         }
         out.push(row);

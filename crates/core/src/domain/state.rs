@@ -77,19 +77,42 @@ impl TaskState {
         let first = events
             .next()
             .ok_or_else(|| Error::Internal(format!("stream {task_id} is empty")))?;
-        events.try_fold(Self::genesis(task_id, first)?, |state, e| {
-            // Minting an epoch writes no event: the first event that carries a newer
-            // epoch shows that a mint happened just before it.
-            let state = match e.pod_epoch() {
-                Some(epoch) if epoch > state.pod_epoch && !state.has_pod() => TaskState {
-                    pod_epoch: epoch,
-                    pod_state: PodState::Starting,
-                    ..state
-                },
-                _ => state,
+        events.try_fold(Self::genesis(task_id, first)?, |state, e| state.then(e))
+    }
+
+    /// The state after each event of a stream (from its first), in order: one pass
+    /// where replaying every prefix would be quadratic. Empty for an empty stream.
+    ///
+    /// # Errors
+    /// When the stream breaks the state table.
+    pub fn history<'a>(
+        task_id: TaskId,
+        events: impl IntoIterator<Item = &'a Event>,
+    ) -> Result<Vec<Self>, Error> {
+        let mut out: Vec<Self> = Vec::new();
+        for e in events {
+            let next = match out.last() {
+                None => Self::genesis(task_id, e)?,
+                Some(state) => state.clone().then(e)?,
             };
-            evolve(&state, e)
-        })
+            out.push(next);
+        }
+        Ok(out)
+    }
+
+    /// Applies the event that follows this state in its stream.
+    fn then(self, e: &Event) -> Result<Self, Error> {
+        // Minting an epoch writes no event: the first event that carries a newer
+        // epoch shows that a mint happened just before it.
+        let state = match e.pod_epoch() {
+            Some(epoch) if epoch > self.pod_epoch && !self.has_pod() => TaskState {
+                pod_epoch: epoch,
+                pod_state: PodState::Starting,
+                ..self
+            },
+            _ => self,
+        };
+        evolve(&state, e)
     }
 
     /// Whether a pod is minted and has not yet reported stopping or crashing.
