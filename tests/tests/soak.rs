@@ -2,7 +2,9 @@
 //! the memory of every taskpod process and the connections to Postgres and Redis are
 //! sampled. Everything pushed is executed and ends as its program says, no two epochs
 //! of a task run at once, and memory and connections stay flat. Counts and sizes,
-//! never times.
+//! never times. All along, a transaction stays open in another database of the same
+//! server, and a WatchTasks stream on the other replica must still show every task at
+//! its final version: another application's long transaction never holds the feed.
 //!
 //! - CI mode: 20 s at 20 tasks a second.
 //! - Long mode: `TASKPOD_SOAK_SECS=600` (10 minutes); `TASKPOD_SOAK_RATE` sets tasks a
@@ -10,7 +12,11 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures::StreamExt as _;
+use taskpod_proto::v1::watch_tasks_response::Kind;
 
 use taskpod_e2e::chaos::overlap;
 use taskpod_e2e::chaos::programs::{EXEC_LOG, Program};
@@ -66,6 +72,44 @@ async fn sample(cluster: &Cluster, redis_port: u16) -> Sample {
     }
 }
 
+/// What a watcher has shown: the newest version of each task, and how its stream
+/// ended, if it did.
+#[derive(Debug, Default)]
+struct Watched {
+    versions: BTreeMap<String, i64>,
+    ended: Option<String>,
+}
+
+/// Follows every task on a WatchTasks stream until the returned handle is aborted.
+async fn watch_all(
+    mut client: taskpod_proto::v1::task_service_client::TaskServiceClient<
+        tonic::transport::Channel,
+    >,
+) -> (Arc<Mutex<Watched>>, tokio::task::JoinHandle<()>) {
+    let seen = Arc::new(Mutex::new(Watched::default()));
+    let mut stream = client
+        .watch_tasks(v1::WatchTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let out = Arc::clone(&seen);
+    let task = tokio::spawn(async move {
+        let ended = loop {
+            match stream.next().await {
+                Some(Ok(m)) => {
+                    if let Some(Kind::Task(t)) = m.kind {
+                        out.lock().unwrap().versions.insert(t.task_id, t.version);
+                    }
+                }
+                Some(Err(e)) => break e.to_string(),
+                None => break "the stream ended".to_owned(),
+            }
+        };
+        out.lock().unwrap().ended = Some(ended);
+    });
+    (seen, task)
+}
+
 fn spec(program: Program, i: usize) -> v1::TaskSpec {
     v1::TaskSpec {
         title: format!("soak {i}"),
@@ -83,7 +127,7 @@ async fn a_steady_load_runs_everything_once_with_flat_memory_and_connections() {
     let secs = env_or(SECS_ENV, 20);
     let rate = env_or(RATE_ENV, 20).max(1);
     let total = usize::try_from(secs * rate).unwrap();
-    let mut spec_ = ClusterSpec::new(2, 1);
+    let mut spec_ = ClusterSpec::new(2, 2);
     spec_.programs.push(Program::Steady.spec());
     spec_.programs.push(Program::Fatal.spec());
     let cluster = Cluster::start(spec_).await.unwrap();
@@ -96,6 +140,16 @@ async fn a_steady_load_runs_everything_once_with_flat_memory_and_connections() {
         .and_then(|u| u.rsplit(':').next().and_then(|p| p.parse().ok()))
         .unwrap();
     let client = cluster.apis()[0].client().unwrap();
+
+    // Another application's transaction, open for the whole soak (10 minutes in the
+    // long mode), and a watcher on the replica that creates nothing.
+    let mut other = cluster.other_database().await.unwrap();
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let (watched, watcher) = watch_all(cluster.apis()[1].client().unwrap()).await;
 
     let started = tokio::time::Instant::now();
     let mut calls = tokio::task::JoinSet::new();
@@ -157,6 +211,38 @@ async fn a_steady_load_runs_everything_once_with_flat_memory_and_connections() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     samples.push(sample(&cluster, redis_port).await);
+    let finals: BTreeMap<String, i64> =
+        sqlx::query_as::<_, (uuid::Uuid, i64)>("SELECT task_id, version FROM task_heads")
+            .fetch_all(cluster.pool())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id, v)| (id.to_string(), v))
+            .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (behind, ended) = {
+            let w = watched.lock().unwrap();
+            let behind = finals
+                .iter()
+                .filter(|(id, v)| w.versions.get(*id) != Some(*v))
+                .count();
+            (behind, w.ended.clone())
+        };
+        assert_eq!(ended, None, "the watch stream ended without any fault");
+        if behind == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the watcher never showed {behind} of {} tasks at their final version while \
+             another database held a transaction",
+            finals.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    watcher.abort();
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
     for (id, status) in &ended {
         let want = match pushed.get(&id.to_string()) {
             Some(Program::Fatal) => "failed",
