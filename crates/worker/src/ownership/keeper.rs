@@ -11,14 +11,21 @@
 //!
 //! One incarnation, one keeper: a lost session is never reconnected here. The control
 //! loop registers a new incarnation with a new session and a new keeper.
+//!
+//! The keeper runs on a thread of its own, with a runtime of its own that owns the
+//! session's socket. On the worker's runtime it queued behind the pods' work: with a
+//! hundred `exec` pods on two cores, a ping's answer waited in that queue past the
+//! detection bound, and a healthy node fenced itself and had its runs repeated. Its own
+//! thread is woken by the kernel when the answer arrives, whatever the pods are doing.
 
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::liveness::LivenessFeed;
 use crate::lock::{Key, LockError, LockSession};
+use crate::settings::LockSettings;
 
 /// Requests waiting for the session; more only queue in the control loop.
 const QUEUE: usize = 64;
@@ -83,22 +90,104 @@ impl LockClient {
     }
 }
 
-/// Starts the keeper of `session`, which is confirmed alive at once (it just
-/// connected).
-pub fn spawn(
-    session: LockSession,
+/// The thread a keeper runs on, and how it ended.
+#[derive(Debug)]
+pub struct Keeper {
+    /// Taken once the end was read.
+    ended: Option<oneshot::Receiver<KeeperEnd>>,
+    /// Cancelled to drop the session at once, without a word to Postgres.
+    abort: CancellationToken,
+}
+
+impl Keeper {
+    /// Resolves when the keeper ends: the session was lost (or closed). Cancel-safe;
+    /// once it has answered, it answers [`LockError::Gone`].
+    pub async fn ended(&mut self) -> KeeperEnd {
+        let Some(rx) = self.ended.as_mut() else {
+            return KeeperEnd::Lost(LockError::Gone);
+        };
+        let end = rx.await;
+        self.ended = None;
+        end.unwrap_or_else(|_| KeeperEnd::Lost(LockError::Lost("the lock keeper died".into())))
+    }
+
+    /// Drops the session at once (its socket closes; Postgres frees the locks when it
+    /// notices). Does not wait.
+    pub fn abort(&self) {
+        self.abort.cancel();
+    }
+}
+
+/// Opens the lock session on the keeper's own thread and starts keeping it; the session
+/// is confirmed alive at once (it just connected).
+///
+/// # Errors
+/// When the session cannot be opened, or the thread cannot be started.
+pub async fn start(
+    url: String,
+    settings: LockSettings,
     feed: LivenessFeed,
     ping_interval: Duration,
-) -> (LockClient, JoinHandle<KeeperEnd>) {
+) -> Result<(LockClient, Keeper), LockError> {
     let (tx, rx) = mpsc::channel(QUEUE);
-    feed.confirm();
-    let task = tokio::spawn(run(session, feed, ping_interval, rx));
-    (LockClient { tx }, task)
+    let (connected_tx, connected_rx) = oneshot::channel();
+    let (end_tx, end_rx) = oneshot::channel();
+    let abort = CancellationToken::new();
+    let stop = abort.clone();
+    // The thread inherits the caller's span, so its logs say which node they are of.
+    let span = tracing::Span::current();
+    std::thread::Builder::new()
+        .name("taskpod-lock-keeper".into())
+        .spawn(move || {
+            let _entered = span.enter();
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = connected_tx.send(Err(LockError::Lost(format!(
+                        "the lock keeper's runtime: {e}"
+                    ))));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let session = match LockSession::connect(&url, &settings).await {
+                    Ok(session) => session,
+                    Err(e) => {
+                        let _ = connected_tx.send(Err(e));
+                        return;
+                    }
+                };
+                feed.confirm();
+                if connected_tx.send(Ok(())).is_err() {
+                    return;
+                }
+                let end = tokio::select! {
+                    end = run(session, &feed, ping_interval, rx) => end,
+                    () = stop.cancelled() => {
+                        feed.lose();
+                        KeeperEnd::Lost(LockError::Gone)
+                    }
+                };
+                let _ = end_tx.send(end);
+            });
+        })
+        .map_err(|e| LockError::Lost(format!("the lock keeper's thread: {e}")))?;
+    connected_rx
+        .await
+        .map_err(|_| LockError::Lost("the lock keeper died while connecting".into()))??;
+    let keeper = Keeper {
+        ended: Some(end_rx),
+        abort,
+    };
+    Ok((LockClient { tx }, keeper))
 }
 
 async fn run(
     mut session: LockSession,
-    feed: LivenessFeed,
+    feed: &LivenessFeed,
     ping_interval: Duration,
     mut rx: mpsc::Receiver<Request>,
 ) -> KeeperEnd {

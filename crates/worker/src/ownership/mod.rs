@@ -29,10 +29,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::WorkerError;
 use crate::liveness::{Liveness, LivenessFeed};
-use crate::lock::{LockError, LockSession};
 use crate::planner::membership::{self, Member, Placement};
 use crate::settings::WorkerSettings;
-use keeper::{KeeperEnd, LockClient};
+use keeper::{Keeper, KeeperEnd, LockClient};
 
 /// What a membership read found.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -46,7 +45,7 @@ pub struct Membership {
 pub struct Incarnation {
     node: NodeId,
     lock: LockClient,
-    keeper: JoinHandle<KeeperEnd>,
+    keeper: Keeper,
     liveness: Liveness,
     /// Cancelled by the fence watcher the moment the lock session is lost, and by the
     /// control loop when the incarnation ends (drain, gray failure).
@@ -71,9 +70,14 @@ impl Incarnation {
     /// # Errors
     /// When the store or the lock session cannot be reached.
     pub async fn connect(store: &Store, settings: &WorkerSettings) -> Result<Self, WorkerError> {
-        let session = LockSession::connect(settings.lock_url(), &settings.lock).await?;
         let (feed, liveness) = LivenessFeed::new(settings.lock_detection_bound());
-        let (lock, keeper) = keeper::spawn(session, feed, settings.ping_interval());
+        let (lock, keeper) = keeper::start(
+            settings.lock_url().to_owned(),
+            settings.lock.clone(),
+            feed,
+            settings.ping_interval(),
+        )
+        .await?;
         let node = NodeId::new();
         let lock_key = store.reserve_lock_key().await?;
         if !lock.try_lock(node_key(lock_key)).await? {
@@ -160,10 +164,7 @@ impl Incarnation {
 
     /// Resolves when the keeper ends: the session was lost (or closed).
     pub async fn keeper_ended(&mut self) -> KeeperEnd {
-        match (&mut self.keeper).await {
-            Ok(end) => end,
-            Err(e) => KeeperEnd::Lost(LockError::Lost(format!("the lock keeper died: {e}"))),
-        }
+        self.keeper.ended().await
     }
 
     /// Leaving partitions whose hand-back deadline passed: their pods are stopped.
@@ -368,7 +369,7 @@ impl Incarnation {
             tracing::debug!(error = %e, "node row left for peers to delete");
         }
         drop(self.lock);
-        let _ = (&mut self.keeper).await;
+        let _ = self.keeper.ended().await;
     }
 
     /// Gives up the incarnation at once: its session is lost or must be let go. Does
