@@ -161,6 +161,16 @@ async fn api(db: &TestDb, extra: &[(&str, &str)]) -> ApiProcess {
     ApiProcess::spawn(db, &env).await.unwrap()
 }
 
+/// A database offering `manual` tasks, one API replica on it, and a client. The
+/// database is returned to live as long as the test.
+async fn manual_api() -> (TestDb, ApiProcess, Client) {
+    let db = TestDb::create().await.unwrap();
+    db.offer_kinds(&["manual"], &[]).await.unwrap();
+    let api = api(&db, &[]).await;
+    let c = api.client().await.unwrap();
+    (db, api, c)
+}
+
 /// Defect: every stream kept a version for every task changed anywhere in the cluster,
 /// forever (a narrow dashboard grew a replica by ~75 bytes per task created elsewhere).
 #[tokio::test]
@@ -213,10 +223,7 @@ async fn regression_a_narrow_watch_keeps_only_the_tasks_it_follows() {
 /// `left`, forever; now only a task that matched at the resume point leaves.
 #[tokio::test]
 async fn regression_a_resumed_watch_sends_left_only_for_tasks_its_client_held() {
-    let db = TestDb::create().await.unwrap();
-    db.offer_kinds(&["manual"], &[]).await.unwrap();
-    let api = api(&db, &[]).await;
-    let mut c = api.client().await.unwrap();
+    let (_db, _api, mut c) = manual_api().await;
     let held = create(&mut c, "manual", "held").await;
     start(&mut c, &held).await;
     let still = create(&mut c, "manual", "still active").await;
@@ -268,10 +275,7 @@ async fn regression_a_resumed_watch_sends_left_only_for_tasks_its_client_held() 
 /// never sent that task's `left`.
 #[tokio::test]
 async fn regression_a_resume_sends_left_for_a_task_shown_above_the_tokens_watermark() {
-    let db = TestDb::create().await.unwrap();
-    db.offer_kinds(&["manual"], &[]).await.unwrap();
-    let api = api(&db, &[]).await;
-    let mut c = api.client().await.unwrap();
+    let (db, _api, mut c) = manual_api().await;
 
     // A writer of this database opens before the task starts: the watermark stays
     // below the start while it is open.
@@ -310,10 +314,7 @@ async fn regression_a_resume_sends_left_for_a_task_shown_above_the_tokens_waterm
 /// every resume from that token failed INTERNAL, so broad watchers never caught up.
 #[tokio::test]
 async fn regression_a_resume_follows_a_task_created_just_after_the_token() {
-    let db = TestDb::create().await.unwrap();
-    db.offer_kinds(&["manual"], &[]).await.unwrap();
-    let api = api(&db, &[]).await;
-    let mut c = api.client().await.unwrap();
+    let (_db, _api, mut c) = manual_api().await;
 
     // The token is issued between `before` and the create's answer; when both fall in
     // one wall-clock second, the task's first event is recorded no later than the
@@ -345,10 +346,7 @@ async fn regression_a_resume_follows_a_task_created_just_after_the_token() {
 /// No bus here: every update comes through the change feed.
 #[tokio::test]
 async fn regression_a_transaction_open_in_another_database_does_not_freeze_watchers() {
-    let db = TestDb::create().await.unwrap();
-    db.offer_kinds(&["manual"], &[]).await.unwrap();
-    let api = api(&db, &[]).await;
-    let mut c = api.client().await.unwrap();
+    let (_db, api, mut c) = manual_api().await;
     let mut s = watch(&mut c, "", "").await;
     read_until(&mut s, |s| *s == Seen::Done).await;
 
@@ -384,10 +382,7 @@ async fn regression_a_transaction_open_in_another_database_does_not_freeze_watch
 /// again by the next range and its version sent twice.
 #[tokio::test]
 async fn regression_no_version_is_sent_twice_without_a_resume() {
-    let db = TestDb::create().await.unwrap();
-    db.offer_kinds(&["manual"], &[]).await.unwrap();
-    let api = api(&db, &[]).await;
-    let mut c = api.client().await.unwrap();
+    let (db, _api, mut c) = manual_api().await;
     let x = create(&mut c, "manual", "x").await;
     let mut s = watch(&mut c, "", "").await;
     read_until(&mut s, |s| *s == Seen::Done).await;
