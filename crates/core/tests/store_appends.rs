@@ -29,7 +29,7 @@ async fn two_appends_at_the_same_version_have_exactly_one_winner(
     opts: PgConnectOptions,
 ) {
     let store = store(opts).await;
-    let (task, epoch, _) = running_pod(&store, "sleep").await;
+    let (task, epoch, _node) = running_pod(&store, "sleep").await;
     let state = store.state(task).await.unwrap();
 
     let (events, meta) = ([next_phase(state.phase)], pod_meta());
@@ -67,7 +67,7 @@ async fn two_appends_at_the_same_version_have_exactly_one_winner(
 #[sqlx::test(migrations = "../../migrations")]
 async fn stale_epochs_and_inactive_tasks_are_refused(_: PgPoolOptions, opts: PgConnectOptions) {
     let store = store(opts).await;
-    let (task, epoch, _) = running_pod(&store, "sleep").await;
+    let (task, epoch, _node) = running_pod(&store, "sleep").await;
     let state = store.state(task).await.unwrap();
 
     let err = store
@@ -311,7 +311,7 @@ async fn a_pod_can_finish_its_task(_: PgPoolOptions, opts: PgConnectOptions) {
 #[sqlx::test(migrations = "../../migrations")]
 async fn appends_update_the_head_row_in_place(_: PgPoolOptions, opts: PgConnectOptions) {
     let store = store(opts).await;
-    let (task, epoch, _) = running_pod(&store, "sleep").await;
+    let (task, epoch, _node) = running_pod(&store, "sleep").await;
     let before = hot_counts(&store).await;
     let appends = 200;
     for _ in 0..appends {
@@ -667,4 +667,89 @@ async fn a_batch_of_pod_appends_gives_each_item_its_own_outcome(
     let results = store.append_pods(&twice).await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
     assert_eq!(store.state(first).await.unwrap().phase, Phase::Review);
+}
+
+/// A pod is fenced by its node's claim as well as by its epoch: once the node's lock
+/// session is gone, nothing its pods send is written, even before a new owner has
+/// recorded the loss and retired the epoch. Found by the crash storm: pods of a worker
+/// whose session died with a Postgres restart wrote `pod_started` 22 s later under their
+/// unretired epoch, so their later loss read as one the restart caused.
+#[sqlx::test(migrations = "../../migrations")]
+async fn regression_a_pod_whose_node_lost_its_lock_session_cannot_write(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    use taskpod_core::store::PodAppend;
+    let store = store(opts).await;
+    let mut pods = running_pods(&store, "sleep", 2).await;
+    pods[0].2.lose_lock(&store).await;
+    let (dead, epoch, _) = &pods[0];
+    let (alive, _, _) = &pods[1];
+    let before = store.state(*dead).await.unwrap();
+    let step = |before: TaskState| PodAppend {
+        events: vec![next_phase(before.phase)],
+        before,
+        metadata: pod_meta(),
+    };
+
+    // In a batch beside a live node's pod: each gets its own answer.
+    let results = store
+        .append_pods(&[
+            step(before.clone()),
+            step(store.state(*alive).await.unwrap()),
+        ])
+        .await;
+    assert!(
+        matches!(results[0], Err(Error::NodeFenced(n)) if Some(n) == before.owner_node),
+        "{:?}",
+        results[0]
+    );
+    assert!(results[1].is_ok(), "{:?}", results[1]);
+
+    // Alone, and acknowledging a stop (the one append allowed past `active`).
+    let alone = store
+        .append(
+            *dead,
+            before.version,
+            AppendFence::Pod { epoch: *epoch },
+            &[next_phase(before.phase)],
+            &pod_meta(),
+        )
+        .await;
+    assert!(matches!(alone, Err(Error::NodeFenced(_))), "{alone:?}");
+    let stopped = store
+        .append_pods(&[PodAppend {
+            events: vec![Event::PodStopped {
+                epoch: *epoch,
+                reason: "fenced".into(),
+            }],
+            ..step(before.clone())
+        }])
+        .await;
+    assert!(
+        matches!(stopped[0], Err(Error::NodeFenced(_))),
+        "{:?}",
+        stopped[0]
+    );
+    // Nor its checkpoints and output.
+    let saved = store
+        .save_checkpoint(
+            *dead,
+            *epoch,
+            before.version,
+            &serde_json::json!({"step": 1}),
+        )
+        .await;
+    assert!(matches!(saved, Err(Error::NodeFenced(_))), "{saved:?}");
+    let chunk = store
+        .append_output(*dead, *epoch, 0, "stdout", b"late")
+        .await;
+    assert!(matches!(chunk, Err(Error::NodeFenced(_))), "{chunk:?}");
+    assert_eq!(store.load_checkpoint(*dead).await.unwrap(), None);
+    assert!(store.read_output(*dead).await.unwrap().is_empty());
+    assert_eq!(
+        store.state(*dead).await.unwrap(),
+        before,
+        "nothing was written"
+    );
 }

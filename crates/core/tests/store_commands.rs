@@ -65,7 +65,7 @@ async fn cancels_racing_pod_appends_always_get_a_definite_answer(
     opts: PgConnectOptions,
 ) {
     let store = store(opts).await;
-    let (task, epoch, _) = running_pod(&store, "sleep").await;
+    let (task, epoch, _node) = running_pod(&store, "sleep").await;
 
     // The pod walks the phases as fast as it can, catching up on every conflict.
     let pod = {
@@ -370,7 +370,7 @@ async fn stop_and_restart_requests_reach_the_pod_through_the_head(
     opts: PgConnectOptions,
 ) {
     let store = store(opts).await;
-    let (task, epoch, _) = running_pod(&store, "sleep").await;
+    let (task, epoch, _node) = running_pod(&store, "sleep").await;
     let c = ctx("alice");
 
     let restarted = store

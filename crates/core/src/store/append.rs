@@ -1,5 +1,6 @@
 //! Appends by pods and workers, fenced so that a writer that lost its claim can never
-//! write: a pod by its epoch, a worker by its partition generation.
+//! write: a pod by its epoch and its node's lock session, a worker by its partition
+//! generation and its lock session.
 
 use tracing::instrument;
 
@@ -8,7 +9,7 @@ use super::committed::{self, Committed};
 use super::errors::from_sqlx;
 use super::keys::node_alive_sql;
 use super::traced::Traced as _;
-use super::writes::{Change, lock_state, record_commit, write_changes, write_guarded};
+use super::writes::{Change, Guard, lock_state, record_commit, write_changes, write_guarded};
 use crate::domain::{Event, EventMetadata, NodeId, Status, TaskId, TaskState, Writer, evolve};
 use crate::error::Error;
 
@@ -17,7 +18,7 @@ use crate::error::Error;
 pub enum AppendFence {
     /// The pod holding `epoch`. Refused once the epoch is stale or retired (its end was
     /// recorded), or the task has left `active` (except `pod_stopped`, which
-    /// acknowledges the stop).
+    /// acknowledges the stop), or the node that minted it lost its lock session.
     Pod { epoch: i64 },
     /// The worker owning the task's partition at `generation` (crash records, failing a
     /// task whose budget is spent).
@@ -63,10 +64,11 @@ impl Store {
         let mut tx = self.pool.begin().traced("BEGIN").await.map_err(from_sqlx)?;
         let before = lock_state(&mut tx, task_id).await?;
         let (after, epoch) = match fence {
-            AppendFence::Pod { epoch } => (
-                decide_pod_append(&before, task_id, expected_version, epoch, events)?,
-                epoch,
-            ),
+            AppendFence::Pod { epoch } => {
+                let after = decide_pod_append(&before, task_id, expected_version, epoch, events)?;
+                check_pod_node(&mut tx, &before).await?;
+                (after, epoch)
+            }
             AppendFence::Worker { node, generation } => {
                 check_writer(events, Writer::Worker)?;
                 self.check_partition_owner(&mut tx, task_id, node, generation)
@@ -134,7 +136,7 @@ impl Store {
             }
         }
         if !guarded.is_empty() {
-            let changes: Vec<(Change<'_>, bool)> = guarded
+            let changes: Vec<(Change<'_>, Guard)> = guarded
                 .iter()
                 .map(|(i, after, metadata)| {
                     let item = &items[*i];
@@ -149,7 +151,10 @@ impl Store {
                             events: &item.events,
                             metadata,
                         },
-                        !acknowledging_stop,
+                        Guard {
+                            require_active: !acknowledging_stop,
+                            node: item.before.owner_node,
+                        },
                     )
                 })
                 .collect();
@@ -321,6 +326,57 @@ fn decide_pod_append(
     }
     check_version(before, expected_version)?;
     events.iter().try_fold(before.clone(), |s, e| evolve(&s, e))
+}
+
+impl Store {
+    /// Why a pod's fenced write (a checkpoint, an output chunk) matched no row: its
+    /// epoch is not the task's live pod, or its node lost its lock session.
+    pub(crate) async fn refused_pod_write(&self, task_id: TaskId, epoch: i64) -> Error {
+        let head = match self.state(task_id).await {
+            Ok(head) => head,
+            Err(e) => return e,
+        };
+        let stale = Error::StaleEpoch {
+            held: epoch,
+            current: head.pod_epoch,
+        };
+        match head.owner_node {
+            Some(node) if head.pod_epoch == epoch && head.has_pod() => {
+                match self.node_alive(node).await {
+                    Ok(false) => Error::NodeFenced(node),
+                    Ok(true) => stale,
+                    Err(e) => e,
+                }
+            }
+            _ => stale,
+        }
+    }
+}
+
+/// Refuses a pod's append once the node that minted its epoch (the head's owner) has
+/// lost its lock session: epochs are retired only when a new owner records the loss,
+/// and until then the fence is the node's claim.
+async fn check_pod_node(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    head: &TaskState,
+) -> Result<(), Error> {
+    let Some(node) = head.owner_node else {
+        return Err(Error::StaleEpoch {
+            held: head.pod_epoch,
+            current: head.pod_epoch,
+        });
+    };
+    let alive: bool = sqlx::query_scalar(concat!("SELECT ", node_alive_sql!("$1")))
+        .bind(node.0)
+        .fetch_one(&mut **tx)
+        .traced("SELECT nodes")
+        .await
+        .map_err(from_sqlx)?;
+    if alive {
+        Ok(())
+    } else {
+        Err(Error::NodeFenced(node))
+    }
 }
 
 /// Refuses an empty append, or an event `writer` may not append.

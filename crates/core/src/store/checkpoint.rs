@@ -1,9 +1,10 @@
 //! Handler checkpoints: a pod saves its handler's state on the head, so the next pod of
 //! the task loads the checkpoint plus the events after it instead of replaying the
-//! whole stream. Fenced by epoch; the update touches no indexed column (HOT).
+//! whole stream. Fenced by epoch and node; the update touches no indexed column (HOT).
 
 use super::Store;
 use super::errors::from_sqlx;
+use super::keys::node_alive_sql;
 use super::traced::Traced as _;
 use crate::domain::TaskId;
 use crate::error::Error;
@@ -34,8 +35,8 @@ impl Store {
     /// Saves `state` as of `version` for the pod holding `epoch`.
     ///
     /// # Errors
-    /// [`Error::StaleEpoch`] when another pod owns the task now;
-    /// [`Error::StoreUnavailable`].
+    /// [`Error::StaleEpoch`] when another pod owns the task now; [`Error::NodeFenced`]
+    /// when the pod's node lost its lock session; [`Error::StoreUnavailable`].
     pub async fn save_checkpoint(
         &self,
         task_id: TaskId,
@@ -43,10 +44,11 @@ impl Store {
         version: i64,
         state: &serde_json::Value,
     ) -> Result<(), Error> {
-        let n = sqlx::query(
-            "UPDATE task_heads SET handler_state = jsonb_build_object('version', $3::bigint, 'state', $4::jsonb) \
-             WHERE task_id = $1 AND pod_epoch = $2 AND pod_state <> 'none'",
-        )
+        let n = sqlx::query(concat!(
+            "UPDATE task_heads h SET handler_state = jsonb_build_object('version', $3::bigint, 'state', $4::jsonb) \
+             WHERE task_id = $1 AND pod_epoch = $2 AND pod_state <> 'none' AND ",
+            node_alive_sql!("h.owner_node"),
+        ))
         .bind(task_id.as_uuid())
         .bind(epoch)
         .bind(version)
@@ -58,11 +60,7 @@ impl Store {
         if n == 1 {
             return Ok(());
         }
-        let current = self.state(task_id).await?.pod_epoch;
-        Err(Error::StaleEpoch {
-            held: epoch,
-            current,
-        })
+        Err(self.refused_pod_write(task_id, epoch).await)
     }
 
     /// The task's last checkpoint, if a handler saved one.

@@ -14,7 +14,7 @@ use super::create::correlation_id;
 use super::errors::from_sqlx;
 use super::idempotency::{self, Claim, Key};
 use super::traced::Traced as _;
-use super::writes::{Change, lock_state, record_commit, write_changes, write_guarded};
+use super::writes::{Change, Guard, lock_state, record_commit, write_changes, write_guarded};
 use crate::domain::validation::{validate_command, validate_context};
 use crate::domain::{
     Command, Event, EventMetadata, RequestContext, TaskId, TaskState, decide, evolve,
@@ -140,7 +140,7 @@ impl Store {
             events: &events,
             metadata: &metadata,
         };
-        let listed = write_guarded(&self.pool, &[(change, false)]).await?;
+        let listed = write_guarded(&self.pool, &[(change, Guard::default())]).await?;
         if listed.is_empty() {
             return Ok(None);
         }

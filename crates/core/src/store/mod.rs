@@ -19,7 +19,7 @@
 //! - `changes`: commit-order-safe change feeds (watermarks) for watch streams;
 //! - [`nodes`]: worker membership, partition rows, the per-tick pod check;
 //! - [`crashes`]: crash records and the restart decision;
-//! - [`checkpoint`]: handler state saved on the head, fenced by epoch.
+//! - [`checkpoint`]: handler state saved on the head, fenced by epoch and node.
 
 pub mod append;
 mod changes;

@@ -3,6 +3,7 @@
 
 use super::Store;
 use super::errors::from_sqlx;
+use super::keys::node_alive_sql;
 use super::traced::Traced as _;
 use crate::domain::TaskId;
 use crate::error::Error;
@@ -18,13 +19,15 @@ pub struct OutputChunk {
 
 impl Store {
     /// Stores one chunk; `(task, epoch, seq)` is unique, so a retried write is a no-op.
-    /// Fenced like a pod's appends: only while `epoch` is the task's live pod, so a
+    /// Fenced like a pod's appends: only while `epoch` is the task's live pod and its
+    /// node holds its claim, so a
     /// chunk that reaches Postgres after its pod's end was recorded (held in a cut
     /// worker's socket, delivered by TCP after the heal) is refused, never stored beside
     /// the next epoch's output.
     ///
     /// # Errors
     /// [`Error::StaleEpoch`] when the epoch is not the task's live pod;
+    /// [`Error::NodeFenced`] when the pod's node lost its lock session;
     /// [`Error::StoreUnavailable`].
     pub async fn append_output(
         &self,
@@ -34,14 +37,15 @@ impl Store {
         stream: &str,
         data: &[u8],
     ) -> Result<(), Error> {
-        let (live, current): (bool, Option<i64>) = sqlx::query_as(
-            "WITH head AS (SELECT pod_epoch, pod_epoch = $2 AND pod_state <> 'none' AS live \
-                             FROM task_heads WHERE task_id = $1), \
+        let (live, _): (bool, Option<i64>) = sqlx::query_as(concat!(
+            "WITH head AS (SELECT pod_epoch, pod_epoch = $2 AND pod_state <> 'none' AND ",
+            node_alive_sql!("h.owner_node"),
+            " AS live FROM task_heads h WHERE task_id = $1), \
                   stored AS (INSERT INTO task_output (task_id, epoch, seq, stream, data) \
                              SELECT $1, $2, $3, $4, $5 WHERE (SELECT live FROM head) \
                              ON CONFLICT DO NOTHING) \
              SELECT COALESCE((SELECT live FROM head), false), (SELECT pod_epoch FROM head)",
-        )
+        ))
         .bind(task_id.as_uuid())
         .bind(epoch)
         .bind(seq)
@@ -54,10 +58,7 @@ impl Store {
         if live {
             Ok(())
         } else {
-            Err(Error::StaleEpoch {
-                held: epoch,
-                current: current.unwrap_or_default(),
-            })
+            Err(self.refused_pod_write(task_id, epoch).await)
         }
     }
 

@@ -20,9 +20,10 @@ use sqlx::{Postgres, Transaction};
 
 use super::committed::Listing;
 use super::errors::from_sqlx;
+use super::keys::node_alive_sql;
 use super::rows::state_columns;
 use super::traced::Traced as _;
-use crate::domain::{Event, EventMetadata, TaskState};
+use crate::domain::{Event, EventMetadata, NodeId, TaskState};
 use crate::error::Error;
 use crate::telemetry::metrics::metrics;
 
@@ -92,6 +93,17 @@ impl Change<'_> {
     }
 }
 
+/// What a guarded write requires besides the head being the change's `before`.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Guard {
+    /// The task must still be `active`.
+    pub require_active: bool,
+    /// The head's pod must be this node's, and the node's lock session alive: a pod is
+    /// fenced by its node's claim as well as by its epoch, so a node that lost its
+    /// session writes nothing even before a new owner retires the epoch.
+    pub node: Option<NodeId>,
+}
+
 /// Changes as the column arrays `UNNEST` takes: their events, the heads' new values,
 /// and what a guarded write expects to find.
 struct ChangeColumns<'a> {
@@ -114,11 +126,12 @@ struct ChangeColumns<'a> {
     expected_phases: Vec<&'static str>,
     expected_pod_states: Vec<&'static str>,
     expected_errors: Vec<Option<&'a str>>,
+    fence_nodes: Vec<Option<uuid::Uuid>>,
 }
 
 impl<'a> ChangeColumns<'a> {
     fn build(
-        changes: impl ExactSizeIterator<Item = (&'a Change<'a>, bool)>,
+        changes: impl ExactSizeIterator<Item = (&'a Change<'a>, Guard)>,
     ) -> Result<Self, Error> {
         let n = changes.len();
         let mut cols = Self {
@@ -141,8 +154,9 @@ impl<'a> ChangeColumns<'a> {
             expected_phases: Vec::with_capacity(n),
             expected_pod_states: Vec::with_capacity(n),
             expected_errors: Vec::with_capacity(n),
+            fence_nodes: Vec::with_capacity(n),
         };
-        for (c, active) in changes {
+        for (c, guard) in changes {
             cols.events.push(
                 c.before.task_id.as_uuid(),
                 c.before.version + 1,
@@ -163,7 +177,8 @@ impl<'a> ChangeColumns<'a> {
             cols.traces.push(c.metadata.traceparent.as_deref());
             cols.expected_versions.push(c.before.version);
             cols.expected_epochs.push(c.before.pod_epoch);
-            cols.require_active.push(active);
+            cols.require_active.push(guard.require_active);
+            cols.fence_nodes.push(guard.node.map(|n| n.0));
             let b = c.before;
             cols.expected_statuses.push(b.status.as_str());
             cols.expected_phases.push(b.phase.as_str());
@@ -201,7 +216,7 @@ pub(crate) async fn write_many(
     tx: &mut Transaction<'_, Postgres>,
     changes: &[Change<'_>],
 ) -> Result<Vec<Listing>, Error> {
-    let cols = ChangeColumns::build(changes.iter().map(|c| (c, false)))?;
+    let cols = ChangeColumns::build(changes.iter().map(|c| (c, Guard::default())))?;
     let listed: Vec<Listing> = sqlx::query_as(
         r#"
         WITH appended AS (
@@ -301,30 +316,31 @@ pub(crate) fn record_commit(
 /// Writes each change only if its task's head still is `before` (same version, pod
 /// epoch, status, phase, pod state and last error: the version alone would do, the
 /// rest make a caller's stale view harmless; and still `active` where
-/// `require_active` says so), in one statement
+/// the guard says so, and its pod's node alive where it names one), in one statement
 /// that needs no transaction of its own: the optimistic form of lock, decide, write
 /// (`UPDATE ... WHERE version = $v RETURNING`). Returns the listing rows of the tasks
 /// written; a change whose head moved is left out, for the caller to decide again
 /// under the lock. At most one change per task.
 pub(crate) async fn write_guarded<'e, E>(
     executor: E,
-    changes: &[(Change<'_>, bool)],
+    changes: &[(Change<'_>, Guard)],
 ) -> Result<Vec<Listing>, Error>
 where
     E: sqlx::PgExecutor<'e>,
 {
-    let cols = ChangeColumns::build(changes.iter().map(|(c, active)| (c, *active)))?;
-    let written: Vec<Listing> = sqlx::query_as(
+    let cols = ChangeColumns::build(changes.iter().map(|(c, guard)| (c, *guard)))?;
+    let written: Vec<Listing> = sqlx::query_as(concat!(
         r#"
         WITH changed AS (
             SELECT * FROM UNNEST($6::uuid[], $7::int8[], $8::int8[], $9::text[], $10::uuid[],
                                  $11::timestamptz[], $12::text[], $13::text[], $14::text[],
                                  $15::bool[], $16::text[], $17::int8[], $18::int8[], $19::bool[],
-                                 $20::text[], $21::text[], $22::text[], $23::text[])
+                                 $20::text[], $21::text[], $22::text[], $23::text[], $24::uuid[])
                 AS c(task_id, version, pod_epoch, pod_state, owner_node, pod_started_at,
                      status, phase, last_error, lifecycle, traceparent,
                      expected_version, expected_epoch, require_active,
-                     expected_status, expected_phase, expected_pod_state, expected_last_error)
+                     expected_status, expected_phase, expected_pod_state, expected_last_error,
+                     fence_node)
              LIMIT cardinality($6::uuid[])
         ), head AS (
             UPDATE task_heads h
@@ -339,6 +355,9 @@ where
                AND h.pod_state = c.expected_pod_state
                AND h.last_error IS NOT DISTINCT FROM c.expected_last_error
                AND (NOT c.require_active OR h.status = 'active')
+               AND (c.fence_node IS NULL OR (h.owner_node = c.fence_node AND "#,
+        node_alive_sql!("c.fence_node"),
+        r#"))
             RETURNING h.task_id
         ), appended AS (
             INSERT INTO events (stream_id, version, type, data, metadata)
@@ -358,8 +377,8 @@ where
                COALESCE(l.updated_at, t.updated_at) AS updated_at
           FROM head JOIN tasks t ON t.task_id = head.task_id
           LEFT JOIN listed l ON l.task_id = head.task_id
-        "#,
-    )
+        "#
+    ))
     .bind(&cols.events.stream_ids)
     .bind(&cols.events.versions)
     .bind(&cols.events.types)
@@ -383,6 +402,7 @@ where
     .bind(&cols.expected_phases)
     .bind(&cols.expected_pod_states)
     .bind(&cols.expected_errors)
+    .bind(&cols.fence_nodes)
     .fetch_all(executor)
     .traced("UPDATE task_heads INSERT events UPDATE tasks")
     .await

@@ -4,7 +4,8 @@
 //! one's answers in the conformance test) from the outside:
 //!
 //! - a pod write needs its epoch to be the newest minted and not yet retired (a
-//!   `pod_stopped`, `pod_crashed` or `node_lost` retires it);
+//!   `pod_stopped`, `pod_crashed` or `node_lost` retires it), and the node that
+//!   minted it must not have lost its lock since;
 //! - a worker write (mint, crash record) needs the partition claimed by that node at
 //!   that generation, not released since, and the node's lock not lost since;
 //! - a mint needs the previous epoch retired, and mints exactly the next one;
@@ -41,6 +42,8 @@ struct Epoch {
     current: i64,
     /// The current epoch's end is recorded (or nothing was ever minted).
     retired: bool,
+    /// Who minted it (unknown for a seeded epoch).
+    minted_by: Option<NodeId>,
 }
 
 /// The oracle's memory of what was accepted so far.
@@ -87,6 +90,7 @@ impl History {
             Epoch {
                 current: epoch,
                 retired: !live,
+                minted_by: None,
             },
         );
     }
@@ -95,6 +99,7 @@ impl History {
         self.epochs.entry(task).or_insert(Epoch {
             current: 0,
             retired: true,
+            minted_by: None,
         })
     }
 
@@ -182,6 +187,7 @@ impl History {
                 *e = Epoch {
                     current: *epoch,
                     retired: false,
+                    minted_by: Some(*node),
                 };
                 why
             }
@@ -190,7 +196,12 @@ impl History {
                 epoch,
                 events,
             } => {
-                let why = self.live_epoch(*task, *epoch);
+                let minted_by = self.epoch(*task).minted_by;
+                let why = self.live_epoch(*task, *epoch).or_else(|| {
+                    minted_by
+                        .filter(|n| self.lost.contains(n))
+                        .map(|n| format!("epoch {epoch}'s node {n} had lost its lock"))
+                });
                 let e = self.epoch(*task);
                 if events.contains(&"pod_stopped") && e.current == *epoch {
                     e.retired = true;

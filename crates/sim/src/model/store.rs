@@ -8,7 +8,8 @@
 //!   active task without a pod, at the epoch observed, past its backoff;
 //! - a pod append only under the current epoch while the head still shows it live
 //!   (a recorded end retires the epoch), on an active task (`pod_stopped` excepted),
-//!   at the expected version;
+//!   at the expected version, while the lock session of the node that minted the
+//!   epoch is alive;
 //! - a crash record only by the owner at that generation whose lock session is alive,
 //!   of the current, live epoch, once per (task, epoch); it decides the restart.
 //!
@@ -457,6 +458,9 @@ impl Model {
         }
         if before.version != expected_version {
             return Err(Refusal::VersionConflict);
+        }
+        if !before.owner_node.is_some_and(|n| self.node_alive(n)) {
+            return Err(Refusal::NodeLockLost);
         }
         let after = fold(before, events)?;
         self.set_state(task, after.clone());
