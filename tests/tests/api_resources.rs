@@ -77,26 +77,62 @@ async fn flood(clients: &[Client], kind: &str, n: usize) {
     }
 }
 
-/// Reads until the stream shows `id`; every task it showed on the way.
-async fn read_to(stream: &mut Streaming<v1::WatchTasksResponse>, id: &str) -> Vec<String> {
-    let mut shown = Vec::new();
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(300), stream.next())
-            .await
-            .expect("the stream stalled")
-            .expect("the stream ended")
-            .unwrap();
-        match m.kind.unwrap() {
-            Kind::Task(t) => {
-                let done = t.task_id == id;
-                shown.push(t.task_id);
-                if done {
-                    return shown;
+/// A stream read all along, as a watcher reads it: what it shows arrives on `shown`.
+///
+/// Reading only when the test looks would not do: the streams share one HTTP/2
+/// connection, and messages a client leaves unread hold the connection's flow-control
+/// window. Left unread through a million changes, the heartbeats of fifty streams held
+/// all of it, so nothing more reached the client on that connection (found by the long
+/// mode: the test waited forever on a reply the server could not send).
+struct Reader {
+    shown: tokio::sync::mpsc::UnboundedReceiver<Result<String, String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reader {
+    fn spawn(mut stream: Streaming<v1::WatchTasksResponse>) -> Self {
+        let (tx, shown) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Some(m) = stream.next().await {
+                let item = match m.map(|m| m.kind) {
+                    Ok(Some(Kind::Task(t))) => Ok(t.task_id),
+                    Ok(Some(Kind::Left(l))) => {
+                        Err(format!("nothing leaves a kind filter: {}", l.task_id))
+                    }
+                    Ok(Some(Kind::Heartbeat(_) | Kind::SnapshotDone(_))) => continue,
+                    Ok(None) => Err("a message without a kind".to_owned()),
+                    Err(status) => Err(format!("the stream failed: {status}")),
+                };
+                if tx.send(item).is_err() {
+                    return;
                 }
             }
-            Kind::Left(l) => panic!("nothing leaves a kind filter: {}", l.task_id),
-            Kind::Heartbeat(_) | Kind::SnapshotDone(_) => {}
+            let _ = tx.send(Err("the stream ended".to_owned()));
+        });
+        Self { shown, task }
+    }
+
+    /// Every task shown until `id`, `id` included.
+    async fn read_to(&mut self, id: &str) -> Vec<String> {
+        let mut shown = Vec::new();
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(300), self.shown.recv())
+                .await
+                .expect("the stream stalled")
+                .expect("the reader is gone")
+                .unwrap_or_else(|why| panic!("{why}"));
+            let done = next == id;
+            shown.push(next);
+            if done {
+                return shown;
+            }
         }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -106,10 +142,10 @@ fn gauge(metrics: &str, name: &str) -> i64 {
 
 /// Creates a narrow task and waits until every stream has shown it: each has then read
 /// the feed past everything committed before it.
-async fn catch_up(c: &mut Client, streams: &mut [Streaming<v1::WatchTasksResponse>], title: &str) {
+async fn catch_up(c: &mut Client, streams: &mut [Reader], title: &str) {
     let marker = create(c, "narrow", title).await;
     for s in streams.iter_mut() {
-        let shown = read_to(s, &marker).await;
+        let shown = s.read_to(&marker).await;
         assert_eq!(shown, vec![marker.clone()], "only the narrow marker");
     }
 }
@@ -133,9 +169,12 @@ async fn fifty_narrow_streams_hold_what_they_follow_while_the_cluster_changes() 
     for i in 0..FOLLOWED {
         create(&mut c, "narrow", &format!("followed {i}")).await;
     }
+    // The streams on a connection of their own, as a dashboard's would be; the markers
+    // go through `c`.
+    let mut watching = watched.client().await.unwrap();
     let mut streams = Vec::with_capacity(STREAMS);
     for _ in 0..STREAMS {
-        let mut s = c
+        let mut s = watching
             .watch_tasks(v1::WatchTasksRequest {
                 filter: r#"kind = "narrow""#.into(),
                 ..Default::default()
@@ -152,7 +191,7 @@ async fn fifty_narrow_streams_hold_what_they_follow_while_the_cluster_changes() 
             }
         }
         assert_eq!(snapshot, FOLLOWED);
-        streams.push(s);
+        streams.push(Reader::spawn(s));
     }
     let writers: Vec<Client> = vec![
         elsewhere.client().await.unwrap(),
