@@ -8,6 +8,7 @@ use super::Store;
 use super::committed::{self, Committed};
 use super::errors::from_sqlx;
 use super::keys::node_alive_sql;
+use super::mint::node_alive_on;
 use super::traced::Traced as _;
 use super::writes::{Change, Guard, lock_state, record_commit, write_changes, write_guarded};
 use crate::domain::{Event, EventMetadata, NodeId, Status, TaskId, TaskState, Writer, evolve};
@@ -366,13 +367,7 @@ async fn check_pod_node(
             current: head.pod_epoch,
         });
     };
-    let alive: bool = sqlx::query_scalar(concat!("SELECT ", node_alive_sql!("$1")))
-        .bind(node.0)
-        .fetch_one(&mut **tx)
-        .traced("SELECT nodes")
-        .await
-        .map_err(from_sqlx)?;
-    if alive {
+    if node_alive_on(&mut **tx, node).await? {
         Ok(())
     } else {
         Err(Error::NodeFenced(node))

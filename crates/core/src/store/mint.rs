@@ -187,12 +187,7 @@ impl Store {
     /// # Errors
     /// [`Error::StoreUnavailable`].
     pub async fn node_alive(&self, node: NodeId) -> Result<bool, Error> {
-        sqlx::query_scalar(concat!("SELECT ", node_alive_sql!("$1")))
-            .bind(node.0)
-            .fetch_one(&self.pool)
-            .traced("SELECT nodes")
-            .await
-            .map_err(from_sqlx)
+        node_alive_on(&self.pool, node).await
     }
 
     /// The partitions of `claimed` (partition, generation) this node no longer owns at
@@ -220,4 +215,18 @@ impl Store {
         .await
         .map_err(from_sqlx)
     }
+}
+
+/// Whether `node`'s lock session is alive, asked on `executor` (a transaction's check
+/// runs inside it).
+pub(crate) async fn node_alive_on<'e, E>(executor: E, node: NodeId) -> Result<bool, Error>
+where
+    E: sqlx::PgExecutor<'e>,
+{
+    sqlx::query_scalar(concat!("SELECT ", node_alive_sql!("$1")))
+        .bind(node.0)
+        .fetch_one(executor)
+        .traced("SELECT nodes")
+        .await
+        .map_err(from_sqlx)
 }

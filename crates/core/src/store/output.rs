@@ -37,14 +37,14 @@ impl Store {
         stream: &str,
         data: &[u8],
     ) -> Result<(), Error> {
-        let (live, _): (bool, Option<i64>) = sqlx::query_as(concat!(
-            "WITH head AS (SELECT pod_epoch, pod_epoch = $2 AND pod_state <> 'none' AND ",
+        let live: bool = sqlx::query_scalar(concat!(
+            "WITH head AS (SELECT pod_epoch = $2 AND pod_state <> 'none' AND ",
             node_alive_sql!("h.owner_node"),
             " AS live FROM task_heads h WHERE task_id = $1), \
                   stored AS (INSERT INTO task_output (task_id, epoch, seq, stream, data) \
                              SELECT $1, $2, $3, $4, $5 WHERE (SELECT live FROM head) \
                              ON CONFLICT DO NOTHING) \
-             SELECT COALESCE((SELECT live FROM head), false), (SELECT pod_epoch FROM head)",
+             SELECT COALESCE((SELECT live FROM head), false)",
         ))
         .bind(task_id.as_uuid())
         .bind(epoch)
