@@ -22,7 +22,7 @@ trap cleanup EXIT
 pg_port=$(free_port)
 # Durability off: these databases live for one run. Never use these for benchmarks.
 start_postgres "$work/postgres" "$pg_port" \
-  fsync=off synchronous_commit=off full_page_writes=off max_connections=400
+  fsync=off synchronous_commit=off full_page_writes=off max_connections=400 shared_preload_libraries=pg_stat_statements
 redis_port=$(free_port)
 start_redis "$work/redis" "$redis_port"
 

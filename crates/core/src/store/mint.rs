@@ -12,6 +12,12 @@
 //! the tasks it minted, with everything their pods need to start (the task, the
 //! handler checkpoint, the trace context to continue), so a pod starts without
 //! reading them again.
+//!
+//! Each task's partition is looked up before any partition row is joined
+//! (`targets AS MATERIALIZED`): joined freely, the planner matched the batch with the
+//! node's partitions on the claim generation, which all of them share, and probed the
+//! tasks' index batch x partitions times (787 buffers a pod for a batch of 512, against
+//! 19 now; `tests/store_costs.rs`).
 
 use tracing::instrument;
 
@@ -81,12 +87,15 @@ impl Store {
             ), wanted AS (
                 SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::int8[]) AS w(task_id, epoch, generation)
                  LIMIT cardinality($1::uuid[])
-            ), owned AS (
-                SELECT w.task_id
+            ), targets AS MATERIALIZED (
+                SELECT w.task_id, w.generation, t.partition
                   FROM wanted w
                   JOIN tasks t ON t.task_id = w.task_id
-                  JOIN partitions p ON p.partition = t.partition
-                 WHERE p.owner_node = $4 AND p.generation = w.generation
+            ), owned AS (
+                SELECT x.task_id
+                  FROM targets x
+                  JOIN partitions p ON p.partition = x.partition AND p.generation = x.generation
+                 WHERE p.owner_node = $4
                    AND (SELECT ok FROM alive)
                    FOR SHARE OF p
             ), locked AS (

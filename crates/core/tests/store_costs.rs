@@ -1,0 +1,125 @@
+//! What the batched statements cost Postgres per row, counted in buffers (shared blocks
+//! hit or read, from `pg_stat_statements`): a plan that joins two batches with each
+//! other instead of each row with its index grows with the square of the batch, and
+//! such a plan is invisible to every functional test. Counts, never timings.
+//!
+//! Needs a server with `shared_preload_libraries = pg_stat_statements`, as the test
+//! script starts it (`scripts/test.sh`).
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns panic to fail the test
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{ctx, live_node, store};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use taskpod_core::domain::NewTask;
+use taskpod_core::store::{MintRequest, Store};
+
+/// What every call of the statement whose text contains `marker` cost in this test's
+/// database, summed.
+struct Cost {
+    buffers: f64,
+    wal_records: f64,
+    rows: i64,
+}
+
+async fn cost(store: &Store, marker: &str) -> Cost {
+    let (buffers, wal_records, rows): (Option<f64>, Option<f64>, Option<i64>) = sqlx::query_as(
+        "SELECT sum(shared_blks_hit + shared_blks_read)::float8, sum(wal_records)::float8, \
+                sum(rows)::int8 \
+           FROM pg_stat_statements \
+          WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+            AND strpos(query, $1) > 0",
+    )
+    .bind(marker)
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    let rows = rows.unwrap_or(0);
+    assert!(rows > 0, "no statement with {marker:?} was recorded");
+    Cost {
+        buffers: buffers.unwrap_or(0.0),
+        wal_records: wal_records.unwrap_or(0.0),
+        rows,
+    }
+}
+
+async fn track_statements(store: &Store) {
+    sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(store.pool())
+        .await
+        .expect(
+            "pg_stat_statements: start the test Postgres with \
+             shared_preload_libraries=pg_stat_statements (scripts/test.sh does)",
+        );
+}
+
+/// A worker's mint of 512 pods, as its controller sends them (every partition of the
+/// node claimed). The mint once joined the batch with the node's partitions on the
+/// claim generation (equal for all of them) before looking the tasks up: 512 x 256
+/// index probes, about 1,500 buffers a pod, a third of Postgres's work in the e2e bench.
+#[sqlx::test(migrations = "../../migrations")]
+async fn regression_minting_a_batch_costs_a_bounded_number_of_buffers_per_pod(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let store = store(opts).await;
+    track_statements(&store).await;
+    let node = live_node(&store).await;
+    let tasks: Vec<NewTask> = (0..512)
+        .map(|i| NewTask {
+            auto_start: true,
+            ..NewTask::new(format!("task {i}"), "sleep")
+        })
+        .collect();
+    let created = store.create_tasks(&tasks, &ctx("alice")).await.unwrap();
+    let mut generations = HashMap::new();
+    for p in 0..i32::try_from(store.partition_count()).unwrap() {
+        generations.insert(p, store.claim_partition(p, node.id).await.unwrap());
+    }
+    let mut wanted = Vec::new();
+    for &task_id in &created.task_ids {
+        let partition = store.get_task(task_id).await.unwrap().partition;
+        wanted.push(MintRequest {
+            task_id,
+            observed_epoch: 0,
+            generation: generations[&partition],
+        });
+    }
+
+    let minted = store.mint_pods(node.id, &wanted).await.unwrap();
+
+    assert_eq!(minted.len(), 512, "every pod minted");
+    let mint = cost(&store, "FOR SHARE OF p").await;
+    assert_eq!(mint.rows, 512);
+    let per_pod = mint.buffers / 512.0;
+    assert!(
+        per_pod < 40.0,
+        "minting touched {per_pod:.0} buffers a pod (about 20 since the fix, 787 before)"
+    );
+}
+
+/// CreateTasks of 1000: the listing row with its indexes, the head, the first event.
+#[sqlx::test(migrations = "../../migrations")]
+async fn a_batch_create_costs_a_bounded_number_of_buffers_per_task(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let store = store(opts).await;
+    track_statements(&store).await;
+    let tasks: Vec<NewTask> = (0..1000)
+        .map(|i| NewTask::new(format!("task {i}"), "sleep"))
+        .collect();
+    for _ in 0..3 {
+        store.create_tasks(&tasks, &ctx("alice")).await.unwrap();
+    }
+    let create = cost(&store, "new_tasks AS").await;
+    let (per_task, wal_per_task) = (create.buffers / 3000.0, create.wal_records / 3000.0);
+    // 28 buffers and 16 WAL records: three rows and fifteen index entries. The head's
+    // foreign key added 5 buffers and a WAL record (the listing row locked again).
+    assert!(
+        per_task < 32.0 && wal_per_task < 17.0,
+        "a create touched {per_task:.1} buffers and wrote {wal_per_task:.1} WAL records a task"
+    );
+}
