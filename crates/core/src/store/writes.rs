@@ -27,6 +27,31 @@ use crate::domain::{Event, EventMetadata, NodeId, TaskState};
 use crate::error::Error;
 use crate::telemetry::metrics::metrics;
 
+/// The tail both writers share, after a `head` CTE that returns each written head's
+/// new lifecycle fields and whether they changed: rewrites the listing rows whose
+/// lifecycle changed and answers every written task's listing fields. The rewritten rows
+/// come from the `UPDATE`'s own `RETURNING` (the statement's snapshot still shows their
+/// old version), the others straight from `tasks`; neither is joined with another
+/// batch, which the planner (estimating one row per CTE) would do by a nested loop, the
+/// batch's size squared.
+macro_rules! listed_sql {
+    () => {
+        r#"listed AS (
+            UPDATE tasks t
+               SET status = head.status, phase = head.phase, last_error = head.last_error,
+                   updated_at = now()
+              FROM head
+             WHERE t.task_id = head.task_id AND head.lifecycle
+            RETURNING t.task_id, t.partition, t.created_by, t.created_at, t.updated_at
+        )
+        SELECT task_id, partition, created_by, created_at, updated_at FROM listed
+        UNION ALL
+        SELECT t.task_id, t.partition, t.created_by, t.created_at, t.updated_at
+          FROM head JOIN tasks t ON t.task_id = head.task_id
+         WHERE NOT head.lifecycle"#
+    };
+}
+
 /// Event rows in the column-array form `UNNEST` takes, so any number of events is one
 /// statement.
 #[derive(Default)]
@@ -217,7 +242,7 @@ pub(crate) async fn write_many(
     changes: &[Change<'_>],
 ) -> Result<Vec<Listing>, Error> {
     let cols = ChangeColumns::build(changes.iter().map(|c| (c, Guard::default())))?;
-    let listed: Vec<Listing> = sqlx::query_as(
+    let listed: Vec<Listing> = sqlx::query_as(concat!(
         r#"
         WITH appended AS (
             INSERT INTO events (stream_id, version, type, data, metadata)
@@ -237,20 +262,12 @@ pub(crate) async fn write_many(
                    traceparent = COALESCE(c.traceparent, h.traceparent)
               FROM changed c
              WHERE h.task_id = c.task_id
-        ), listed AS (
-            UPDATE tasks t
-               SET status = c.status, phase = c.phase, last_error = c.last_error,
-                   updated_at = now()
-              FROM changed c
-             WHERE t.task_id = c.task_id AND c.lifecycle
-            RETURNING t.task_id, t.updated_at
-        )
-        SELECT t.task_id, t.partition, t.created_by, t.created_at,
-               COALESCE(l.updated_at, t.updated_at) AS updated_at
-          FROM changed c JOIN tasks t ON t.task_id = c.task_id
-          LEFT JOIN listed l ON l.task_id = c.task_id
-        "#,
-    )
+            RETURNING h.task_id, h.status, h.phase, h.last_error, c.lifecycle
+        ), "#,
+        listed_sql!(),
+        r#"
+        "#
+    ))
     .bind(&cols.events.stream_ids)
     .bind(&cols.events.versions)
     .bind(&cols.events.types)
@@ -358,25 +375,15 @@ where
                AND (c.fence_node IS NULL OR (h.owner_node = c.fence_node AND "#,
         node_alive_sql!("c.fence_node"),
         r#"))
-            RETURNING h.task_id
+            RETURNING h.task_id, h.status, h.phase, h.last_error, c.lifecycle
         ), appended AS (
             INSERT INTO events (stream_id, version, type, data, metadata)
             SELECT e.* FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::jsonb[], $5::jsonb[])
                 AS e(stream_id, version, type, data, metadata)
              WHERE e.stream_id IN (SELECT task_id FROM head)
-        ), listed AS (
-            UPDATE tasks t
-               SET status = c.status, phase = c.phase, last_error = c.last_error,
-                   updated_at = now()
-              FROM changed c
-             WHERE t.task_id = c.task_id AND c.lifecycle
-               AND t.task_id IN (SELECT task_id FROM head)
-            RETURNING t.task_id, t.updated_at
-        )
-        SELECT t.task_id, t.partition, t.created_by, t.created_at,
-               COALESCE(l.updated_at, t.updated_at) AS updated_at
-          FROM head JOIN tasks t ON t.task_id = head.task_id
-          LEFT JOIN listed l ON l.task_id = head.task_id
+        ), "#,
+        listed_sql!(),
+        r#"
         "#
     ))
     .bind(&cols.events.stream_ids)
