@@ -1197,3 +1197,81 @@ async fn a_retried_start_pod_resumes_waiting_for_the_same_pod() {
         "{kinds:?}"
     );
 }
+
+/// "Every event kept": a `sleep` task's trail is the same whether its phases take time
+/// or none (a zero delay walks them in one write, as the e2e benchmark runs it): the
+/// same eight events in order, versions 1..=8, each phase change from the phase the
+/// one before reached, every event with its actor and correlation id.
+#[tokio::test]
+async fn a_sleep_task_keeps_every_event_with_or_without_a_delay() {
+    let db = TestDb::create().await.unwrap();
+    let api = ApiProcess::spawn(&db, &[]).await.unwrap();
+    let mut c = api.client().await.unwrap();
+    let pool = pool(&db).await;
+    for delay in ["0", "20"] {
+        let mut w = WorkerProcess::spawn(&db, "w", &[("TASKPOD_HANDLERS__SLEEP_PHASE_MS", delay)])
+            .await
+            .unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..10 {
+            ids.push(create(&mut c, "sleep", serde_json::Value::Null, true).await);
+        }
+        eventually("the sleep tasks complete and their pods stop", || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM task_heads \
+                  WHERE task_id = ANY($1::uuid[]) AND status = 'completed' AND pod_state = 'none'",
+            )
+            .bind(&ids)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            n == 10
+        })
+        .await;
+        for id in &ids {
+            let evs = events(&mut c, id).await;
+            let trail: Vec<(i64, &str, Option<String>, Option<String>)> = evs
+                .iter()
+                .map(|e| {
+                    let data = e
+                        .data
+                        .as_ref()
+                        .map(taskpod_proto::convert::struct_to_json)
+                        .unwrap_or_default();
+                    let field = |k: &str| data.get(k).and_then(|v| v.as_str()).map(String::from);
+                    let from = field("from").or_else(|| field("from_phase"));
+                    (e.version, e.r#type.as_str(), from, field("to"))
+                })
+                .collect();
+            let some = |s: &str| Some(s.to_owned());
+            assert_eq!(
+                trail,
+                [
+                    (1, "task_created", None, None),
+                    (2, "pod_requested", None, None),
+                    (3, "pod_started", None, None),
+                    (
+                        4,
+                        "phase_changed",
+                        some("spec_clarification"),
+                        some("planning")
+                    ),
+                    (5, "phase_changed", some("planning"), some("development")),
+                    (6, "phase_changed", some("development"), some("review")),
+                    (7, "task_completed", some("review"), None),
+                    (8, "pod_stopped", None, None),
+                ],
+                "delay {delay} ms, task {id}"
+            );
+            for e in &evs {
+                assert!(
+                    !e.actor_id.is_empty() && !e.correlation_id.is_empty(),
+                    "delay {delay} ms, task {id}: {} without its actor or correlation id",
+                    e.r#type
+                );
+            }
+        }
+        w.signal("TERM").await.unwrap();
+        assert!(w.wait(Duration::from_secs(30)).await.unwrap().success());
+    }
+}

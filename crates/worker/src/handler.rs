@@ -31,7 +31,9 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use taskpod_core::Error;
-use taskpod_core::domain::{Event, EventMetadata, MANUAL_KIND, Phase, Status, Task, TaskState};
+use taskpod_core::domain::{
+    Event, EventMetadata, MANUAL_KIND, Phase, PodState, Status, Task, TaskState,
+};
 use taskpod_core::store::checkpoint::Checkpoint;
 use taskpod_core::store::{PodAppend, RecordedEvent, Store};
 use taskpod_core::telemetry::context::traceparent_in;
@@ -88,6 +90,9 @@ pub struct PodContext {
     origin: Option<String>,
     /// Whether the node still holds its claim (see [`crate::liveness`]).
     liveness: Liveness,
+    /// `pod_stopped` went out with the handler's last write
+    /// ([`PodContext::complete_remaining`]): nothing left to say when the pod ends.
+    stop_written: bool,
 }
 
 impl PodContext {
@@ -108,6 +113,7 @@ impl PodContext {
         Self {
             liveness,
             appender,
+            stop_written: false,
             restored: None,
             span,
             phase_span: None,
@@ -204,24 +210,8 @@ impl PodContext {
     /// [`HandlerError::Fenced`] when the epoch went stale, [`HandlerError::Retry`] when
     /// the store is unavailable.
     pub async fn advance(&mut self) -> Result<Phase, HandlerError> {
-        let from = self.state.phase;
-        let event = match from {
-            Phase::SpecClarification => Event::PhaseChanged {
-                from,
-                to: Phase::Planning,
-            },
-            Phase::Planning => Event::PhaseChanged {
-                from,
-                to: Phase::Development,
-            },
-            Phase::Development => Event::PhaseChanged {
-                from,
-                to: Phase::Review,
-            },
-            Phase::Review => Event::TaskCompleted { from_phase: from },
-            Phase::Completed | Phase::Cancelled | Phase::Failed => {
-                return Err(HandlerError::Stopped);
-            }
+        let Some(event) = step_from(self.state.phase) else {
+            return Err(HandlerError::Stopped);
         };
         let within = self.phase_span.clone().unwrap_or_else(|| self.span.clone());
         let span = if matches!(event, Event::TaskCompleted { .. }) {
@@ -233,6 +223,49 @@ impl PodContext {
         drop(span);
         self.enter_phase();
         Ok(self.state.phase)
+    }
+
+    /// Walks every remaining phase, completes the task and stops the pod in one write,
+    /// for a handler with no work between its phases nor after the last (`sleep`
+    /// without a delay): the events of one [`PodContext::advance`] per phase and the
+    /// pod's `pod_stopped`, in order, durable together before this returns, for one
+    /// head and one listing update instead of one per phase. As `advance`, a task moved
+    /// on by someone else meanwhile is taken where it stands (the phase may then not be
+    /// terminal: call again). The handler must return right after the task completes.
+    ///
+    /// # Errors
+    /// As [`PodContext::advance`].
+    pub async fn complete_remaining(&mut self) -> Result<(), HandlerError> {
+        let mut events = Vec::new();
+        let mut phase = self.state.phase;
+        while let Some(event) = step_from(phase) {
+            phase = match &event {
+                Event::PhaseChanged { to, .. } => *to,
+                _ => Phase::Completed,
+            };
+            events.push(event);
+        }
+        if events.is_empty() {
+            return Err(HandlerError::Stopped);
+        }
+        events.push(Event::PodStopped {
+            epoch: self.epoch,
+            reason: "completed".to_owned(),
+        });
+        let within = self.phase_span.take().unwrap_or_else(|| self.span.clone());
+        let span = tracing::info_span!(parent: &within, "taskpod.task.complete", task_id = %self.task.task_id);
+        drop(within);
+        self.append_all_in(events, &span).await?;
+        drop(span);
+        if self.state.pod_state == PodState::None {
+            // Ours landed (only this pod's own stop ends its epoch without fencing it).
+            self.stop_written = true;
+            drop(
+                tracing::info_span!(parent: &self.span, "taskpod.pod.stop", task_id = %self.task.task_id, taskpod.reason = "completed"),
+            );
+        }
+        self.enter_phase();
+        Ok(())
     }
 
     /// Ends the current phase's span and, for a handler that walks the phases, starts
@@ -254,10 +287,10 @@ impl PodContext {
         self.phase_span = Some(span);
     }
 
-    fn pod_append(&self, event: &Event, metadata: &EventMetadata) -> PodAppend {
+    fn pod_append(&self, events: &[Event], metadata: &EventMetadata) -> PodAppend {
         PodAppend {
             before: self.state.clone(),
-            events: vec![event.clone()],
+            events: events.to_vec(),
             metadata: metadata.clone(),
         }
     }
@@ -297,6 +330,9 @@ impl PodContext {
     }
 
     async fn stop_now(&mut self, reason: &str) {
+        if self.stop_written {
+            return;
+        }
         let event = Event::PodStopped {
             epoch: self.epoch,
             reason: reason.to_owned(),
@@ -307,7 +343,7 @@ impl PodContext {
         for _ in 0..3 {
             match self
                 .appender
-                .append(self.pod_append(&event, &metadata))
+                .append(self.pod_append(std::slice::from_ref(&event), &metadata))
                 .instrument(span.clone())
                 .await
             {
@@ -369,10 +405,19 @@ impl PodContext {
         event: Event,
         span: &'a Span,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(self.append_now(event, span))
+        self.append_all_in(vec![event], span)
     }
 
-    async fn append_now(&mut self, event: Event, span: &Span) -> Result<(), HandlerError> {
+    /// As [`PodContext::append_in`], for several events written together.
+    fn append_all_in<'a>(
+        &'a mut self,
+        events: Vec<Event>,
+        span: &'a Span,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(self.append_now(events, span))
+    }
+
+    async fn append_now(&mut self, events: Vec<Event>, span: &Span) -> Result<(), HandlerError> {
         let metadata = self.metadata_in(span);
         // A store outage hits every pod at once and is nobody's fault: wait it out
         // (until stopped) instead of crashing, so it is charged to no task.
@@ -380,7 +425,7 @@ impl PodContext {
         loop {
             let res = self
                 .appender
-                .append(self.pod_append(&event, &metadata))
+                .append(self.pod_append(&events, &metadata))
                 .instrument(span.clone())
                 .await;
             match res {
@@ -421,6 +466,19 @@ impl PodContext {
             }
         }
     }
+}
+
+/// The event that moves a task on from `from` along the walk (completing it past
+/// `review`); none from a terminal phase.
+fn step_from(from: Phase) -> Option<Event> {
+    let to = match from {
+        Phase::SpecClarification => Phase::Planning,
+        Phase::Planning => Phase::Development,
+        Phase::Development => Phase::Review,
+        Phase::Review => return Some(Event::TaskCompleted { from_phase: from }),
+        Phase::Completed | Phase::Cancelled | Phase::Failed => return None,
+    };
+    Some(Event::PhaseChanged { from, to })
 }
 
 /// Span names must be literals to stay low-cardinality; a phase names its own.
