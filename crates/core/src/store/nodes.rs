@@ -344,7 +344,11 @@ impl Store {
     /// `[from, to)` (the change feed, `to` a watermark read before) that matter to
     /// `node`: active tasks of its `partitions`, and tasks whose pod it runs. One round
     /// trip for a tick's check, returning nothing for the changes of other nodes'
-    /// partitions or of tasks nobody runs.
+    /// partitions or of tasks nobody runs. A `task_created` alone is skipped before any
+    /// task row is read: it leaves its task inactive, without a pod or an owner, which
+    /// this never returns (a task created started has its `pod_requested` in the same
+    /// transaction), and bulk creates of inactive tasks would otherwise cost every
+    /// worker a lookup of each.
     ///
     /// # Errors
     /// [`Error::StoreUnavailable`].
@@ -362,7 +366,8 @@ impl Store {
         let rows: Vec<CandidateRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {CANDIDATE_COLUMNS} FROM tasks t JOIN task_heads h ON h.task_id = t.task_id \
              WHERE t.task_id IN (SELECT stream_id FROM events \
-                                  WHERE tx_id >= $3::text::xid8 AND tx_id < $4::text::xid8) \
+                                  WHERE tx_id >= $3::text::xid8 AND tx_id < $4::text::xid8 \
+                                    AND type <> 'task_created') \
                AND (((h.status = 'active' OR h.pod_state <> 'none') AND t.partition = ANY($2)) \
                     OR h.owner_node = $1)"
         )))
