@@ -182,14 +182,21 @@ impl Task {
         let mut pings = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
         pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ping: Fuse<BoxFuture<'static, Result<(), &'static str>>> = Fuse::terminated();
+        // Only when the desired set changed: a worker follows hundreds of channels and
+        // hears thousands of messages a second, and comparing the sets for each message
+        // once cost it half a core during bulk creates.
+        let mut resync = true;
         loop {
-            let want = self.desired.borrow_and_update().clone();
-            if let Err(cause) = self.follow(&mut sink, &subscribed, &want).await {
-                return End::Lost(cause);
+            if resync {
+                let want = self.desired.borrow_and_update().clone();
+                if let Err(cause) = self.follow(&mut sink, &subscribed, &want).await {
+                    return End::Lost(cause);
+                }
+                subscribed = want;
+                self.live
+                    .send_if_modified(|live| !std::mem::replace(live, true));
+                resync = false;
             }
-            subscribed = want;
-            self.live
-                .send_if_modified(|live| !std::mem::replace(live, true));
             if missed && self.events.try_send(BusEvent::Connected).is_ok() {
                 missed = false;
             }
@@ -199,6 +206,7 @@ impl Task {
                     if changed.is_err() {
                         return End::Stopped;
                     }
+                    resync = true;
                 }
                 msg = stream.next() => {
                     let Some(msg) = msg else { return End::Lost("closed") };
