@@ -6,19 +6,19 @@
 //! Layout:
 //! - [`commands`]: the client for every RPC, one module per noun (`task`, `pod`),
 //!   `health` (the probe) and `completions`;
-//! - [`config`], [`client`], [`output`], [`error`]: flags and profiles, the connection,
-//!   the output formats, errors and exit codes;
+//! - [`output`]: how the commands print tasks and events (tables, JSON);
 //! - [`migrate`]: `taskpod migrate`, also the first step of `taskpod dev`;
 //! - [`dev`]: `taskpod dev`, a whole local cluster from one command;
 //! - [`bench`]: `taskpod bench <scenario>`, the load generator behind BENCHMARKS.md.
+//!
+//! What the bench shares with the commands lives in libraries: `taskpod-client` (flags
+//! and profiles, the connection, errors and exit codes, the output format) and
+//! `taskpod-local-cluster` (Postgres, Redis and the servers from the system's
+//! binaries, and the migrations).
 
 mod bench;
-mod client;
 mod commands;
-mod config;
 mod dev;
-mod duration;
-mod error;
 mod migrate;
 mod output;
 
@@ -32,8 +32,8 @@ use commands::completions::CompletionsArgs;
 use commands::health::HealthArgs;
 use commands::pod::PodCommand;
 use commands::task::TaskCommand;
-use config::GlobalArgs;
-use error::CliError;
+use taskpod_client::config::GlobalArgs;
+use taskpod_client::error::CliError;
 
 /// taskpod: a distributed task orchestrator.
 #[derive(Debug, Parser)]
@@ -118,12 +118,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Health(args) => commands::health::run(&cli.global, &args).await?,
         Command::Completions(args) => commands::completions::run(&args, Cli::command())?,
-        Command::Migrate(args) => {
-            let report = migrate::run(&args.database_url)
-                .await
-                .context("taskpod migrate failed")?;
-            println!("{report}");
-        }
+        Command::Migrate(args) => migrate::run(&args)
+            .await
+            .context("taskpod migrate failed")?,
         Command::Dev(args) => dev::run(args).await.context("taskpod dev failed")?,
         Command::Bench(args) => bench::run(args, cli.global)
             .await
@@ -189,7 +186,10 @@ mod tests {
         );
         let cli = parse(&["task", "wait", "t1"]).unwrap();
         assert_eq!(cli.global.timeout, None);
-        assert_eq!(cli.global.call_timeout(), config::DEFAULT_TIMEOUT);
+        assert_eq!(
+            cli.global.call_timeout(),
+            taskpod_client::config::DEFAULT_TIMEOUT
+        );
     }
 
     #[test]

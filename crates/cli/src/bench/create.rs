@@ -17,7 +17,7 @@ use super::cluster::Target;
 use super::report::{Figure, Report};
 use super::timed::{self, Call, Stretch};
 use super::{BenchError, CommonArgs, Database, Needs, Workers};
-use crate::client::Client;
+use taskpod_client::client::Client;
 
 pub const NEEDS: Needs = Needs {
     dev_only: false,

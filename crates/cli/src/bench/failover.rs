@@ -46,10 +46,10 @@ pub struct FailoverArgs {
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub pods: u64,
     /// How long every pod runs before the kill (the warm-up)
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = crate::duration::parse)]
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = taskpod_client::duration::parse)]
     pub settle: Duration,
     /// Give up when the pods do not all run again within this
-    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = crate::duration::parse)]
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = taskpod_client::duration::parse)]
     pub recovery_timeout: Duration,
     #[command(flatten)]
     pub common: CommonArgs,

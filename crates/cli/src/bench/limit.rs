@@ -33,7 +33,7 @@ use super::progress::{Progress, say};
 use super::report::{Figure, Latencies, Report, Summary};
 use super::timed::{self, Call, Stretch};
 use super::{BenchError, CommonArgs, Database, Needs, Workers};
-use crate::dev::postgres;
+use taskpod_local_cluster::postgres;
 
 pub const NEEDS: Needs = Needs {
     dev_only: false,

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::progress::{Progress, say};
 use super::report::{Figure, Latencies};
 use super::{BenchError, CommonArgs, seed};
-use crate::client::Client;
+use taskpod_client::client::Client;
 
 /// CreateTasks' largest batch.
 pub const BATCH: usize = 1000;

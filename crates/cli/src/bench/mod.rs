@@ -51,13 +51,13 @@ use std::time::Duration;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use crate::config::GlobalArgs;
-use crate::dev::postgres::PostgresError;
-use crate::dev::processes::ProcessError;
-use crate::error::CliError;
-use crate::migrate::MigrateError;
 use cluster::Target;
 use report::Report;
+use taskpod_client::config::GlobalArgs;
+use taskpod_client::error::CliError;
+use taskpod_local_cluster::migrate::MigrateError;
+use taskpod_local_cluster::postgres::PostgresError;
+use taskpod_local_cluster::processes::ProcessError;
 
 /// Attributed on every event the bench writes, unless `--actor` names another actor.
 pub const ACTOR: &str = "taskpod-bench";

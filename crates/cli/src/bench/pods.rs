@@ -39,10 +39,10 @@ pub struct PodsArgs {
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub pods: u64,
     /// Idle time before each reading (the warm-up)
-    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = crate::duration::parse)]
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = taskpod_client::duration::parse)]
     pub settle: Duration,
     /// How long CPU use is sampled with N idle pods
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::duration::parse)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = taskpod_client::duration::parse)]
     pub idle: Duration,
     #[command(flatten)]
     pub common: CommonArgs,

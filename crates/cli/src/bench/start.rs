@@ -23,7 +23,7 @@ use super::load;
 use super::progress::{Progress, say};
 use super::report::{Figure, Latencies, Report, Summary, format_us};
 use super::{BenchError, CommonArgs, Database, Needs, Workers};
-use crate::client::Client;
+use taskpod_client::client::Client;
 
 pub const NEEDS: Needs = Needs {
     dev_only: false,

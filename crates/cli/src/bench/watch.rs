@@ -30,7 +30,7 @@ use super::progress::{Progress, say};
 use super::report::{Figure, Latencies, Report, Unit, format_us};
 use super::timed::Stretch;
 use super::{BenchError, CommonArgs, Database, Needs, Workers};
-use crate::client::Client;
+use taskpod_client::client::Client;
 
 pub const NEEDS: Needs = Needs {
     dev_only: true,
