@@ -9,14 +9,15 @@
 //! - [`output`]: how the commands print tasks and events (tables, JSON);
 //! - [`migrate`]: `taskpod migrate`, also the first step of `taskpod dev`;
 //! - [`dev`]: `taskpod dev`, a whole local cluster from one command;
-//! - [`bench`]: `taskpod bench <scenario>`, the load generator behind BENCHMARKS.md.
+//! - `taskpod bench <scenario>`, the load generator behind BENCHMARKS.md, is the
+//!   `taskpod-bench` library's; this binary only parses its flags and maps its errors
+//!   to exit codes.
 //!
-//! What the bench shares with the commands lives in libraries: `taskpod-client` (flags
-//! and profiles, the connection, errors and exit codes, the output format) and
+//! What the bench shares with the commands lives in libraries too: `taskpod-client`
+//! (flags and profiles, the connection, errors and exit codes, the output format) and
 //! `taskpod-local-cluster` (Postgres, Redis and the servers from the system's
 //! binaries, and the migrations).
 
-mod bench;
 mod commands;
 mod dev;
 mod migrate;
@@ -32,6 +33,7 @@ use commands::completions::CompletionsArgs;
 use commands::health::HealthArgs;
 use commands::pod::PodCommand;
 use commands::task::TaskCommand;
+use taskpod_bench::BenchError;
 use taskpod_client::config::GlobalArgs;
 use taskpod_client::error::CliError;
 
@@ -74,7 +76,7 @@ enum Command {
     Dev(dev::DevArgs),
     /// Measures a running cluster, or a local one (--dev): StartPod latency, failover,
     /// idle pods. See BENCHMARKS.md.
-    Bench(bench::BenchArgs),
+    Bench(taskpod_bench::BenchArgs),
 }
 
 #[tokio::main]
@@ -122,14 +124,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
             .context("taskpod migrate failed")?,
         Command::Dev(args) => dev::run(args).await.context("taskpod dev failed")?,
-        Command::Bench(args) => bench::run(args, cli.global)
-            .await
-            .map_err(|err| match err {
-                // Exit codes of their own: 2 for usage, the RPC's for a refused call.
-                bench::BenchError::Usage(message) => anyhow::Error::new(CliError::Usage(message)),
-                bench::BenchError::Cli(err) => anyhow::Error::new(err),
-                other => anyhow::Error::new(other).context("taskpod bench failed"),
-            })?,
+        Command::Bench(args) => {
+            taskpod_bench::run(args, cli.global)
+                .await
+                .map_err(|err| match err {
+                    // Exit codes of their own: 2 for usage, the RPC's for a refused call.
+                    BenchError::Usage(message) => anyhow::Error::new(CliError::Usage(message)),
+                    BenchError::Cli(err) => anyhow::Error::new(err),
+                    other => anyhow::Error::new(other).context("taskpod bench failed"),
+                })?
+        }
     }
     Ok(())
 }

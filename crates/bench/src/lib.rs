@@ -1,5 +1,10 @@
 //! `taskpod bench <scenario>`: the load generator behind BENCHMARKS.md.
 //!
+//! A library: the `taskpod` binary parses [`BenchArgs`] among its subcommands and calls
+//! [`run`]; everything else is here. It reaches the cluster as every client command
+//! does (`taskpod-client`) and builds `--dev` clusters from the parts `taskpod dev`
+//! uses (`taskpod-local-cluster`).
+//!
 //! Every scenario runs against a cluster that is already up (`--address`, as the other
 //! commands, plus `--database-url` where it reads Postgres directly) or, with `--dev`, a
 //! local one it starts first and tears down at the end ([`cluster`]): a private
@@ -410,7 +415,7 @@ pub async fn run(args: BenchArgs, global: GlobalArgs) -> Result<(), BenchError> 
     } else {
         report.to_text()
     };
-    crate::output::emit(&text)?;
+    taskpod_client::output::emit(&text)?;
     Ok(())
 }
 
