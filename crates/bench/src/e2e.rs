@@ -33,15 +33,7 @@ use super::create::create_call;
 use super::progress::{Progress, say};
 use super::report::{Figure, Latencies, Report, format_us};
 use super::timed::{self, Rng, Stretch};
-use super::{BenchError, CommonArgs, Database, Needs, Workers};
-
-pub const NEEDS: Needs = Needs {
-    dev_only: false,
-    database: Database::Required,
-    workers: Workers::Default(2),
-    replicas: 1,
-    worker_env: &[("TASKPOD_HANDLERS__SLEEP_PHASE_MS", "0")],
-};
+use super::{BenchError, CommonArgs, Database, Needs, Scenario, Workers};
 
 /// A `sleep` task's stream when nothing went wrong, in version order.
 pub const EXPECTED_TRAIL: [&str; 8] = [
@@ -85,10 +77,27 @@ pub struct E2eArgs {
     pub common: CommonArgs,
 }
 
-impl E2eArgs {
-    /// # Errors
+impl Scenario for E2eArgs {
+    fn name(&self) -> &'static str {
+        "e2e"
+    }
+
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+
+    fn needs(&self) -> Needs {
+        Needs {
+            dev_only: false,
+            database: Database::Required,
+            workers: Workers::Default(2),
+            replicas: 1,
+            worker_env: &[("TASKPOD_HANDLERS__SLEEP_PHASE_MS", "0")],
+        }
+    }
+
     /// A batch larger than what may be in flight.
-    pub fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), String> {
         if self.batch > self.in_flight {
             return Err(format!(
                 "--batch {} is more than --in-flight {}: no batch could ever be sent",
@@ -96,6 +105,10 @@ impl E2eArgs {
             ));
         }
         Ok(())
+    }
+
+    async fn run(self, target: &mut Target) -> Result<Report, BenchError> {
+        run(target, self).await
     }
 }
 
@@ -360,7 +373,7 @@ pub fn finished_filter(since: chrono::DateTime<chrono::Utc>) -> String {
 /// # Errors
 /// A failed set-up step, the watch stream failing, tasks that do not complete, or an
 /// incomplete event trail.
-pub async fn run(target: &mut Target, args: E2eArgs) -> Result<Report, BenchError> {
+async fn run(target: &mut Target, args: E2eArgs) -> Result<Report, BenchError> {
     let pool = target.pool()?.clone();
     let client = target.client.clone();
     // Postgres's clock decides created_at, so it also dates the filter; a second of

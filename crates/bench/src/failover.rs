@@ -26,15 +26,7 @@ use super::cluster::Target;
 use super::load;
 use super::progress::{Progress, say};
 use super::report::{Figure, Latencies, Report};
-use super::{BenchError, CommonArgs, Database, Needs, WORKER_CAPACITY, Workers};
-
-pub const NEEDS: Needs = Needs {
-    dev_only: true,
-    database: Database::Optional,
-    workers: Workers::Exactly(2),
-    replicas: 1,
-    worker_env: &[],
-};
+use super::{BenchError, CommonArgs, Database, Needs, Scenario, WORKER_CAPACITY, Workers};
 
 /// How often the store is read after the kill: the resolution of the figures.
 const POLL: Duration = Duration::from_millis(10);
@@ -55,10 +47,27 @@ pub struct FailoverArgs {
     pub common: CommonArgs,
 }
 
-impl FailoverArgs {
-    /// # Errors
+impl Scenario for FailoverArgs {
+    fn name(&self) -> &'static str {
+        "failover"
+    }
+
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+
+    fn needs(&self) -> Needs {
+        Needs {
+            dev_only: true,
+            database: Database::Optional,
+            workers: Workers::Exactly(2),
+            replicas: 1,
+            worker_env: &[],
+        }
+    }
+
     /// More pods than the surviving worker can run.
-    pub fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), String> {
         if self.pods > WORKER_CAPACITY {
             return Err(format!(
                 "--pods {}: after the kill one worker runs them all, and a worker runs at \
@@ -67,6 +76,10 @@ impl FailoverArgs {
             ));
         }
         Ok(())
+    }
+
+    async fn run(self, target: &mut Target) -> Result<Report, BenchError> {
+        run(target, self).await
     }
 }
 
@@ -83,7 +96,7 @@ struct Milestones {
 ///
 /// # Errors
 /// A failed step, or pods that do not run again within `--recovery-timeout`.
-pub async fn run(target: &mut Target, args: FailoverArgs) -> Result<Report, BenchError> {
+async fn run(target: &mut Target, args: FailoverArgs) -> Result<Report, BenchError> {
     let pool = target.pool()?.clone();
     let pods = usize::try_from(args.pods).unwrap_or(usize::MAX);
     let expected = i64::try_from(args.pods).unwrap_or(i64::MAX);

@@ -14,8 +14,10 @@
 //! p99, p99.9, max), taken after a warm-up, and named figures; `--json` prints it as one
 //! JSON object. A progress line runs on stderr meanwhile.
 //!
-//! Scenarios (one module each, the same shape: arguments flattening [`CommonArgs`],
-//! [`Needs`] checked before anything starts, `run(&mut Target, args) -> Report`):
+//! Scenarios (one module each, the same shape: an arguments type flattening
+//! [`CommonArgs`] that implements [`Scenario`]: its name, the [`Needs`] and checks
+//! validated before anything starts, and `run(&mut Target) -> Report`; adding one is
+//! that impl and one line in the [`Scenarios`] list):
 //! - [`create`]: CreateTask (or CreateTasks of N) throughput and latency;
 //! - [`e2e`]: `sleep` tasks created with auto_start until completed: sustained
 //!   completed tasks/s, and every task's event trail checked in Postgres;
@@ -78,11 +80,63 @@ const WORKER_CAPACITY: u64 = 10_000;
 )]
 pub struct BenchArgs {
     #[command(subcommand)]
-    pub scenario: Scenario,
+    pub scenario: Scenarios,
 }
 
-#[derive(Debug, clap::Subcommand)]
-pub enum Scenario {
+/// One scenario, implemented by its arguments type (the subcommand's flags).
+pub trait Scenario: std::fmt::Debug {
+    /// The subcommand, and the report's `scenario`.
+    fn name(&self) -> &'static str;
+
+    /// The flags every scenario takes.
+    fn common(&self) -> &CommonArgs;
+
+    /// What it needs from the cluster, checked before anything starts.
+    fn needs(&self) -> Needs;
+
+    /// Its own checks of its flags, before anything starts.
+    ///
+    /// # Errors
+    /// A message for people, shown as a usage error.
+    fn check(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Runs it against `target`, which [`run`] prepared as [`Scenario::needs`] says. The
+    /// future is awaited where it is made, never spawned, so it need not be `Send`.
+    fn run(self, target: &mut Target) -> impl Future<Output = Result<Report, BenchError>>
+    where
+        Self: Sized;
+}
+
+/// Declares the scenarios: each line is a subcommand (its doc is its line in
+/// `taskpod bench --help`) and the arguments type implementing [`Scenario`].
+macro_rules! scenarios {
+    ($($(#[$doc:meta])* $variant:ident($args:ty),)+) => {
+        /// The scenario named on the command line.
+        #[derive(Debug, clap::Subcommand)]
+        pub enum Scenarios {
+            $($(#[$doc])* $variant($args),)+
+        }
+
+        impl Scenarios {
+            /// The chosen scenario, for what it says about itself.
+            pub fn scenario(&self) -> &dyn Scenario {
+                match self {
+                    $(Self::$variant(args) => args,)+
+                }
+            }
+
+            async fn run(self, target: &mut Target) -> Result<Report, BenchError> {
+                match self {
+                    $(Self::$variant(args) => args.run(target).await,)+
+                }
+            }
+        }
+    };
+}
+
+scenarios! {
     /// CreateTask throughput and latency (--batch N: CreateTasks of N)
     Create(create::CreateArgs),
     /// Sleep tasks with auto_start until completed: sustained tasks/s, event trails checked
@@ -260,71 +314,12 @@ impl BenchError {
     }
 }
 
-impl Scenario {
-    fn common(&self) -> &CommonArgs {
-        match self {
-            Scenario::Create(a) => &a.common,
-            Scenario::E2e(a) => &a.common,
-            Scenario::Limit(a) => &a.common,
-            Scenario::Get(a) => &a.common,
-            Scenario::List(a) => &a.common,
-            Scenario::Start(a) => &a.common,
-            Scenario::Watch(a) => &a.common,
-            Scenario::Failover(a) => &a.common,
-            Scenario::Pods(a) => &a.common,
-        }
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            Scenario::Create(_) => "create",
-            Scenario::E2e(_) => "e2e",
-            Scenario::Limit(_) => "limit",
-            Scenario::Get(_) => "get",
-            Scenario::List(_) => "list",
-            Scenario::Start(_) => "start",
-            Scenario::Watch(_) => "watch",
-            Scenario::Failover(_) => "failover",
-            Scenario::Pods(_) => "pods",
-        }
-    }
-
-    fn needs(&self) -> Needs {
-        match self {
-            Scenario::Create(_) => create::NEEDS,
-            Scenario::E2e(_) => e2e::NEEDS,
-            Scenario::Limit(_) => limit::NEEDS,
-            Scenario::Get(_) => get::NEEDS,
-            Scenario::List(_) => list::NEEDS,
-            Scenario::Start(_) => start::NEEDS,
-            Scenario::Watch(_) => watch::NEEDS,
-            Scenario::Failover(_) => failover::NEEDS,
-            Scenario::Pods(_) => pods::NEEDS,
-        }
-    }
-
-    /// The scenario's own argument checks.
-    fn check(&self) -> Result<(), String> {
-        match self {
-            Scenario::Create(a) => a.check(),
-            Scenario::E2e(a) => a.check(),
-            Scenario::Limit(a) => a.check(),
-            Scenario::Get(a) => a.check(),
-            Scenario::List(a) => a.check(),
-            Scenario::Start(a) => a.check(),
-            Scenario::Watch(a) => a.check(),
-            Scenario::Failover(a) => a.check(),
-            Scenario::Pods(a) => a.check(),
-        }
-    }
-}
-
 /// Checks the flags against each other and the scenario's needs; returns the number
 /// of workers a dev cluster runs (0 without --dev).
 ///
 /// # Errors
 /// A message for people, shown as a usage error.
-pub fn validate(scenario: &Scenario, global: &GlobalArgs) -> Result<u16, String> {
+pub fn validate(scenario: &dyn Scenario, global: &GlobalArgs) -> Result<u16, String> {
     let name = scenario.name();
     let common = scenario.common();
     let needs = scenario.needs();
@@ -373,15 +368,15 @@ pub fn validate(scenario: &Scenario, global: &GlobalArgs) -> Result<u16, String>
 /// Usage errors first (nothing started), then the first step that failed. A dev
 /// cluster is torn down in every case.
 pub async fn run(args: BenchArgs, global: GlobalArgs) -> Result<(), BenchError> {
-    let workers = validate(&args.scenario, &global).map_err(BenchError::Usage)?;
-    let common = args.scenario.common().clone();
+    let chosen = args.scenario.scenario();
+    let workers = validate(chosen, &global).map_err(BenchError::Usage)?;
+    let (common, needs) = (chosen.common().clone(), chosen.needs());
     let json = common.json || global.output.is_json();
     // Installed first: from here on Ctrl-C means "stop, tear down, exit".
     let mut signals = Signals::install().map_err(BenchError::Signals)?;
 
     let mut target = if common.dev {
         let mut dev = cluster::DevCluster::boot(&common.dev_options).await?;
-        let needs = args.scenario.needs();
         let started = tokio::select! {
             started = dev.start_servers(workers, needs.replicas, needs.worker_env) => started,
             signal = signals.recv() => Err(BenchError::Interrupted(signal)),
@@ -403,9 +398,8 @@ pub async fn run(args: BenchArgs, global: GlobalArgs) -> Result<(), BenchError> 
         Target::remote(&global, common.database_url.as_deref()).await?
     };
 
-    let scenario = args.scenario;
     let outcome = tokio::select! {
-        report = run_scenario(&mut target, scenario) => report,
+        report = args.scenario.run(&mut target) => report,
         signal = signals.recv() => Err(BenchError::Interrupted(signal)),
     };
     target.close(outcome.is_ok()).await;
@@ -417,20 +411,6 @@ pub async fn run(args: BenchArgs, global: GlobalArgs) -> Result<(), BenchError> 
     };
     taskpod_client::output::emit(&text)?;
     Ok(())
-}
-
-async fn run_scenario(target: &mut Target, scenario: Scenario) -> Result<Report, BenchError> {
-    match scenario {
-        Scenario::Create(args) => create::run(target, args).await,
-        Scenario::E2e(args) => e2e::run(target, args).await,
-        Scenario::Limit(args) => limit::run(target, args).await,
-        Scenario::Get(args) => get::run(target, args).await,
-        Scenario::List(args) => list::run(target, args).await,
-        Scenario::Start(args) => start::run(target, args).await,
-        Scenario::Watch(args) => watch::run(target, args).await,
-        Scenario::Failover(args) => failover::run(target, args).await,
-        Scenario::Pods(args) => pods::run(target, args).await,
-    }
 }
 
 /// SIGINT (Ctrl-C) and SIGTERM both mean "stop and tear down".
@@ -473,7 +453,7 @@ mod tests {
         Bench(BenchArgs),
     }
 
-    fn parse(args: &str) -> Result<(Scenario, GlobalArgs), clap::Error> {
+    fn parse(args: &str) -> Result<(Scenarios, GlobalArgs), clap::Error> {
         let cli = Cli::try_parse_from(
             ["taskpod", "bench"]
                 .into_iter()
@@ -485,20 +465,33 @@ mod tests {
 
     fn check(args: &str) -> Result<u16, String> {
         let (scenario, global) = parse(args).map_err(|e| e.to_string())?;
-        validate(&scenario, &global)
+        validate(scenario.scenario(), &global)
+    }
+
+    #[test]
+    fn every_subcommand_is_named_as_its_scenario() {
+        use clap::CommandFactory as _;
+        let cli = Cli::command();
+        let bench = cli.find_subcommand("bench").unwrap();
+        let names: Vec<&str> = bench.get_subcommands().map(|c| c.get_name()).collect();
+        assert_eq!(names.len(), 9, "{names:?}");
+        for name in names {
+            let (scenario, _) = parse(name).unwrap();
+            assert_eq!(scenario.scenario().name(), name);
+        }
     }
 
     #[test]
     fn start_defaults_and_flags() {
         let (scenario, _) = parse("start").unwrap();
-        let Scenario::Start(a) = scenario else {
+        let Scenarios::Start(a) = scenario else {
             panic!("not start")
         };
         assert_eq!((a.tasks, a.concurrency, a.warmup), (2000, 8, 200));
         assert!(!a.common.dev && !a.common.json);
         let (scenario, global) =
             parse("start --tasks 50 --concurrency 4 --warmup 0 --json --address h:1").unwrap();
-        let Scenario::Start(a) = scenario else {
+        let Scenarios::Start(a) = scenario else {
             panic!("not start")
         };
         assert_eq!((a.tasks, a.concurrency, a.warmup), (50, 4, 0));
@@ -565,7 +558,7 @@ mod tests {
         let err = check("failover --dev --workers 3").unwrap_err();
         assert!(err.contains("exactly 2 worker(s), not 3"), "{err}");
         let (scenario, _) = parse("failover --dev").unwrap();
-        let Scenario::Failover(a) = scenario else {
+        let Scenarios::Failover(a) = scenario else {
             panic!("not failover")
         };
         assert_eq!(a.pods, 1000);
@@ -577,7 +570,7 @@ mod tests {
         assert_eq!(check("pods --dev"), Ok(1));
         assert!(check("pods --dev --workers 2").is_err());
         let (scenario, _) = parse("pods --dev").unwrap();
-        let Scenario::Pods(a) = scenario else {
+        let Scenarios::Pods(a) = scenario else {
             panic!("not pods")
         };
         assert_eq!(a.pods, 10_000);
@@ -600,7 +593,7 @@ mod tests {
         assert_eq!(check("get --dev"), Ok(1));
         assert_eq!(check("list --dev --workers 2"), Ok(2));
         let (scenario, _) = parse("get --active-pods 5 --concurrency 2").unwrap();
-        let Scenario::Get(a) = scenario else {
+        let Scenarios::Get(a) = scenario else {
             panic!("not get")
         };
         assert_eq!(
@@ -623,13 +616,13 @@ mod tests {
         assert!(check("watch").unwrap_err().contains("add --dev"));
         assert_eq!(check("watch --dev"), Ok(1));
         let (scenario, _) = parse("watch --dev").unwrap();
-        assert_eq!(scenario.needs().replicas, 2);
-        let Scenario::Watch(a) = scenario else {
+        assert_eq!(scenario.scenario().needs().replicas, 2);
+        let Scenarios::Watch(a) = scenario else {
             panic!("not watch")
         };
         assert_eq!((a.rate, a.tasks), (1000, 1000));
         let (scenario, _) = parse("start --dev").unwrap();
-        assert_eq!(scenario.needs().replicas, 1);
+        assert_eq!(scenario.scenario().needs().replicas, 1);
         assert!(parse("watch --dev --rate 0").is_err());
     }
 
@@ -638,7 +631,7 @@ mod tests {
         assert_eq!(check("create"), Ok(0));
         assert_eq!(check("create --dev"), Ok(1));
         let (scenario, _) = parse("create --batch 1000").unwrap();
-        let Scenario::Create(a) = scenario else {
+        let Scenarios::Create(a) = scenario else {
             panic!("not create")
         };
         assert_eq!((a.batch, a.concurrency), (Some(1000), 16));
@@ -657,11 +650,12 @@ mod tests {
         let (scenario, _) = parse("e2e --dev").unwrap();
         assert!(
             scenario
+                .scenario()
                 .needs()
                 .worker_env
                 .contains(&("TASKPOD_HANDLERS__SLEEP_PHASE_MS", "0"))
         );
-        let Scenario::E2e(a) = scenario else {
+        let Scenarios::E2e(a) = scenario else {
             panic!("not e2e")
         };
         assert_eq!((a.batch, a.concurrency, a.in_flight), (20, 4, 200));
@@ -673,7 +667,7 @@ mod tests {
     fn limit_runs_the_servers_alone() {
         assert_eq!(check("limit --dev"), Ok(0));
         let (scenario, _) = parse("limit --dev").unwrap();
-        assert_eq!(scenario.needs().replicas, 0);
+        assert_eq!(scenario.scenario().needs().replicas, 0);
         let err = check("limit --dev --workers 1").unwrap_err();
         assert!(err.contains("exactly 0 worker(s)"), "{err}");
         let err = check("limit --dev --redis-url redis://h:1").unwrap_err();
@@ -687,13 +681,13 @@ mod tests {
         assert!(err.contains("--seed writes into Postgres"), "{err}");
         assert_eq!(check("list --seed 1000 --dev"), Ok(1));
         let (scenario, _) = parse("get --seed 1000000 --active-pods 10 --dev").unwrap();
-        let Scenario::Get(a) = scenario else {
+        let Scenarios::Get(a) = scenario else {
             panic!("not get")
         };
         // With a seed, only the active pods go through the API unless --tasks says more.
         assert_eq!((a.table.seed, a.table.created()), (1_000_000, 10));
         let (scenario, _) = parse("get --seed 5 --tasks 7 --dev").unwrap();
-        let Scenario::Get(a) = scenario else {
+        let Scenarios::Get(a) = scenario else {
             panic!("not get")
         };
         assert_eq!(a.table.created(), 7);

@@ -32,17 +32,8 @@ use super::cluster::Target;
 use super::progress::{Progress, say};
 use super::report::{Figure, Latencies, Report, Summary};
 use super::timed::{self, Call, Stretch};
-use super::{BenchError, CommonArgs, Database, Needs, Workers};
+use super::{BenchError, CommonArgs, Database, Needs, Scenario, Workers};
 use taskpod_local_cluster::postgres;
-
-pub const NEEDS: Needs = Needs {
-    dev_only: false,
-    database: Database::Required,
-    // Nothing of ours runs: the servers alone.
-    workers: Workers::Exactly(0),
-    replicas: 0,
-    worker_env: &[],
-};
 
 /// The seed of the Redis callers' generators (task ids and connections).
 const SEED: u64 = 0x006c_696d_6974_7321;
@@ -138,14 +129,36 @@ pub struct LimitArgs {
     pub common: CommonArgs,
 }
 
-impl LimitArgs {
-    /// # Errors
+impl Scenario for LimitArgs {
+    fn name(&self) -> &'static str {
+        "limit"
+    }
+
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+
+    fn needs(&self) -> Needs {
+        Needs {
+            dev_only: false,
+            database: Database::Required,
+            // Nothing of ours runs: the servers alone.
+            workers: Workers::Exactly(0),
+            replicas: 0,
+            worker_env: &[],
+        }
+    }
+
     /// `--redis-url` with `--dev`, which has its own.
-    pub fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), String> {
         if self.common.dev && self.redis_url.is_some() {
             return Err("--dev starts its own Redis: drop --redis-url".into());
         }
         Ok(())
+    }
+
+    async fn run(self, target: &mut Target) -> Result<Report, BenchError> {
+        run(target, self).await
     }
 }
 
@@ -405,7 +418,7 @@ async fn redis_publish(url: &str, args: &LimitArgs) -> Result<Summary, BenchErro
 ///
 /// # Errors
 /// pgbench missing or failing, the scratch schema not created, Redis unreachable.
-pub async fn run(target: &mut Target, args: LimitArgs) -> Result<Report, BenchError> {
+async fn run(target: &mut Target, args: LimitArgs) -> Result<Report, BenchError> {
     let binary = find_pgbench(args.pgbench.as_deref())?;
     let url = target
         .database_url

@@ -22,15 +22,7 @@ use super::load;
 use super::procfs;
 use super::progress::say;
 use super::report::{Figure, Latencies, Report, Unit};
-use super::{BenchError, CommonArgs, Database, Needs, WORKER_CAPACITY, Workers};
-
-pub const NEEDS: Needs = Needs {
-    dev_only: true,
-    database: Database::Optional,
-    workers: Workers::Exactly(1),
-    replicas: 1,
-    worker_env: &[],
-};
+use super::{BenchError, CommonArgs, Database, Needs, Scenario, WORKER_CAPACITY, Workers};
 
 #[derive(Debug, clap::Args)]
 pub struct PodsArgs {
@@ -48,10 +40,27 @@ pub struct PodsArgs {
     pub common: CommonArgs,
 }
 
-impl PodsArgs {
-    /// # Errors
+impl Scenario for PodsArgs {
+    fn name(&self) -> &'static str {
+        "pods"
+    }
+
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+
+    fn needs(&self) -> Needs {
+        Needs {
+            dev_only: true,
+            database: Database::Optional,
+            workers: Workers::Exactly(1),
+            replicas: 1,
+            worker_env: &[],
+        }
+    }
+
     /// Fewer than 10 pods (no N/10 reading), or more than a worker runs.
-    pub fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), String> {
         if self.pods < 10 {
             return Err(format!(
                 "--pods {}: at least 10, so that N/10 is a reading of its own",
@@ -65,6 +74,10 @@ impl PodsArgs {
             ));
         }
         Ok(())
+    }
+
+    async fn run(self, target: &mut Target) -> Result<Report, BenchError> {
+        run(target, self).await
     }
 }
 
@@ -123,7 +136,7 @@ fn cpu(pid: u32, with_children: bool) -> Result<Duration, BenchError> {
 ///
 /// # Errors
 /// A failed step, or pods that do not all start within five minutes.
-pub async fn run(target: &mut Target, args: PodsArgs) -> Result<Report, BenchError> {
+async fn run(target: &mut Target, args: PodsArgs) -> Result<Report, BenchError> {
     let pool = target.pool()?.clone();
     let dev = target.dev_cluster()?;
     let worker_pid = dev.worker_pid(0)?;

@@ -22,16 +22,8 @@ use super::cluster::Target;
 use super::load;
 use super::progress::{Progress, say};
 use super::report::{Figure, Latencies, Report, Summary, format_us};
-use super::{BenchError, CommonArgs, Database, Needs, Workers};
+use super::{BenchError, CommonArgs, Database, Needs, Scenario, Workers};
 use taskpod_client::client::Client;
-
-pub const NEEDS: Needs = Needs {
-    dev_only: false,
-    database: Database::Optional,
-    workers: Workers::Default(2),
-    replicas: 1,
-    worker_env: &[],
-};
 
 #[derive(Debug, clap::Args)]
 pub struct StartArgs {
@@ -60,10 +52,27 @@ pub struct StartArgs {
     pub common: CommonArgs,
 }
 
-impl StartArgs {
-    /// # Errors
+impl Scenario for StartArgs {
+    fn name(&self) -> &'static str {
+        "start"
+    }
+
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+
+    fn needs(&self) -> Needs {
+        Needs {
+            dev_only: false,
+            database: Database::Optional,
+            workers: Workers::Default(2),
+            replicas: 1,
+            worker_env: &[],
+        }
+    }
+
     /// Flags that do not fit together.
-    pub fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), String> {
         if self.keep && self.common.dev {
             return Err("--keep applies to a remote cluster; --dev throws its cluster away".into());
         }
@@ -74,6 +83,10 @@ impl StartArgs {
             );
         }
         Ok(())
+    }
+
+    async fn run(self, target: &mut Target) -> Result<Report, BenchError> {
+        run(target, self).await
     }
 }
 
@@ -218,7 +231,7 @@ async fn store_latencies(pool: &PgPool, ids: &[String]) -> Result<Latencies, Ben
 ///
 /// # Errors
 /// When tasks cannot be created, or every timed call failed.
-pub async fn run(target: &mut Target, args: StartArgs) -> Result<Report, BenchError> {
+async fn run(target: &mut Target, args: StartArgs) -> Result<Report, BenchError> {
     let warmup = usize::try_from(args.warmup).unwrap_or(usize::MAX);
     let tasks = usize::try_from(args.tasks).unwrap_or(usize::MAX);
     let concurrency = usize::try_from(args.concurrency).unwrap_or(1);
