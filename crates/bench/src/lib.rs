@@ -34,7 +34,11 @@
 //!   transactions shaped like ours, pipelined PUBLISH round trips), the yardstick the
 //!   other figures are divided by.
 //!
-//! [`seed`] fills a big table in bulk, in SQL, for `get` and `list` (`--seed N`).
+//! [`seed`] fills a big table in bulk for `get` and `list` (`--seed N`), with the
+//! store's own bulk writer (`store::seed`). What the scenarios read straight from the
+//! tables (trails, pods per node, locks) is the store's too (`store::inspect`), and
+//! `limit`'s pgbench scripts come from `store::shapes`: the bench writes no SQL
+//! against our tables, so the schema has one owner.
 
 mod cluster;
 mod create;
@@ -282,6 +286,13 @@ pub enum BenchError {
         #[source]
         source: sqlx::Error,
     },
+    /// A read or write of the store's own (`store::inspect`, `store::seed`) failed.
+    #[error("database: could not {step}")]
+    Store {
+        step: &'static str,
+        #[source]
+        source: taskpod_core::Error,
+    },
     #[error("could not read {what} from /proc")]
     Proc {
         what: String,
@@ -311,6 +322,11 @@ impl BenchError {
     /// For `.map_err`: a failed query in `step`.
     pub fn db(step: &'static str) -> impl FnOnce(sqlx::Error) -> Self {
         move |source| Self::Database { step, source }
+    }
+
+    /// For `.map_err`: a failed store call in `step`.
+    pub fn store(step: &'static str) -> impl FnOnce(taskpod_core::Error) -> Self {
+        move |source| Self::Store { step, source }
     }
 }
 

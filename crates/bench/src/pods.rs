@@ -15,6 +15,7 @@
 use std::time::Duration;
 
 use sqlx::PgPool;
+use taskpod_core::store::inspect;
 use tokio::time::Instant;
 
 use super::cluster::Target;
@@ -105,14 +106,9 @@ async fn read(pool: &PgPool, pid: u32, pods: u64) -> Result<Reading, BenchError>
 /// Per pod start-up: `created_at` to `pod_started_at`.
 async fn startup_latencies(pool: &PgPool, ids: &[String]) -> Result<Latencies, BenchError> {
     let ids: Vec<uuid::Uuid> = ids.iter().filter_map(|id| id.parse().ok()).collect();
-    let micros: Vec<Option<i64>> = sqlx::query_scalar(
-        "SELECT (extract(epoch FROM h.pod_started_at - t.created_at) * 1000000)::bigint \
-         FROM tasks t JOIN task_heads h USING (task_id) WHERE t.task_id = ANY($1)",
-    )
-    .bind(&ids)
-    .fetch_all(pool)
-    .await
-    .map_err(BenchError::db("read the pods' start times"))?;
+    let micros = inspect::created_to_pod_started_us(pool, &ids)
+        .await
+        .map_err(BenchError::store("read the pods' start times"))?;
     let mut latencies = Latencies::new();
     for us in micros.into_iter().flatten() {
         latencies.record(Duration::from_micros(u64::try_from(us).unwrap_or(0)));

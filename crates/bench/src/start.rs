@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::PgPool;
+use taskpod_core::store::inspect;
 use taskpod_proto::v1;
 use tokio::time::Instant;
 
@@ -211,15 +212,11 @@ async fn start_pods(
 /// `recorded_at` (their transactions' start times, on Postgres's clock).
 async fn store_latencies(pool: &PgPool, ids: &[String]) -> Result<Latencies, BenchError> {
     let ids: Vec<uuid::Uuid> = ids.iter().filter_map(|id| id.parse().ok()).collect();
-    let micros: Vec<i64> = sqlx::query_scalar(
-        "SELECT (extract(epoch FROM s.recorded_at - r.recorded_at) * 1000000)::bigint \
-         FROM events r JOIN events s ON s.stream_id = r.stream_id AND s.type = 'pod_started' \
-         WHERE r.type = 'pod_requested' AND r.stream_id = ANY($1)",
-    )
-    .bind(&ids)
-    .fetch_all(pool)
-    .await
-    .map_err(BenchError::db("read pod_requested and pod_started events"))?;
+    let micros = inspect::requested_to_started_us(pool, &ids)
+        .await
+        .map_err(BenchError::store(
+            "read pod_requested and pod_started events",
+        ))?;
     let mut latencies = Latencies::new();
     for us in micros {
         latencies.record(Duration::from_micros(u64::try_from(us).unwrap_or(0)));
