@@ -34,6 +34,10 @@
 //!   transactions shaped like ours, pipelined PUBLISH round trips), the yardstick the
 //!   other figures are divided by.
 //!
+//! [`compare`] (`taskpod bench compare A.json B.json [--fail-below R]`) reads two
+//! reports of one scenario and shows B/A for every number, failing with exit code 14
+//! when B regressed past `--fail-below`.
+//!
 //! [`seed`] fills a big table in bulk for `get` and `list` (`--seed N`), with the
 //! store's own bulk writer (`store::seed`). What the scenarios read straight from the
 //! tables (trails, pods per node, locks) is the store's too (`store::inspect`), and
@@ -41,6 +45,7 @@
 //! against our tables, so the schema has one owner.
 
 mod cluster;
+pub mod compare;
 mod create;
 mod e2e;
 mod failover;
@@ -84,7 +89,17 @@ const WORKER_CAPACITY: u64 = 10_000;
 )]
 pub struct BenchArgs {
     #[command(subcommand)]
-    pub scenario: Scenarios,
+    pub command: BenchCommand,
+}
+
+/// A scenario to run, or two reports to compare.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    #[command(flatten)]
+    Scenario(Scenarios),
+    /// Two reports of one scenario side by side, B/A for every figure; with
+    /// --fail-below R, exits 14 when B regressed
+    Compare(compare::CompareArgs),
 }
 
 /// One scenario, implemented by its arguments type (the subcommand's flags).
@@ -378,13 +393,20 @@ pub fn validate(scenario: &dyn Scenario, global: &GlobalArgs) -> Result<u16, Str
     }
 }
 
-/// Runs a scenario and prints its report.
+/// Runs a scenario and prints its report, or compares two reports ([`compare`]).
 ///
 /// # Errors
 /// Usage errors first (nothing started), then the first step that failed. A dev
-/// cluster is torn down in every case.
+/// cluster is torn down in every case. A comparison fails as [`compare::run`] says.
 pub async fn run(args: BenchArgs, global: GlobalArgs) -> Result<(), BenchError> {
-    let chosen = args.scenario.scenario();
+    match args.command {
+        BenchCommand::Scenario(scenario) => run_scenario(scenario, global).await,
+        BenchCommand::Compare(args) => compare::run(&args, &global),
+    }
+}
+
+async fn run_scenario(scenario: Scenarios, global: GlobalArgs) -> Result<(), BenchError> {
+    let chosen = scenario.scenario();
     let workers = validate(chosen, &global).map_err(BenchError::Usage)?;
     let (common, needs) = (chosen.common().clone(), chosen.needs());
     let json = common.json || global.output.is_json();
@@ -415,7 +437,7 @@ pub async fn run(args: BenchArgs, global: GlobalArgs) -> Result<(), BenchError> 
     };
 
     let outcome = tokio::select! {
-        report = args.scenario.run(&mut target) => report,
+        report = scenario.run(&mut target) => report,
         signal = signals.recv() => Err(BenchError::Interrupted(signal)),
     };
     target.close(outcome.is_ok()).await;
@@ -476,7 +498,10 @@ mod tests {
                 .chain(args.split_whitespace()),
         )?;
         let Command::Bench(bench) = cli.command;
-        Ok((bench.scenario, cli.global))
+        match bench.command {
+            BenchCommand::Scenario(scenario) => Ok((scenario, cli.global)),
+            BenchCommand::Compare(_) => panic!("not a scenario: {args}"),
+        }
     }
 
     fn check(args: &str) -> Result<u16, String> {
@@ -489,7 +514,11 @@ mod tests {
         use clap::CommandFactory as _;
         let cli = Cli::command();
         let bench = cli.find_subcommand("bench").unwrap();
-        let names: Vec<&str> = bench.get_subcommands().map(|c| c.get_name()).collect();
+        let names: Vec<&str> = bench
+            .get_subcommands()
+            .map(|c| c.get_name())
+            .filter(|name| *name != "compare")
+            .collect();
         assert_eq!(names.len(), 9, "{names:?}");
         for name in names {
             let (scenario, _) = parse(name).unwrap();

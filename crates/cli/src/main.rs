@@ -46,8 +46,8 @@ use taskpod_client::error::CliError;
     after_help = "Exit codes: 0 ok, 1 server or internal error, 2 usage, 3 not found, \
     4 failed precondition / already exists / aborted, 5 invalid argument, \
     6 unauthenticated / permission denied, 7 unavailable / deadline exceeded; \
-    task wait: 10 failed, 11 cancelled, 12 timed out; health: 13 not serving. \
-    See docs/cli.md."
+    task wait: 10 failed, 11 cancelled, 12 timed out; health: 13 not serving; \
+    bench compare --fail-below: 14 regressed. See docs/cli.md."
 )]
 struct Cli {
     #[command(flatten)]
@@ -75,7 +75,7 @@ enum Command {
     /// two API replicas, smoke-checked through the API.
     Dev(dev::DevArgs),
     /// Measures a running cluster, or a local one (--dev): StartPod latency, failover,
-    /// idle pods. See BENCHMARKS.md.
+    /// idle pods; compares two reports (compare). See BENCHMARKS.md.
     Bench(taskpod_bench::BenchArgs),
 }
 
