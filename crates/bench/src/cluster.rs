@@ -1,5 +1,6 @@
 //! The cluster a scenario runs against: one that is already up (`--address`, optionally
-//! `--database-url`), or a [`DevCluster`] the bench starts from `taskpod dev`'s parts.
+//! `--database-url`), or a [`DevCluster`] the bench starts from the parts `taskpod dev`
+//! uses too (`taskpod-local-cluster`).
 //!
 //! A dev cluster is a private PostgreSQL (started with its durable defaults: fsync and
 //! synchronous commit stay on, since these are benchmarks), a private Redis, N workers

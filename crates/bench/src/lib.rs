@@ -10,7 +10,7 @@
 //! local one it starts first and tears down at the end ([`cluster`]): a private
 //! PostgreSQL with its durable defaults (fsync on: these are benchmarks), N workers
 //! and one API replica, in a temporary data folder. Each scenario prints one
-//! [`Report`](report::Report): latencies from HDR histograms (count, rate, p50, p90,
+//! [`Report`]: latencies from HDR histograms (count, rate, p50, p90,
 //! p99, p99.9, max), taken after a warm-up, and named figures; `--json` prints it as one
 //! JSON object. A progress line runs on stderr meanwhile.
 //!
@@ -43,6 +43,9 @@
 //! tables (trails, pods per node, locks) is the store's too (`store::inspect`), and
 //! `limit`'s pgbench scripts come from `store::shapes`: the bench writes no SQL
 //! against our tables, so the schema has one owner.
+
+// These docs are a map of the private modules (`cargo doc --document-private-items`).
+#![allow(rustdoc::private_intra_doc_links)]
 
 mod cluster;
 pub mod compare;
