@@ -19,9 +19,10 @@ use crate::store::writes::metadata_json;
 /// The scratch schema, created and dropped by each run.
 pub const SCHEMA: &str = "taskpod_limit";
 
-/// Creates the scratch schema: copies of our tables, with what `LIKE` leaves out
-/// (fillfactor, the foreign key, the events partitioning) added back, and the id
-/// functions: `uuid7()` (random bits after the clock) and `uuid7(r)` (the bits of `r`
+/// Creates the scratch schema: copies of our tables, with what `LIKE` leaves out added
+/// back: storage parameters (fillfactor) and foreign keys between the tables, read from
+/// the catalog so that they follow the migrations, and the events partitioning; and the
+/// id functions: `uuid7()` (random bits after the clock) and `uuid7(r)` (the bits of `r`
 /// and the backend after the clock of the statement, so every use in one statement
 /// gives the same id).
 pub const SETUP: &str = r#"
@@ -42,9 +43,33 @@ CREATE TABLE taskpod_limit.rows (
     data jsonb       NOT NULL
 );
 CREATE TABLE taskpod_limit.tasks (LIKE tasks INCLUDING ALL);
-CREATE TABLE taskpod_limit.task_heads (LIKE task_heads INCLUDING ALL) WITH (fillfactor = 70);
-ALTER TABLE taskpod_limit.task_heads
-    ADD FOREIGN KEY (task_id) REFERENCES taskpod_limit.tasks (task_id) ON DELETE CASCADE;
+CREATE TABLE taskpod_limit.task_heads (LIKE task_heads INCLUDING ALL);
+DO $$
+DECLARE
+    t  text;
+    fk record;
+BEGIN
+    -- Storage parameters (the heads' fillfactor), as our tables have them now.
+    FOREACH t IN ARRAY ARRAY['tasks', 'task_heads'] LOOP
+        IF (SELECT reloptions FROM pg_class WHERE oid = t::regclass) IS NOT NULL THEN
+            EXECUTE format('ALTER TABLE taskpod_limit.%I SET (%s)', t,
+                (SELECT array_to_string(reloptions, ', ') FROM pg_class WHERE oid = t::regclass));
+        END IF;
+    END LOOP;
+    -- Foreign keys between them, as they are now.
+    FOR fk IN SELECT c.relname AS tbl, r.relname AS ref, pg_get_constraintdef(k.oid) AS def
+                FROM pg_constraint k
+                JOIN pg_class c ON c.oid = k.conrelid
+                JOIN pg_class r ON r.oid = k.confrelid
+               WHERE k.contype = 'f'
+                 AND k.conrelid IN ('tasks'::regclass, 'task_heads'::regclass)
+                 AND k.confrelid IN ('tasks'::regclass, 'task_heads'::regclass) LOOP
+        EXECUTE format('ALTER TABLE taskpod_limit.%I ADD %s', fk.tbl,
+            regexp_replace(fk.def, 'REFERENCES [^(]+\(',
+                           'REFERENCES taskpod_limit.' || quote_ident(fk.ref) || '('));
+    END LOOP;
+END
+$$;
 CREATE TABLE taskpod_limit.events (LIKE events INCLUDING DEFAULTS INCLUDING CONSTRAINTS)
     PARTITION BY RANGE (stream_id);
 ALTER TABLE taskpod_limit.events ADD PRIMARY KEY (stream_id, version);
