@@ -8,8 +8,8 @@
 //! pgbench's per-transaction log (`-l`); only transactions that start after the
 //! warm-up are counted. The shapes (`store::shapes`, beside the store's create, which
 //! owns them), on copies of our tables in a scratch schema (`taskpod_limit`, same
-//! columns, indexes, fillfactor, foreign key and events partitioning, dropped at the
-//! end; ids time-ordered like UUIDv7):
+//! columns, indexes, storage parameters, foreign keys and events partitioning, dropped
+//! at the end; ids time-ordered like UUIDv7):
 //! - `pg_select_one`: `SELECT 1`, the round trip every call pays at least;
 //! - `pg_insert_one`: a one-row insert, committed: the floor of any change;
 //! - `pg_create`: a task's create as the store writes it: the store's own statement,

@@ -13,10 +13,10 @@
 //! progress.
 //!
 //! As a superuser a chunk's transaction sets `session_replication_role = replica`,
-//! which skips triggers, and so the foreign key check of every head against its
-//! listing row: the statement writes both, so the check could only pass, and it is
-//! 40 % of the time (the bulk-load switch `pg_restore --disable-triggers` uses). It
-//! also compresses the full-page images in the WAL (`wal_compression = lz4`, where the
+//! which skips triggers, and so any foreign key check between the rows it writes: the
+//! statement writes both sides, so such a check could only pass (the bulk-load switch
+//! `pg_restore --disable-triggers` uses; the heads' key to their listing row was 40 %
+//! of a seed's time while the schema had it). It also compresses the full-page images in the WAL (`wal_compression = lz4`, where the
 //! server has it): a million tasks write gigabytes of WAL, and checkpoints come round
 //! several times. Durability is untouched. Other roles keep the check and the server's
 //! WAL settings.
@@ -76,7 +76,8 @@ impl Seeder {
         })
     }
 
-    /// Whether chunks skip the foreign key check (as a superuser; see the module docs).
+    /// Whether chunks skip triggers and compress the WAL (as a superuser; see the module
+    /// docs).
     pub fn bulk_load(&self) -> bool {
         self.bulk_settings.is_some()
     }

@@ -7,8 +7,8 @@
 //! copy) fails [`shapes`] and its tests rather than leaving a stale copy behind.
 //!
 //! The copies live in a scratch schema, [`SCHEMA`], which [`SETUP`] creates (same
-//! columns, indexes, fillfactor, foreign key and events partitioning as ours) and
-//! [`TEARDOWN`] drops. Ids are time-ordered like UUIDv7: Postgres 15 has no
+//! columns, indexes, storage parameters, foreign keys and events partitioning as ours)
+//! and [`TEARDOWN`] drops. Ids are time-ordered like UUIDv7: Postgres 15 has no
 //! `uuidv7()`, so two functions make them, the millisecond clock in the first 48 bits.
 
 use super::rows::{STATEMENT, created_event};
