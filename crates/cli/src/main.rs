@@ -6,19 +6,20 @@
 //! Layout:
 //! - [`commands`]: the client for every RPC, one module per noun (`task`, `pod`),
 //!   `health` (the probe) and `completions`;
-//! - [`config`], [`client`], [`output`], [`error`]: flags and profiles, the connection,
-//!   the output formats, errors and exit codes;
+//! - [`output`]: how the commands print tasks and events (tables, JSON);
 //! - [`migrate`]: `taskpod migrate`, also the first step of `taskpod dev`;
 //! - [`dev`]: `taskpod dev`, a whole local cluster from one command;
-//! - [`bench`]: `taskpod bench <scenario>`, the load generator behind BENCHMARKS.md.
+//! - `taskpod bench <scenario>`, the load generator behind BENCHMARKS.md, is the
+//!   `taskpod-bench` library's; this binary only parses its flags and maps its errors
+//!   to exit codes.
+//!
+//! What the bench shares with the commands lives in libraries too: `taskpod-client`
+//! (flags and profiles, the connection, errors and exit codes, the output format) and
+//! `taskpod-local-cluster` (Postgres, Redis and the servers from the system's
+//! binaries, and the migrations).
 
-mod bench;
-mod client;
 mod commands;
-mod config;
 mod dev;
-mod duration;
-mod error;
 mod migrate;
 mod output;
 
@@ -32,8 +33,9 @@ use commands::completions::CompletionsArgs;
 use commands::health::HealthArgs;
 use commands::pod::PodCommand;
 use commands::task::TaskCommand;
-use config::GlobalArgs;
-use error::CliError;
+use taskpod_bench::BenchError;
+use taskpod_client::config::GlobalArgs;
+use taskpod_client::error::CliError;
 
 /// taskpod: a distributed task orchestrator.
 #[derive(Debug, Parser)]
@@ -44,8 +46,8 @@ use error::CliError;
     after_help = "Exit codes: 0 ok, 1 server or internal error, 2 usage, 3 not found, \
     4 failed precondition / already exists / aborted, 5 invalid argument, \
     6 unauthenticated / permission denied, 7 unavailable / deadline exceeded; \
-    task wait: 10 failed, 11 cancelled, 12 timed out; health: 13 not serving. \
-    See docs/cli.md."
+    task wait: 10 failed, 11 cancelled, 12 timed out; health: 13 not serving; \
+    bench compare --fail-below: 14 regressed. See docs/cli.md."
 )]
 struct Cli {
     #[command(flatten)]
@@ -73,8 +75,8 @@ enum Command {
     /// two API replicas, smoke-checked through the API.
     Dev(dev::DevArgs),
     /// Measures a running cluster, or a local one (--dev): StartPod latency, failover,
-    /// idle pods. See BENCHMARKS.md.
-    Bench(bench::BenchArgs),
+    /// idle pods; compares two reports (compare). See BENCHMARKS.md.
+    Bench(taskpod_bench::BenchArgs),
 }
 
 #[tokio::main]
@@ -118,21 +120,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Health(args) => commands::health::run(&cli.global, &args).await?,
         Command::Completions(args) => commands::completions::run(&args, Cli::command())?,
-        Command::Migrate(args) => {
-            let report = migrate::run(&args.database_url)
-                .await
-                .context("taskpod migrate failed")?;
-            println!("{report}");
-        }
-        Command::Dev(args) => dev::run(args).await.context("taskpod dev failed")?,
-        Command::Bench(args) => bench::run(args, cli.global)
+        Command::Migrate(args) => migrate::run(&args)
             .await
-            .map_err(|err| match err {
-                // Exit codes of their own: 2 for usage, the RPC's for a refused call.
-                bench::BenchError::Usage(message) => anyhow::Error::new(CliError::Usage(message)),
-                bench::BenchError::Cli(err) => anyhow::Error::new(err),
-                other => anyhow::Error::new(other).context("taskpod bench failed"),
-            })?,
+            .context("taskpod migrate failed")?,
+        Command::Dev(args) => dev::run(args).await.context("taskpod dev failed")?,
+        Command::Bench(args) => {
+            taskpod_bench::run(args, cli.global)
+                .await
+                .map_err(|err| match err {
+                    // Exit codes of their own: 2 for usage, the RPC's for a refused call.
+                    BenchError::Usage(message) => anyhow::Error::new(CliError::Usage(message)),
+                    BenchError::Cli(err) => anyhow::Error::new(err),
+                    other => anyhow::Error::new(other).context("taskpod bench failed"),
+                })?
+        }
     }
     Ok(())
 }
@@ -189,7 +190,10 @@ mod tests {
         );
         let cli = parse(&["task", "wait", "t1"]).unwrap();
         assert_eq!(cli.global.timeout, None);
-        assert_eq!(cli.global.call_timeout(), config::DEFAULT_TIMEOUT);
+        assert_eq!(
+            cli.global.call_timeout(),
+            taskpod_client::config::DEFAULT_TIMEOUT
+        );
     }
 
     #[test]

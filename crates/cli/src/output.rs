@@ -4,33 +4,13 @@
 //! The wire types are turned into views first, so JSON field names and the lowercase
 //! status and phase spellings (`active`, `spec_clarification`) are defined here once.
 
-use std::io::Write as _;
-
 use serde::Serialize;
 use serde_json::Value;
 use taskpod_proto::convert;
 use taskpod_proto::v1;
 
-use crate::error::CliError;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum Format {
-    /// Aligned columns
-    #[default]
-    Table,
-    /// Aligned columns, with priority, creator, node, epoch and last error
-    Wide,
-    /// One pretty-printed JSON document
-    Json,
-    /// One compact JSON object per task or event, a line each
-    Jsonl,
-}
-
-impl Format {
-    pub fn is_json(self) -> bool {
-        matches!(self, Format::Json | Format::Jsonl)
-    }
-}
+use taskpod_client::error::CliError;
+pub use taskpod_client::output::{Format, emit, emit_line};
 
 /// A task as the CLI prints it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -352,26 +332,6 @@ impl StreamTable {
     pub fn task(&self, t: &TaskView, wide: bool) -> String {
         self.line(&task_row(t, wide))
     }
-}
-
-/// Writes text to stdout. A reader that went away (`| head`) ends the command quietly
-/// (see `CliError::is_broken_pipe`).
-///
-/// # Errors
-/// [`CliError::Output`] when stdout cannot be written.
-pub fn emit(text: &str) -> Result<(), CliError> {
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())
-        .and_then(|()| out.flush())
-        .map_err(CliError::Output)
-}
-
-/// `text` plus a newline.
-///
-/// # Errors
-/// As [`emit`].
-pub fn emit_line(text: &str) -> Result<(), CliError> {
-    emit(&format!("{text}\n"))
 }
 
 /// Pretty JSON (`json`).

@@ -146,3 +146,90 @@ fn an_unreachable_server_exits_with_seven() -> std::io::Result<()> {
     assert!(stderr.contains("caused by: "), "{stderr}");
     Ok(())
 }
+
+/// A report as `taskpod bench start --json` prints it, with a p50 and an error count.
+fn start_report(p50_ms: f64, errors: u64) -> String {
+    format!(
+        r#"{{"scenario":"start","parameters":{{"tasks":50,"concurrency":4}},"cluster":{{"mode":"dev","address":"http://127.0.0.1:1","workers":2,"replicas":1}},"latencies":{{"start_to_running":{{"what":"StartPod until the pod runs","count":50,"elapsed_s":1.0,"rate_per_s":50.0,"min_ms":1.0,"mean_ms":2.0,"p50_ms":{p50_ms},"p90_ms":3.0,"p99_ms":4.0,"p999_ms":4.0,"max_ms":4.0}}}},"figures":{{"timed_calls":50,"errors":{errors}}},"notes":[]}}"#
+    )
+}
+
+#[test]
+fn bench_compare_shows_b_over_a_and_fails_below_the_factor() -> std::io::Result<()> {
+    let dir = std::env::temp_dir().join(format!("taskpod-cli-compare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    std::fs::write(dir.join("a.json"), start_report(2.0, 0))?;
+    std::fs::write(dir.join("same.json"), start_report(2.0, 0))?;
+    std::fs::write(dir.join("slower.json"), start_report(3.0, 1))?;
+    std::fs::write(
+        dir.join("other.json"),
+        start_report(2.0, 0).replace("\"start\"", "\"create\""),
+    )?;
+
+    // The same figures: compared, exit 0 even with a factor.
+    let out = taskpod(&[
+        "bench",
+        "compare",
+        &path("a.json"),
+        &path("same.json"),
+        "--fail-below",
+        "0.9",
+    ])?;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("compare: start\n"), "{text}");
+    assert!(text.contains("ok: none of"), "{text}");
+
+    // Slower and with errors: shown without a factor, exit 14 with one.
+    let out = taskpod(&["bench", "compare", &path("a.json"), &path("slower.json")])?;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let p50 = text
+        .lines()
+        .find(|l| l.starts_with("start_to_running.p50_ms"))
+        .expect("a p50 row");
+    assert!(p50.contains("1.500") && p50.ends_with("worse"), "{p50}");
+    let out = taskpod(&[
+        "bench",
+        "compare",
+        &path("a.json"),
+        &path("slower.json"),
+        "--fail-below",
+        "0.9",
+        "-o",
+        "json",
+    ])?;
+    assert_eq!(out.status.code(), Some(14), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let regressed: Vec<&str> = json["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r["verdict"] == "regressed" || r["verdict"] == "rose_from_zero")
+        .map(|r| r["measure"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(regressed, ["start_to_running.p50_ms", "errors"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("2 number(s) of B are worse"), "{stderr}");
+
+    // Different scenarios, a missing file, a bad factor: usage errors.
+    for args in [
+        vec![path("a.json"), path("other.json")],
+        vec![path("a.json"), path("missing.json")],
+        vec![
+            path("a.json"),
+            path("same.json"),
+            "--fail-below".into(),
+            "2".into(),
+        ],
+    ] {
+        let mut all = vec!["bench".to_owned(), "compare".to_owned()];
+        all.extend(args);
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let out = taskpod(&all)?;
+        assert_eq!(out.status.code(), Some(2), "{all:?}: {out:?}");
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

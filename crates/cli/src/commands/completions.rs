@@ -8,7 +8,7 @@
 
 use clap_complete::Shell;
 
-use crate::error::CliError;
+use taskpod_client::error::CliError;
 
 #[derive(Debug, clap::Args)]
 pub struct CompletionsArgs {

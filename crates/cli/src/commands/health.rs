@@ -13,9 +13,9 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::config::GlobalArgs;
-use crate::error::CliError;
 use crate::output::{self, Format};
+use taskpod_client::config::GlobalArgs;
+use taskpod_client::error::CliError;
 
 /// The deadline of the check when `--timeout` is not given: shorter than other commands',
 /// because a probe that waits long has its answer already.
@@ -78,7 +78,7 @@ pub async fn check(
     service: &str,
     timeout: Duration,
 ) -> Result<ServingStatus, CliError> {
-    let channel = crate::client::endpoint(address, timeout)?.connect_lazy();
+    let channel = taskpod_client::client::endpoint(address, timeout)?.connect_lazy();
     let mut request = tonic::Request::new(HealthCheckRequest {
         service: service.to_owned(),
     });
@@ -121,7 +121,11 @@ mod tests {
         let status = check(&address, "busy", timeout).await.unwrap();
         assert_eq!(status, ServingStatus::NotServing);
         let err = check(&address, "nobody", timeout).await.unwrap_err();
-        assert_eq!(err.exit_code(), crate::error::exit::NOT_FOUND, "{err}");
+        assert_eq!(
+            err.exit_code(),
+            taskpod_client::error::exit::NOT_FOUND,
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -129,10 +133,14 @@ mod tests {
         let err = check("http://127.0.0.1:1", "", Duration::from_secs(2))
             .await
             .unwrap_err();
-        assert_eq!(err.exit_code(), crate::error::exit::UNAVAILABLE, "{err}");
+        assert_eq!(
+            err.exit_code(),
+            taskpod_client::error::exit::UNAVAILABLE,
+            "{err}"
+        );
         let err = check("ftp://x", "", Duration::from_secs(2))
             .await
             .unwrap_err();
-        assert_eq!(err.exit_code(), crate::error::exit::USAGE, "{err}");
+        assert_eq!(err.exit_code(), taskpod_client::error::exit::USAGE, "{err}");
     }
 }

@@ -3,17 +3,17 @@
 //! probe containers and the Helm test run.
 //!
 //! Every command gets a [`Context`]: the client, the output format and the global
-//! flags, and returns [`CliError`](crate::error::CliError).
+//! flags, and returns [`CliError`](taskpod_client::error::CliError).
 
 pub mod completions;
 pub mod health;
 pub mod pod;
 pub mod task;
 
-use crate::client::Client;
-use crate::config::GlobalArgs;
-use crate::error::CliError;
 use crate::output::Format;
+use taskpod_client::client::Client;
+use taskpod_client::config::GlobalArgs;
+use taskpod_client::error::CliError;
 
 /// What every client command runs with.
 #[derive(Debug)]

@@ -5,8 +5,8 @@ use serde::Serialize;
 use taskpod_proto::v1;
 
 use super::Context;
-use crate::error::CliError;
 use crate::output::{self, Format, TaskView};
+use taskpod_client::error::CliError;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum PodCommand {

@@ -1,10 +1,11 @@
 //! `taskpod dev`: a whole local cluster from one command, for trying taskpod and for
 //! the end-to-end tests.
 //!
-//! The cluster is a private PostgreSQL (see [`postgres`]) with the schema migrated, two
-//! `taskpod-worker` nodes and two `taskpod-api` replicas on free loopback ports
-//! ([`processes`]), and a smoke check through the gRPC API ([`smoke`]). State lives in
-//! one data folder that later runs reuse; the servers' logs are in its `logs/`.
+//! The cluster is a private PostgreSQL (see [`postgres`]) with the schema migrated, a
+//! private Redis, two `taskpod-worker` nodes and two `taskpod-api` replicas on free
+//! loopback ports ([`processes`]), all from `taskpod-local-cluster`, and a smoke check
+//! through the gRPC API ([`smoke`]). State lives in one data folder that later runs
+//! reuse; the servers' logs are in its `logs/`.
 //!
 //! Whatever happens after Postgres is up (a failed step, Ctrl-C, SIGTERM, a panic), the
 //! replicas and then the workers are stopped (SIGTERM, then SIGKILL after a grace
@@ -12,10 +13,6 @@
 //! `taskpod dev` itself is killed, the kernel sends its children SIGTERM; Postgres stays
 //! up and the next run adopts it.
 
-// `taskpod bench --dev` builds its clusters from the same parts.
-pub(crate) mod postgres;
-pub(crate) mod processes;
-pub(crate) mod redis;
 mod smoke;
 
 use std::path::PathBuf;
@@ -25,11 +22,14 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions as _, Connection as _, PgConnection};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use crate::error::CliError;
-use crate::migrate::{self, MigrateError};
-use postgres::{LocalPostgres, Origin, PostgresError, SUPERUSER};
-use processes::{ClusterConfig, Managed, ProcessError, Replica, Worker};
-use redis::{LocalRedis, RedisError};
+use taskpod_client::error::CliError;
+use taskpod_local_cluster::migrate::{self, MigrateError};
+use taskpod_local_cluster::postgres::{self, LocalPostgres, Origin, PostgresError, SUPERUSER};
+use taskpod_local_cluster::processes::{
+    self, ClusterConfig, Managed, ProcessError, Replica, Worker,
+};
+use taskpod_local_cluster::redis::{LocalRedis, RedisError};
+
 use smoke::SmokeError;
 
 /// How many API replicas and workers the cluster runs.

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use taskpod_proto::v1;
 
-use crate::client::Client;
-use crate::config::Settings;
-use crate::error::CliError;
 use crate::output::{phase_name, status_name};
+use taskpod_client::client::Client;
+use taskpod_client::config::Settings;
+use taskpod_client::error::CliError;
 
 /// Attributed on the smoke task's events, so they are easy to tell from real work.
 pub const ACTOR: &str = "taskpod-dev";

@@ -10,7 +10,9 @@
 //! - `rows`: row <-> domain conversions;
 //! - `writes`: the statement every change shares (events + head + listing row);
 //! - `traced`: the client span and duration metric around every statement;
-//! - [`create`], [`execute`], [`append`]: the three ways a stream grows;
+//! - [`create`], [`execute`], [`append`]: the three ways a stream grows; beside the
+//!   create, [`seed`] (bulk seeding for benchmarks) and [`shapes`] (`bench limit`'s
+//!   pgbench scripts, built from the create statement);
 //! - [`keys`]: the advisory-lock key scheme, and the node-liveness fence in SQL;
 //! - [`mint`]: pod epochs, minted in batches;
 //! - `idempotency`: AIP-155 request ids;
@@ -19,7 +21,9 @@
 //! - `changes`: commit-order-safe change feeds (watermarks) for watch streams;
 //! - [`nodes`]: worker membership, partition rows, the per-tick pod check;
 //! - [`crashes`]: crash records and the restart decision;
-//! - [`checkpoint`]: handler state saved on the head, fenced by epoch and node.
+//! - [`checkpoint`]: handler state saved on the head, fenced by epoch and node;
+//! - [`inspect`]: read-only diagnostics for benchmarks and tests (trails, pods per
+//!   node, locks, the database's clock).
 
 pub mod append;
 mod changes;
@@ -33,6 +37,7 @@ mod deadline;
 mod errors;
 pub mod execute;
 mod idempotency;
+pub mod inspect;
 pub mod keys;
 pub mod mint;
 pub mod nodes;
@@ -54,6 +59,7 @@ use tracing::instrument;
 pub use append::{AppendFence, Appended, PodAppend};
 pub use committed::Committed;
 pub use create::Created;
+pub use create::{seed, shapes};
 pub use execute::Executed;
 pub use mint::{MintRequest, MintedPod};
 pub use query::{

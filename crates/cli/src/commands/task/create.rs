@@ -15,8 +15,8 @@ use serde_json::Value;
 use taskpod_proto::{convert, v1};
 
 use crate::commands::Context;
-use crate::error::{CliError, RpcError};
 use crate::output::{self, Format};
+use taskpod_client::error::{CliError, RpcError};
 
 /// The most tasks one CreateTasks call takes.
 pub const BATCH_SIZE: usize = 1000;

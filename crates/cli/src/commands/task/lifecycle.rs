@@ -16,8 +16,8 @@ use tonic::Code;
 
 use super::{phase_parser, read};
 use crate::commands::Context;
-use crate::error::{CliError, RpcError};
 use crate::output::{self, Format};
+use taskpod_client::error::{CliError, RpcError};
 
 /// How many cancellations a bulk cancel keeps in flight.
 const BULK_CONCURRENCY: usize = 8;

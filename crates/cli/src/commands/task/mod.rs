@@ -15,7 +15,7 @@ use taskpod_core::domain::{Phase, Status};
 use taskpod_proto::{convert, v1};
 
 use super::Context;
-use crate::error::CliError;
+use taskpod_client::error::CliError;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum TaskCommand {

@@ -5,8 +5,8 @@ use taskpod_proto::v1;
 
 use super::FilterArgs;
 use crate::commands::Context;
-use crate::error::CliError;
 use crate::output::{self, EventView, Format, TaskView};
+use taskpod_client::error::CliError;
 
 /// The largest page the server serves.
 const MAX_PAGE: usize = 1000;

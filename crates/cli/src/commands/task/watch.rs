@@ -19,9 +19,9 @@ use tonic::{Code, Status};
 
 use super::{is_terminal_event, is_terminal_status, read};
 use crate::commands::Context;
-use crate::config::DEFAULT_TIMEOUT;
-use crate::error::CliError;
 use crate::output::{self, EventView, Format, StreamTable, TaskView};
+use taskpod_client::config::DEFAULT_TIMEOUT;
+use taskpod_client::error::CliError;
 
 /// The first pause before reconnecting; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -108,7 +108,7 @@ impl Reconnect {
         }
         let what = format!(
             "stream interrupted ({}: {})",
-            crate::error::code_name(status.code()),
+            taskpod_client::error::code_name(status.code()),
             status.message()
         );
         self.pause(status, &what, resume).await
@@ -476,7 +476,7 @@ pub async fn wait(ctx: &Context, args: WaitArgs) -> Result<(), CliError> {
                 };
                 return Err(CliError::WaitTimedOut {
                     task_id: id,
-                    after: crate::duration::format(limit),
+                    after: taskpod_client::duration::format(limit),
                     status,
                     phase,
                 });

@@ -14,6 +14,8 @@
 
 mod plan;
 mod rows;
+pub mod seed;
+pub mod shapes;
 
 use serde::{Deserialize, Serialize};
 use tracing::instrument;

@@ -73,14 +73,11 @@ impl From<InsertError> for Error {
     }
 }
 
-/// Inserts the listing rows, heads and first events of `rows` in one statement.
-pub(super) async fn insert(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    rows: &TaskColumns<'_>,
-) -> Result<Inserted, InsertError> {
-    let (created_at, id, backend): (chrono::DateTime<chrono::Utc>, i64, i32) =
-        sqlx::query_as(concat!(
-            r#"
+/// The one statement that writes new tasks: listing rows, heads and first events, from
+/// column arrays (the bindings of [`insert`]). Also the shape `taskpod bench limit`
+/// times with pgbench (`create::shapes` builds its script from this text).
+pub(super) const STATEMENT: &str = concat!(
+    r#"
         WITH new_tasks AS (
             INSERT INTO tasks (task_id, title, description, kind, payload, metadata,
                                priority, partition, status, phase, created_by)
@@ -98,40 +95,60 @@ pub(super) async fn insert(
              LIMIT cardinality($13::uuid[])
         )
         SELECT now(), "#,
-            xact_columns!()
-        ))
-        .bind(&rows.ids)
-        .bind(&rows.titles)
-        .bind(&rows.descriptions)
-        .bind(&rows.kinds)
-        .bind(&rows.payloads)
-        .bind(&rows.metadata)
-        .bind(&rows.priorities)
-        .bind(&rows.partitions)
-        .bind(&rows.statuses)
-        .bind(&rows.phases)
-        .bind(&rows.created_by)
-        .bind(&rows.versions)
-        .bind(&rows.events.stream_ids)
-        .bind(&rows.events.versions)
-        .bind(&rows.events.types)
-        .bind(&rows.events.data)
-        .bind(&rows.events.metadata)
-        .bind(&rows.traceparents)
-        .fetch_one(&mut **tx)
-        .traced("INSERT tasks task_heads events")
-        .await
-        .map_err(|e| match e {
-            // unique_violation: on whichever of the three tables met it first.
-            sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
-                InsertError::AlreadyStored
-            }
-            e => InsertError::Failed(from_sqlx(e)),
-        })?;
+    xact_columns!()
+);
+
+/// Inserts the listing rows, heads and first events of `rows` in one statement.
+pub(super) async fn insert(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    rows: &TaskColumns<'_>,
+) -> Result<Inserted, InsertError> {
+    let (created_at, id, backend): (chrono::DateTime<chrono::Utc>, i64, i32) =
+        sqlx::query_as(STATEMENT)
+            .bind(&rows.ids)
+            .bind(&rows.titles)
+            .bind(&rows.descriptions)
+            .bind(&rows.kinds)
+            .bind(&rows.payloads)
+            .bind(&rows.metadata)
+            .bind(&rows.priorities)
+            .bind(&rows.partitions)
+            .bind(&rows.statuses)
+            .bind(&rows.phases)
+            .bind(&rows.created_by)
+            .bind(&rows.versions)
+            .bind(&rows.events.stream_ids)
+            .bind(&rows.events.versions)
+            .bind(&rows.events.types)
+            .bind(&rows.events.data)
+            .bind(&rows.events.metadata)
+            .bind(&rows.traceparents)
+            .fetch_one(&mut **tx)
+            .traced("INSERT tasks task_heads events")
+            .await
+            .map_err(|e| match e {
+                // unique_violation: on whichever of the three tables met it first.
+                sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
+                    InsertError::AlreadyStored
+                }
+                e => InsertError::Failed(from_sqlx(e)),
+            })?;
     Ok(Inserted {
         created_at,
         xact: Xact { id, backend },
     })
+}
+
+/// A new task's first event.
+pub(super) fn created_event(task: &NewTask) -> Event {
+    Event::TaskCreated {
+        title: task.title.clone(),
+        description: task.description.clone(),
+        kind: task.kind.clone(),
+        payload: task.payload.clone(),
+        priority: task.priority,
+        metadata: task.metadata.clone(),
+    }
 }
 
 /// Counts committed tasks by kind (a batch nearly always has one or two kinds).
@@ -200,14 +217,7 @@ impl<'a> TaskColumns<'a> {
             states: Vec::with_capacity(n),
         };
         for (id, task, origin) in tasks {
-            let mut events = vec![Event::TaskCreated {
-                title: task.title.clone(),
-                description: task.description.clone(),
-                kind: task.kind.clone(),
-                payload: task.payload.clone(),
-                priority: task.priority,
-                metadata: task.metadata.clone(),
-            }];
+            let mut events = vec![created_event(task)];
             let mut state = TaskState::genesis(id, &events[0])?;
             if task.auto_start {
                 let start = Event::PodRequested {};

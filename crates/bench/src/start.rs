@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::PgPool;
+use taskpod_core::store::inspect;
 use taskpod_proto::v1;
 use tokio::time::Instant;
 
@@ -22,16 +23,8 @@ use super::cluster::Target;
 use super::load;
 use super::progress::{Progress, say};
 use super::report::{Figure, Latencies, Report, Summary, format_us};
-use super::{BenchError, CommonArgs, Database, Needs, Workers};
-use crate::client::Client;
-
-pub const NEEDS: Needs = Needs {
-    dev_only: false,
-    database: Database::Optional,
-    workers: Workers::Default(2),
-    replicas: 1,
-    worker_env: &[],
-};
+use super::{BenchError, CommonArgs, Database, Needs, Scenario, Workers};
+use taskpod_client::client::Client;
 
 #[derive(Debug, clap::Args)]
 pub struct StartArgs {
@@ -60,10 +53,27 @@ pub struct StartArgs {
     pub common: CommonArgs,
 }
 
-impl StartArgs {
-    /// # Errors
+impl Scenario for StartArgs {
+    fn name(&self) -> &'static str {
+        "start"
+    }
+
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+
+    fn needs(&self) -> Needs {
+        Needs {
+            dev_only: false,
+            database: Database::Optional,
+            workers: Workers::Default(2),
+            replicas: 1,
+            worker_env: &[],
+        }
+    }
+
     /// Flags that do not fit together.
-    pub fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), String> {
         if self.keep && self.common.dev {
             return Err("--keep applies to a remote cluster; --dev throws its cluster away".into());
         }
@@ -74,6 +84,10 @@ impl StartArgs {
             );
         }
         Ok(())
+    }
+
+    async fn run(self, target: &mut Target) -> Result<Report, BenchError> {
+        run(target, self).await
     }
 }
 
@@ -198,15 +212,11 @@ async fn start_pods(
 /// `recorded_at` (their transactions' start times, on Postgres's clock).
 async fn store_latencies(pool: &PgPool, ids: &[String]) -> Result<Latencies, BenchError> {
     let ids: Vec<uuid::Uuid> = ids.iter().filter_map(|id| id.parse().ok()).collect();
-    let micros: Vec<i64> = sqlx::query_scalar(
-        "SELECT (extract(epoch FROM s.recorded_at - r.recorded_at) * 1000000)::bigint \
-         FROM events r JOIN events s ON s.stream_id = r.stream_id AND s.type = 'pod_started' \
-         WHERE r.type = 'pod_requested' AND r.stream_id = ANY($1)",
-    )
-    .bind(&ids)
-    .fetch_all(pool)
-    .await
-    .map_err(BenchError::db("read pod_requested and pod_started events"))?;
+    let micros = inspect::requested_to_started_us(pool, &ids)
+        .await
+        .map_err(BenchError::store(
+            "read pod_requested and pod_started events",
+        ))?;
     let mut latencies = Latencies::new();
     for us in micros {
         latencies.record(Duration::from_micros(u64::try_from(us).unwrap_or(0)));
@@ -218,7 +228,7 @@ async fn store_latencies(pool: &PgPool, ids: &[String]) -> Result<Latencies, Ben
 ///
 /// # Errors
 /// When tasks cannot be created, or every timed call failed.
-pub async fn run(target: &mut Target, args: StartArgs) -> Result<Report, BenchError> {
+async fn run(target: &mut Target, args: StartArgs) -> Result<Report, BenchError> {
     let warmup = usize::try_from(args.warmup).unwrap_or(usize::MAX);
     let tasks = usize::try_from(args.tasks).unwrap_or(usize::MAX);
     let concurrency = usize::try_from(args.concurrency).unwrap_or(1);

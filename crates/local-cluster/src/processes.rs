@@ -1,12 +1,13 @@
-//! The `taskpod-worker` nodes and `taskpod-api` replicas of `taskpod dev`.
+//! The `taskpod-worker` nodes and `taskpod-api` replicas of a local cluster (`taskpod
+//! dev`, `taskpod bench --dev`).
 //!
 //! Both binaries are found beside this executable (or on `PATH`) and started with
 //! loopback listeners on free ports; each prints one line on stdout when ready, which
 //! is read here, and logs to `<data-dir>/logs/<name>.log`. Replicas run with
 //! authentication off and one page-token key shared by all of them, and are also
 //! checked with gRPC health until SERVING. Everything is stopped with SIGTERM (a drain),
-//! then SIGKILL after a grace period; if `taskpod dev` itself is killed, the kernel
-//! sends them SIGTERM.
+//! then SIGKILL after a grace period; if the `taskpod` that started them is killed, the
+//! kernel sends them SIGTERM.
 //!
 //! The children inherit no `TASKPOD_*` variable from our environment: the servers read
 //! every such variable as a setting and refuse the ones they do not know (the CLI's own
@@ -245,7 +246,7 @@ impl ClusterConfig {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
-            // Killed if `taskpod dev` unwinds without stopping it.
+            // Killed if the `taskpod` that started it unwinds without stopping it.
             .kill_on_drop(true);
         die_with_parent(&mut command);
         let mut child = command.spawn().map_err(|source| ProcessError::Spawn {
@@ -373,7 +374,7 @@ impl Managed {
 }
 
 /// Asks the kernel to SIGTERM the child when the thread that spawned it dies, so a
-/// `taskpod dev` killed with SIGKILL leaves no server behind. The spawning thread is a
+/// `taskpod` killed with SIGKILL leaves no server behind. The spawning thread is a
 /// runtime worker (or the main thread), which lives as long as the process.
 #[allow(unsafe_code)]
 pub(crate) fn die_with_parent(command: &mut Command) {

@@ -16,15 +16,7 @@ use super::cluster::Target;
 use super::load::TableArgs;
 use super::report::{Figure, Report, Unit};
 use super::timed::{self, Call};
-use super::{BenchError, CommonArgs, Database, Needs, Workers};
-
-pub const NEEDS: Needs = Needs {
-    dev_only: false,
-    database: Database::Optional,
-    workers: Workers::Default(1),
-    replicas: 1,
-    worker_env: &[],
-};
+use super::{BenchError, CommonArgs, Database, Needs, Scenario, Workers};
 
 /// ListTasks' largest page.
 pub const PAGE_SIZE: i32 = 1000;
@@ -101,11 +93,32 @@ pub struct ListArgs {
     pub common: CommonArgs,
 }
 
-impl ListArgs {
-    /// # Errors
+impl Scenario for ListArgs {
+    fn name(&self) -> &'static str {
+        "list"
+    }
+
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+
+    fn needs(&self) -> Needs {
+        Needs {
+            dev_only: false,
+            database: Database::Optional,
+            workers: Workers::Default(1),
+            replicas: 1,
+            worker_env: &[],
+        }
+    }
+
     /// Flags that do not fit together.
-    pub fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), String> {
         self.table.check(&self.common)
+    }
+
+    async fn run(self, target: &mut Target) -> Result<Report, BenchError> {
+        run(target, self).await
     }
 }
 
@@ -113,7 +126,7 @@ impl ListArgs {
 ///
 /// # Errors
 /// When the table cannot be filled, or every call of a variant failed.
-pub async fn run(target: &mut Target, args: ListArgs) -> Result<Report, BenchError> {
+async fn run(target: &mut Target, args: ListArgs) -> Result<Report, BenchError> {
     let table = args
         .table
         .fill(&target.client, target.pool.as_ref(), &target.actor, "list")

@@ -15,15 +15,7 @@ use super::cluster::Target;
 use super::load::TableArgs;
 use super::report::{Figure, Report};
 use super::timed::{self, Call, Stretch};
-use super::{BenchError, CommonArgs, Database, Needs, Workers};
-
-pub const NEEDS: Needs = Needs {
-    dev_only: false,
-    database: Database::Optional,
-    workers: Workers::Default(1),
-    replicas: 1,
-    worker_env: &[],
-};
+use super::{BenchError, CommonArgs, Database, Needs, Scenario, Workers};
 
 /// The seed of the task picks: the same reads in every run.
 const SEED: u64 = 0x0067_6574_7461_736b;
@@ -42,11 +34,32 @@ pub struct GetArgs {
     pub common: CommonArgs,
 }
 
-impl GetArgs {
-    /// # Errors
+impl Scenario for GetArgs {
+    fn name(&self) -> &'static str {
+        "get"
+    }
+
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+
+    fn needs(&self) -> Needs {
+        Needs {
+            dev_only: false,
+            database: Database::Optional,
+            workers: Workers::Default(1),
+            replicas: 1,
+            worker_env: &[],
+        }
+    }
+
     /// Flags that do not fit together.
-    pub fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), String> {
         self.table.check(&self.common)
+    }
+
+    async fn run(self, target: &mut Target) -> Result<Report, BenchError> {
+        run(target, self).await
     }
 }
 
@@ -54,7 +67,7 @@ impl GetArgs {
 ///
 /// # Errors
 /// When the table cannot be filled, or every timed call failed.
-pub async fn run(target: &mut Target, args: GetArgs) -> Result<Report, BenchError> {
+async fn run(target: &mut Target, args: GetArgs) -> Result<Report, BenchError> {
     let mut table = args
         .table
         .fill(&target.client, target.pool.as_ref(), &target.actor, "get")

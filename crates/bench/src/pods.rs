@@ -15,6 +15,7 @@
 use std::time::Duration;
 
 use sqlx::PgPool;
+use taskpod_core::store::inspect;
 use tokio::time::Instant;
 
 use super::cluster::Target;
@@ -22,15 +23,7 @@ use super::load;
 use super::procfs;
 use super::progress::say;
 use super::report::{Figure, Latencies, Report, Unit};
-use super::{BenchError, CommonArgs, Database, Needs, WORKER_CAPACITY, Workers};
-
-pub const NEEDS: Needs = Needs {
-    dev_only: true,
-    database: Database::Optional,
-    workers: Workers::Exactly(1),
-    replicas: 1,
-    worker_env: &[],
-};
+use super::{BenchError, CommonArgs, Database, Needs, Scenario, WORKER_CAPACITY, Workers};
 
 #[derive(Debug, clap::Args)]
 pub struct PodsArgs {
@@ -39,19 +32,36 @@ pub struct PodsArgs {
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub pods: u64,
     /// Idle time before each reading (the warm-up)
-    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = crate::duration::parse)]
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = taskpod_client::duration::parse)]
     pub settle: Duration,
     /// How long CPU use is sampled with N idle pods
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::duration::parse)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = taskpod_client::duration::parse)]
     pub idle: Duration,
     #[command(flatten)]
     pub common: CommonArgs,
 }
 
-impl PodsArgs {
-    /// # Errors
+impl Scenario for PodsArgs {
+    fn name(&self) -> &'static str {
+        "pods"
+    }
+
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+
+    fn needs(&self) -> Needs {
+        Needs {
+            dev_only: true,
+            database: Database::Optional,
+            workers: Workers::Exactly(1),
+            replicas: 1,
+            worker_env: &[],
+        }
+    }
+
     /// Fewer than 10 pods (no N/10 reading), or more than a worker runs.
-    pub fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), String> {
         if self.pods < 10 {
             return Err(format!(
                 "--pods {}: at least 10, so that N/10 is a reading of its own",
@@ -65,6 +75,10 @@ impl PodsArgs {
             ));
         }
         Ok(())
+    }
+
+    async fn run(self, target: &mut Target) -> Result<Report, BenchError> {
+        run(target, self).await
     }
 }
 
@@ -92,14 +106,9 @@ async fn read(pool: &PgPool, pid: u32, pods: u64) -> Result<Reading, BenchError>
 /// Per pod start-up: `created_at` to `pod_started_at`.
 async fn startup_latencies(pool: &PgPool, ids: &[String]) -> Result<Latencies, BenchError> {
     let ids: Vec<uuid::Uuid> = ids.iter().filter_map(|id| id.parse().ok()).collect();
-    let micros: Vec<Option<i64>> = sqlx::query_scalar(
-        "SELECT (extract(epoch FROM h.pod_started_at - t.created_at) * 1000000)::bigint \
-         FROM tasks t JOIN task_heads h USING (task_id) WHERE t.task_id = ANY($1)",
-    )
-    .bind(&ids)
-    .fetch_all(pool)
-    .await
-    .map_err(BenchError::db("read the pods' start times"))?;
+    let micros = inspect::created_to_pod_started_us(pool, &ids)
+        .await
+        .map_err(BenchError::store("read the pods' start times"))?;
     let mut latencies = Latencies::new();
     for us in micros.into_iter().flatten() {
         latencies.record(Duration::from_micros(u64::try_from(us).unwrap_or(0)));
@@ -123,7 +132,7 @@ fn cpu(pid: u32, with_children: bool) -> Result<Duration, BenchError> {
 ///
 /// # Errors
 /// A failed step, or pods that do not all start within five minutes.
-pub async fn run(target: &mut Target, args: PodsArgs) -> Result<Report, BenchError> {
+async fn run(target: &mut Target, args: PodsArgs) -> Result<Report, BenchError> {
     let pool = target.pool()?.clone();
     let dev = target.dev_cluster()?;
     let worker_pid = dev.worker_pid(0)?;

@@ -1,5 +1,6 @@
 //! The cluster a scenario runs against: one that is already up (`--address`, optionally
-//! `--database-url`), or a [`DevCluster`] the bench starts from `taskpod dev`'s parts.
+//! `--database-url`), or a [`DevCluster`] the bench starts from the parts `taskpod dev`
+//! uses too (`taskpod-local-cluster`).
 //!
 //! A dev cluster is a private PostgreSQL (started with its durable defaults: fsync and
 //! synchronous commit stay on, since these are benchmarks), a private Redis, N workers
@@ -19,12 +20,12 @@ use sqlx::{ConnectOptions as _, Connection as _, PgPool};
 use super::progress::say;
 use super::report::ClusterInfo;
 use super::{ACTOR, BenchError, DevOptions};
-use crate::client::{Client, normalize_address};
-use crate::config::{GlobalArgs, Settings};
-use crate::dev::postgres::{self, LocalPostgres, SUPERUSER};
-use crate::dev::processes::{self, ClusterConfig, Replica, Worker};
-use crate::dev::redis::LocalRedis;
-use crate::migrate;
+use taskpod_client::client::{Client, normalize_address};
+use taskpod_client::config::{GlobalArgs, Settings};
+use taskpod_local_cluster::migrate;
+use taskpod_local_cluster::postgres::{self, LocalPostgres, SUPERUSER};
+use taskpod_local_cluster::processes::{self, ClusterConfig, Replica, Worker};
+use taskpod_local_cluster::redis::LocalRedis;
 
 /// The bench's own database, dropped and created afresh by every dev run, so a reused
 /// `--data-dir` never carries tasks from an earlier run into the counts.

@@ -20,21 +20,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use taskpod_core::store::inspect::{self, NodeLost, PerNode, Takeover};
 use tokio::time::Instant;
 
 use super::cluster::Target;
 use super::load;
 use super::progress::{Progress, say};
 use super::report::{Figure, Latencies, Report};
-use super::{BenchError, CommonArgs, Database, Needs, WORKER_CAPACITY, Workers};
-
-pub const NEEDS: Needs = Needs {
-    dev_only: true,
-    database: Database::Optional,
-    workers: Workers::Exactly(2),
-    replicas: 1,
-    worker_env: &[],
-};
+use super::{BenchError, CommonArgs, Database, Needs, Scenario, WORKER_CAPACITY, Workers};
 
 /// How often the store is read after the kill: the resolution of the figures.
 const POLL: Duration = Duration::from_millis(10);
@@ -46,19 +39,36 @@ pub struct FailoverArgs {
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub pods: u64,
     /// How long every pod runs before the kill (the warm-up)
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = crate::duration::parse)]
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = taskpod_client::duration::parse)]
     pub settle: Duration,
     /// Give up when the pods do not all run again within this
-    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = crate::duration::parse)]
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = taskpod_client::duration::parse)]
     pub recovery_timeout: Duration,
     #[command(flatten)]
     pub common: CommonArgs,
 }
 
-impl FailoverArgs {
-    /// # Errors
+impl Scenario for FailoverArgs {
+    fn name(&self) -> &'static str {
+        "failover"
+    }
+
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+
+    fn needs(&self) -> Needs {
+        Needs {
+            dev_only: true,
+            database: Database::Optional,
+            workers: Workers::Exactly(2),
+            replicas: 1,
+            worker_env: &[],
+        }
+    }
+
     /// More pods than the surviving worker can run.
-    pub fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), String> {
         if self.pods > WORKER_CAPACITY {
             return Err(format!(
                 "--pods {}: after the kill one worker runs them all, and a worker runs at \
@@ -67,6 +77,10 @@ impl FailoverArgs {
             ));
         }
         Ok(())
+    }
+
+    async fn run(self, target: &mut Target) -> Result<Report, BenchError> {
+        run(target, self).await
     }
 }
 
@@ -83,7 +97,7 @@ struct Milestones {
 ///
 /// # Errors
 /// A failed step, or pods that do not run again within `--recovery-timeout`.
-pub async fn run(target: &mut Target, args: FailoverArgs) -> Result<Report, BenchError> {
+async fn run(target: &mut Target, args: FailoverArgs) -> Result<Report, BenchError> {
     let pool = target.pool()?.clone();
     let pods = usize::try_from(args.pods).unwrap_or(usize::MAX);
     let expected = i64::try_from(args.pods).unwrap_or(i64::MAX);
@@ -98,37 +112,30 @@ pub async fn run(target: &mut Target, args: FailoverArgs) -> Result<Report, Benc
     tokio::time::sleep(args.settle).await;
 
     // The worker holding the most pods.
-    let per_node: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
-        "SELECT owner_node, count(*) FROM task_heads WHERE pod_state = 'running' \
-         AND owner_node IS NOT NULL GROUP BY owner_node ORDER BY count(*) DESC",
-    )
-    .fetch_all(&pool)
-    .await
-    .map_err(BenchError::db("count pods per node"))?;
-    let Some(&(victim_node, victim_pods)) = per_node.first() else {
+    let per_node = inspect::running_pods_per_node(&pool)
+        .await
+        .map_err(BenchError::store("count pods per node"))?;
+    let Some(&PerNode {
+        node: Some(victim_node),
+        count: victim_pods,
+    }) = per_node.first()
+    else {
         return Err(BenchError::Failed("find a worker running pods".into()));
     };
     let dev = target.dev_cluster()?;
     let victim = dev
         .workers
         .iter()
-        .position(|w| w.node.parse::<uuid::Uuid>().ok() == Some(victim_node))
+        .position(|w| w.node.parse::<uuid::Uuid>().ok() == Some(victim_node.0))
         .ok_or_else(|| {
             BenchError::Failed(format!("match node {victim_node} to a worker process"))
         })?;
-    let victim_tasks: Vec<uuid::Uuid> = sqlx::query_scalar(
-        "SELECT task_id FROM task_heads WHERE owner_node = $1 AND pod_state = 'running'",
-    )
-    .bind(victim_node)
-    .fetch_all(&pool)
-    .await
-    .map_err(BenchError::db("list the victim's pods"))?;
-    let victim_partitions: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM partitions WHERE owner_node = $1")
-            .bind(victim_node)
-            .fetch_one(&pool)
-            .await
-            .map_err(BenchError::db("count the victim's partitions"))?;
+    let victim_tasks = inspect::running_pods_of(&pool, victim_node)
+        .await
+        .map_err(BenchError::store("list the victim's pods"))?;
+    let victim_partitions = inspect::partitions_of(&pool, victim_node)
+        .await
+        .map_err(BenchError::store("count the victim's partitions"))?;
     say(format!(
         "failover: SIGKILL worker {} (node {victim_node}): {victim_pods} pods, \
          {victim_partitions} partitions",
@@ -152,21 +159,19 @@ pub async fn run(target: &mut Target, args: FailoverArgs) -> Result<Report, Benc
     };
     let mut at = Milestones::default();
     loop {
-        let (node_rows, unclaimed, running): (i64, i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM nodes WHERE node_id = $1), \
-                    (SELECT count(*) FROM partitions WHERE owner_node IS NULL OR owner_node = $1), \
-                    (SELECT count(*) FROM task_heads WHERE pod_state = 'running' AND owner_node <> $1)",
-        )
-        .bind(victim_node)
-        .fetch_one(&pool)
-        .await
-        .map_err(BenchError::db("poll the recovery"))?;
+        let Takeover {
+            registered,
+            unclaimed_partitions: unclaimed,
+            running_elsewhere: running,
+        } = inspect::takeover(&pool, victim_node)
+            .await
+            .map_err(BenchError::store("poll the recovery"))?;
         let now = killed.elapsed();
         seen.0
             .store(u64::try_from(running).unwrap_or(0), Ordering::Relaxed);
         seen.1
             .store(u64::try_from(unclaimed).unwrap_or(0), Ordering::Relaxed);
-        if node_rows == 0 {
+        if !registered {
             at.node_gone.get_or_insert(now);
         }
         if unclaimed == 0 {
@@ -191,12 +196,9 @@ pub async fn run(target: &mut Target, args: FailoverArgs) -> Result<Report, Benc
     let all_running = at.all_running.unwrap_or_default();
 
     // Each adopted pod's own time, and the node_lost records.
-    let started: Vec<Option<DateTime<Utc>>> =
-        sqlx::query_scalar("SELECT pod_started_at FROM task_heads WHERE task_id = ANY($1)")
-            .bind(&victim_tasks)
-            .fetch_all(&pool)
-            .await
-            .map_err(BenchError::db("read the adopted pods' start times"))?;
+    let started = inspect::pod_started_at(&pool, &victim_tasks)
+        .await
+        .map_err(BenchError::store("read the adopted pods' start times"))?;
     let mut recovery = Latencies::new();
     for started_at in started.into_iter().flatten() {
         let micros = (started_at - killed_at).num_microseconds().unwrap_or(0);
@@ -204,15 +206,13 @@ pub async fn run(target: &mut Target, args: FailoverArgs) -> Result<Report, Benc
     }
     // Where the time goes: the survivor records one node_lost crash per adopted pod
     // (each row's `at` is its transaction's start) before it mints their new epochs.
-    let (node_lost, first_lost, last_lost): (i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
-        sqlx::query_as(
-            "SELECT count(*), min(at), max(at) FROM pod_crashes \
-             WHERE node = $1 AND kind = 'node_lost'",
-        )
-        .bind(victim_node)
-        .fetch_one(&pool)
+    let NodeLost {
+        crashes: node_lost,
+        first: first_lost,
+        last: last_lost,
+    } = inspect::node_lost(&pool, victim_node)
         .await
-        .map_err(BenchError::db("count node_lost crashes"))?;
+        .map_err(BenchError::store("count node_lost crashes"))?;
     let since_kill = |t: Option<DateTime<Utc>>| t.and_then(|t| (t - killed_at).to_std().ok());
 
     let mut notes = vec![

@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use sqlx::PgPool;
+use taskpod_core::store::inspect;
 use taskpod_proto::v1;
 use tokio::time::Instant;
 
 use super::progress::{Progress, say};
 use super::report::{Figure, Latencies};
 use super::{BenchError, CommonArgs, seed};
-use crate::client::Client;
+use taskpod_client::client::Client;
 
 /// CreateTasks' largest batch.
 pub const BATCH: usize = 1000;
@@ -189,10 +190,9 @@ pub async fn cancel_tasks(client: &Client, ids: &[String], concurrency: usize) -
 /// # Errors
 /// When the query fails.
 pub async fn running_pods(pool: &PgPool) -> Result<i64, BenchError> {
-    sqlx::query_scalar("SELECT count(*) FROM task_heads WHERE pod_state = 'running'")
-        .fetch_one(pool)
+    inspect::running_pods(pool)
         .await
-        .map_err(BenchError::db("count running pods"))
+        .map_err(BenchError::store("count running pods"))
 }
 
 /// Waits until at least `expected` pods run, showing progress; returns how long it
@@ -260,22 +260,19 @@ impl Spread {
 /// # Errors
 /// When the query fails.
 pub async fn partition_spread(pool: &PgPool) -> Result<Spread, BenchError> {
-    let rows: Vec<(Option<uuid::Uuid>, i64)> = sqlx::query_as(
-        "SELECT owner_node, count(*) FROM partitions GROUP BY owner_node ORDER BY count(*) DESC",
-    )
-    .fetch_all(pool)
-    .await
-    .map_err(BenchError::db("read partition owners"))?;
+    let rows = inspect::partitions_per_node(pool)
+        .await
+        .map_err(BenchError::store("read partition owners"))?;
     let mut spread = Spread {
         total: 0,
         unowned: 0,
         owned: Vec::new(),
     };
-    for (owner, count) in rows {
-        spread.total += count;
-        match owner {
-            Some(_) => spread.owned.push(count),
-            None => spread.unowned += count,
+    for row in rows {
+        spread.total += row.count;
+        match row.node {
+            Some(_) => spread.owned.push(row.count),
+            None => spread.unowned += row.count,
         }
     }
     Ok(spread)
@@ -315,16 +312,14 @@ pub async fn wait_partitions_spread(
     }
 }
 
-/// Advisory locks held in the whole server. Reading `pg_locks` copies the lock
-/// manager's state, so this is for a benchmark's few reads only.
+/// Advisory locks held in the whole server (see `inspect::advisory_locks`).
 ///
 /// # Errors
 /// When the query fails.
 pub async fn advisory_locks(pool: &PgPool) -> Result<i64, BenchError> {
-    sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
-        .fetch_one(pool)
+    inspect::advisory_locks(pool)
         .await
-        .map_err(BenchError::db("count advisory locks"))
+        .map_err(BenchError::store("count advisory locks"))
 }
 
 /// Registered worker nodes.
@@ -332,10 +327,9 @@ pub async fn advisory_locks(pool: &PgPool) -> Result<i64, BenchError> {
 /// # Errors
 /// When the query fails.
 pub async fn nodes(pool: &PgPool) -> Result<i64, BenchError> {
-    sqlx::query_scalar("SELECT count(*) FROM nodes")
-        .fetch_one(pool)
+    inspect::nodes(pool)
         .await
-        .map_err(BenchError::db("count nodes"))
+        .map_err(BenchError::store("count nodes"))
 }
 
 #[cfg(test)]

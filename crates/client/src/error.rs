@@ -35,6 +35,8 @@ pub mod exit {
     pub const WAIT_TIMED_OUT: u8 = 12;
     /// `health`: the server answered, but not SERVING.
     pub const NOT_SERVING: u8 = 13;
+    /// `bench compare --fail-below`: B is worse than A by more than allowed.
+    pub const BENCH_REGRESSED: u8 = 14;
 }
 
 /// Why a client command did not succeed.
@@ -92,6 +94,11 @@ pub enum CliError {
     /// `health`: the server answered with a status other than SERVING.
     #[error("{} reports {status}", health_target(.service))]
     NotServing { service: String, status: String },
+    /// `bench compare --fail-below`: numbers of B worse than A by more than allowed.
+    #[error(
+        "{regressed} number(s) of B are worse than A by more than --fail-below {factor} allows"
+    )]
+    BenchRegressed { regressed: usize, factor: f64 },
 }
 
 /// How `health` names what it checked: the empty service is the whole server.
@@ -118,6 +125,7 @@ impl CliError {
             CliError::TaskCancelled { .. } => exit::TASK_CANCELLED,
             CliError::WaitTimedOut { .. } => exit::WAIT_TIMED_OUT,
             CliError::NotServing { .. } => exit::NOT_SERVING,
+            CliError::BenchRegressed { .. } => exit::BENCH_REGRESSED,
         }
     }
 
@@ -340,8 +348,13 @@ mod tests {
                 status: "NOT_SERVING".into(),
             }
             .exit_code(),
+            CliError::BenchRegressed {
+                regressed: 1,
+                factor: 0.9,
+            }
+            .exit_code(),
         ];
-        assert_eq!(codes, [2, 10, 11, 12, 13]);
+        assert_eq!(codes, [2, 10, 11, 12, 13, 14]);
     }
 
     #[test]

@@ -6,13 +6,14 @@
 //! no client cost), `--concurrency` connections, prepared statements, for the warm-up
 //! and then `--duration` seconds per transaction shape, each transaction's latency read from
 //! pgbench's per-transaction log (`-l`); only transactions that start after the
-//! warm-up are counted. The shapes, on copies of our tables in a scratch schema
-//! (`taskpod_limit`, same columns, indexes, fillfactor, foreign key and events
-//! partitioning, dropped at the end; ids time-ordered like UUIDv7):
+//! warm-up are counted. The shapes (`store::shapes`, beside the store's create, which
+//! owns them), on copies of our tables in a scratch schema (`taskpod_limit`, same
+//! columns, indexes, storage parameters, foreign keys and events partitioning, dropped
+//! at the end; ids time-ordered like UUIDv7):
 //! - `pg_select_one`: `SELECT 1`, the round trip every call pays at least;
 //! - `pg_insert_one`: a one-row insert, committed: the floor of any change;
-//! - `pg_create`: a task's create as the store writes it: one statement inserting the
-//!   listing row, the head and the first event, committed.
+//! - `pg_create`: a task's create as the store writes it: the store's own statement,
+//!   for one task, inserting the listing row, the head and the first event, committed.
 //!
 //! Redis (`redis_publish`): `--concurrency` callers over as many connections, each
 //! sending what a writer sends after every commit: PUBLISH of a task update to its
@@ -28,98 +29,17 @@ use futures::FutureExt as _;
 use tokio::io::AsyncBufReadExt as _;
 use tokio::time::Instant;
 
+use taskpod_core::store::shapes::{self, Shape};
+
 use super::cluster::Target;
 use super::progress::{Progress, say};
 use super::report::{Figure, Latencies, Report, Summary};
 use super::timed::{self, Call, Stretch};
-use super::{BenchError, CommonArgs, Database, Needs, Workers};
-use crate::dev::postgres;
-
-pub const NEEDS: Needs = Needs {
-    dev_only: false,
-    database: Database::Required,
-    // Nothing of ours runs: the servers alone.
-    workers: Workers::Exactly(0),
-    replicas: 0,
-    worker_env: &[],
-};
+use super::{BenchError, CommonArgs, Database, Needs, Scenario, Workers};
+use taskpod_local_cluster::postgres;
 
 /// The seed of the Redis callers' generators (task ids and connections).
 const SEED: u64 = 0x006c_696d_6974_7321;
-/// The scratch schema, created and dropped by each run.
-const SCHEMA: &str = "taskpod_limit";
-
-/// Copies of our tables, with what `LIKE` leaves out (fillfactor, the foreign key, the
-/// events partitioning) added back, and a UUIDv7-like id function (Postgres 15 has no
-/// `uuidv7()`): the millisecond clock in the first 48 bits, random bits after.
-const SETUP: &str = r#"
-DROP SCHEMA IF EXISTS taskpod_limit CASCADE;
-CREATE SCHEMA taskpod_limit;
-CREATE FUNCTION taskpod_limit.uuid7() RETURNS uuid LANGUAGE sql VOLATILE AS $$
-    SELECT encode(overlay(uuid_send(gen_random_uuid())
-                  PLACING substring(int8send((extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3)
-                  FROM 1 FOR 6), 'hex')::uuid
-$$;
-CREATE TABLE taskpod_limit.rows (
-    id   uuid        PRIMARY KEY,
-    at   timestamptz NOT NULL DEFAULT now(),
-    data jsonb       NOT NULL
-);
-CREATE TABLE taskpod_limit.tasks (LIKE tasks INCLUDING ALL);
-CREATE TABLE taskpod_limit.task_heads (LIKE task_heads INCLUDING ALL) WITH (fillfactor = 70);
-ALTER TABLE taskpod_limit.task_heads
-    ADD FOREIGN KEY (task_id) REFERENCES taskpod_limit.tasks (task_id) ON DELETE CASCADE;
-CREATE TABLE taskpod_limit.events (LIKE events INCLUDING DEFAULTS INCLUDING CONSTRAINTS)
-    PARTITION BY RANGE (stream_id);
-ALTER TABLE taskpod_limit.events ADD PRIMARY KEY (stream_id, version);
-CREATE INDEX ON taskpod_limit.events (tx_id);
-CREATE TABLE taskpod_limit.events_month PARTITION OF taskpod_limit.events FOR VALUES
-    FROM (taskpod_uuid7_floor(date_trunc('month', now())))
-    TO (taskpod_uuid7_floor(date_trunc('month', now()) + interval '1 month'));
-CREATE TABLE taskpod_limit.events_default PARTITION OF taskpod_limit.events DEFAULT;
-"#;
-const TEARDOWN: &str = "DROP SCHEMA IF EXISTS taskpod_limit CASCADE";
-
-/// One pgbench transaction shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Shape {
-    pub name: &'static str,
-    pub what: &'static str,
-    /// The pgbench script.
-    pub script: &'static str,
-}
-
-pub const SHAPES: [Shape; 3] = [
-    Shape {
-        name: "pg_select_one",
-        what: "pgbench: SELECT 1 (a round trip, no transaction to commit)",
-        script: "SELECT 1;\n",
-    },
-    Shape {
-        name: "pg_insert_one",
-        what: "pgbench: one-row insert (uuid key, jsonb), committed",
-        script: "INSERT INTO taskpod_limit.rows (id, data) \
-                 VALUES (taskpod_limit.uuid7(), '{\"actor_id\": \"taskpod-bench\"}');\n",
-    },
-    Shape {
-        name: "pg_create",
-        what: "pgbench: our create, one statement: tasks row, task_heads row, first event",
-        script: r#"WITH new AS (SELECT taskpod_limit.uuid7() AS id),
-t AS (INSERT INTO taskpod_limit.tasks (task_id, title, description, kind, payload, metadata,
-                                       priority, partition, status, phase, created_by)
-      SELECT id, 'limit', '', 'manual', 'null', '{}', 0, 7, 'inactive', 'spec_clarification',
-             'taskpod-bench' FROM new),
-h AS (INSERT INTO taskpod_limit.task_heads (task_id, version, status, phase)
-      SELECT id, 1, 'inactive', 'spec_clarification' FROM new)
-INSERT INTO taskpod_limit.events (stream_id, version, type, data, metadata)
-SELECT id, 1, 'task_created',
-       '{"kind": "manual", "title": "limit", "payload": null, "metadata": {}, "priority": 0, "description": ""}',
-       '{"actor_id": "taskpod-bench", "correlation_id": "6f1c1d3e-8a53-4c4e-9a3c-2f0f5b1e7a10"}'
-  FROM new;
-"#,
-    },
-];
-
 #[derive(Debug, clap::Args)]
 pub struct LimitArgs {
     /// Connections (pgbench clients; Redis callers)
@@ -138,14 +58,36 @@ pub struct LimitArgs {
     pub common: CommonArgs,
 }
 
-impl LimitArgs {
-    /// # Errors
+impl Scenario for LimitArgs {
+    fn name(&self) -> &'static str {
+        "limit"
+    }
+
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+
+    fn needs(&self) -> Needs {
+        Needs {
+            dev_only: false,
+            database: Database::Required,
+            // Nothing of ours runs: the servers alone.
+            workers: Workers::Exactly(0),
+            replicas: 0,
+            worker_env: &[],
+        }
+    }
+
     /// `--redis-url` with `--dev`, which has its own.
-    pub fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), String> {
         if self.common.dev && self.redis_url.is_some() {
             return Err("--dev starts its own Redis: drop --redis-url".into());
         }
         Ok(())
+    }
+
+    async fn run(self, target: &mut Target) -> Result<Report, BenchError> {
+        run(target, self).await
     }
 }
 
@@ -228,13 +170,13 @@ pub fn progress_of(line: &str) -> Option<String> {
 async fn pgbench(
     binary: &Path,
     url: &str,
-    shape: Shape,
+    shape: &Shape,
     args: &LimitArgs,
     dir: &Path,
 ) -> Result<Summary, BenchError> {
     let script = dir.join(format!("{}.sql", shape.name));
     let io = |what: &str, source| BenchError::Failed(format!("{what}: {source}"));
-    std::fs::write(&script, shape.script).map_err(|e| io("write the pgbench script", e))?;
+    std::fs::write(&script, &shape.script).map_err(|e| io("write the pgbench script", e))?;
     let prefix = dir.join(shape.name);
     let total = args.stretch.warmup + args.stretch.duration;
     let mut command = tokio::process::Command::new(binary);
@@ -257,7 +199,7 @@ async fn pgbench(
         .map_err(|e| io(&format!("start {}", binary.display()), e))?;
     let latest = Arc::new(Mutex::new(String::from("connecting")));
     let progress = {
-        let latest = Arc::clone(&latest);
+        let (latest, name) = (Arc::clone(&latest), shape.name);
         let warmup = args.stretch.warmup();
         let started = Instant::now();
         Progress::start("limit", move || {
@@ -267,7 +209,7 @@ async fn pgbench(
                 ""
             };
             let now = latest.lock().map(|l| l.clone()).unwrap_or_default();
-            format!("{phase}{}: {now}", shape.name)
+            format!("{phase}{name}: {now}")
         })
     };
     let mut tail = Vec::new();
@@ -405,7 +347,7 @@ async fn redis_publish(url: &str, args: &LimitArgs) -> Result<Summary, BenchErro
 ///
 /// # Errors
 /// pgbench missing or failing, the scratch schema not created, Redis unreachable.
-pub async fn run(target: &mut Target, args: LimitArgs) -> Result<Report, BenchError> {
+async fn run(target: &mut Target, args: LimitArgs) -> Result<Report, BenchError> {
     let binary = find_pgbench(args.pgbench.as_deref())?;
     let url = target
         .database_url
@@ -420,7 +362,8 @@ pub async fn run(target: &mut Target, args: LimitArgs) -> Result<Report, BenchEr
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
     say(format!("limit: {version} ({})", binary.display()));
-    sqlx::raw_sql(SETUP)
+    let scripts = shapes::shapes().map_err(BenchError::store("build the pgbench scripts"))?;
+    sqlx::raw_sql(shapes::SETUP)
         .execute(&pool)
         .await
         .map_err(BenchError::db("create the scratch schema taskpod_limit"))?;
@@ -429,7 +372,7 @@ pub async fn run(target: &mut Target, args: LimitArgs) -> Result<Report, BenchEr
         .map_err(|e| BenchError::Failed(format!("create {}: {e}", dir.display())))?;
     let mut latencies = Vec::new();
     let mut outcome = Ok(());
-    for shape in SHAPES {
+    for shape in &scripts {
         match pgbench(&binary, &url, shape, &args, &dir).await {
             Ok(summary) => latencies.push(summary),
             Err(e) => {
@@ -439,14 +382,15 @@ pub async fn run(target: &mut Target, args: LimitArgs) -> Result<Report, BenchEr
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let dropped = sqlx::raw_sql(TEARDOWN).execute(&pool).await;
+    let dropped = sqlx::raw_sql(shapes::TEARDOWN).execute(&pool).await;
     outcome?;
     dropped.map_err(BenchError::db("drop the scratch schema taskpod_limit"))?;
     let mut notes = vec![
         format!(
             "pgbench -M prepared -c {c} -j {j} on copies of our tables in the scratch \
-             schema {SCHEMA} (dropped again); each transaction's latency from pgbench's log",
+             schema {schema} (dropped again); each transaction's latency from pgbench's log",
             c = args.concurrency,
+            schema = shapes::SCHEMA,
             j = args.concurrency.min(2)
         ),
         "pgbench (15) reads its clock lazily, so under concurrency some transactions are \
@@ -510,15 +454,5 @@ mod tests {
             Some("4523.1 tps, lat 3.535 ms (at 2.0 s)")
         );
         assert_eq!(progress_of("pgbench (15.18)"), None);
-    }
-
-    #[test]
-    fn every_shape_has_a_unique_name_and_one_statement() {
-        let mut names: Vec<_> = SHAPES.iter().map(|s| s.name).collect();
-        names.dedup();
-        assert_eq!(names.len(), SHAPES.len());
-        for shape in SHAPES {
-            assert_eq!(shape.script.matches(';').count(), 1, "{}", shape.name);
-        }
     }
 }

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use sqlx::PgPool;
+use taskpod_core::store::inspect::{self, Trail as Stored};
 use taskpod_proto::v1;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -33,15 +34,7 @@ use super::create::create_call;
 use super::progress::{Progress, say};
 use super::report::{Figure, Latencies, Report, format_us};
 use super::timed::{self, Rng, Stretch};
-use super::{BenchError, CommonArgs, Database, Needs, Workers};
-
-pub const NEEDS: Needs = Needs {
-    dev_only: false,
-    database: Database::Required,
-    workers: Workers::Default(2),
-    replicas: 1,
-    worker_env: &[("TASKPOD_HANDLERS__SLEEP_PHASE_MS", "0")],
-};
+use super::{BenchError, CommonArgs, Database, Needs, Scenario, Workers};
 
 /// A `sleep` task's stream when nothing went wrong, in version order.
 pub const EXPECTED_TRAIL: [&str; 8] = [
@@ -85,10 +78,27 @@ pub struct E2eArgs {
     pub common: CommonArgs,
 }
 
-impl E2eArgs {
-    /// # Errors
+impl Scenario for E2eArgs {
+    fn name(&self) -> &'static str {
+        "e2e"
+    }
+
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+
+    fn needs(&self) -> Needs {
+        Needs {
+            dev_only: false,
+            database: Database::Required,
+            workers: Workers::Default(2),
+            replicas: 1,
+            worker_env: &[("TASKPOD_HANDLERS__SLEEP_PHASE_MS", "0")],
+        }
+    }
+
     /// A batch larger than what may be in flight.
-    pub fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), String> {
         if self.batch > self.in_flight {
             return Err(format!(
                 "--batch {} is more than --in-flight {}: no batch could ever be sent",
@@ -96,6 +106,10 @@ impl E2eArgs {
             ));
         }
         Ok(())
+    }
+
+    async fn run(self, target: &mut Target) -> Result<Report, BenchError> {
+        run(target, self).await
     }
 }
 
@@ -215,46 +229,17 @@ fn complete(
     true
 }
 
-/// The trails of `ids`' tasks, with their heads.
-#[derive(Debug)]
-struct Stored {
-    task_id: uuid::Uuid,
-    status: String,
-    pod_state: String,
-    version: i64,
-    /// `created_at` -> `updated_at` (the completion's transaction), in microseconds.
-    store_us: Option<i64>,
-    types: Vec<String>,
-}
-
+/// The trails of `ids`' tasks, with their heads (`created_to_updated_us` is the
+/// completion's transaction for a completed task).
 async fn read_trails(pool: &PgPool, ids: &[String]) -> Result<Vec<Stored>, BenchError> {
     let ids: Vec<uuid::Uuid> = ids.iter().filter_map(|id| id.parse().ok()).collect();
-    type Row = (uuid::Uuid, String, String, i64, Option<i64>, Vec<String>);
     let mut all = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(TRAIL_CHUNK) {
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT h.task_id, h.status, h.pod_state, h.version, \
-                    (extract(epoch FROM t.updated_at - t.created_at) * 1000000)::bigint, \
-                    array_remove(array_agg(e.type ORDER BY e.version), NULL) \
-               FROM task_heads h JOIN tasks t ON t.task_id = h.task_id \
-               LEFT JOIN events e ON e.stream_id = h.task_id AND e.stream_id = ANY($1) \
-              WHERE h.task_id = ANY($1) \
-              GROUP BY h.task_id, h.status, h.pod_state, h.version, t.updated_at, t.created_at",
-        )
-        .bind(chunk)
-        .fetch_all(pool)
-        .await
-        .map_err(BenchError::db("read the tasks' event trails"))?;
-        all.extend(rows.into_iter().map(
-            |(task_id, status, pod_state, version, store_us, types)| Stored {
-                task_id,
-                status,
-                pod_state,
-                version,
-                store_us,
-                types,
-            },
-        ));
+        all.extend(
+            inspect::trails(pool, chunk)
+                .await
+                .map_err(BenchError::store("read the tasks' event trails"))?,
+        );
     }
     if all.len() != ids.len() {
         return Err(BenchError::Failed(format!(
@@ -313,7 +298,7 @@ fn judge(trails: &[Stored], timed: &HashSet<uuid::Uuid>) -> Verdict {
             )),
         }
         if timed.contains(&stored.task_id)
-            && let Some(us) = stored.store_us
+            && let Some(us) = stored.created_to_updated_us
         {
             verdict
                 .store
@@ -321,29 +306,6 @@ fn judge(trails: &[Stored], timed: &HashSet<uuid::Uuid>) -> Verdict {
         }
     }
     verdict
-}
-
-/// Where a task's time goes: for each version of the trail, the time from the event
-/// before it to it (both `recorded_at`, their transactions' starts), p50 and p99 over
-/// `ids`' tasks, as (version, type, p50 µs, p99 µs).
-async fn steps(
-    pool: &PgPool,
-    ids: &[uuid::Uuid],
-) -> Result<Vec<(i64, String, i64, i64)>, BenchError> {
-    sqlx::query_as(
-        "SELECT e.version, e.type, \
-                (extract(epoch FROM percentile_disc(0.5) WITHIN GROUP \
-                    (ORDER BY e.recorded_at - p.recorded_at)) * 1000000)::bigint, \
-                (extract(epoch FROM percentile_disc(0.99) WITHIN GROUP \
-                    (ORDER BY e.recorded_at - p.recorded_at)) * 1000000)::bigint \
-           FROM events e JOIN events p ON p.stream_id = e.stream_id AND p.version = e.version - 1 \
-          WHERE e.stream_id = ANY($1) AND p.stream_id = ANY($1) \
-          GROUP BY e.version, e.type ORDER BY e.version, e.type",
-    )
-    .bind(ids)
-    .fetch_all(pool)
-    .await
-    .map_err(BenchError::db("read the time between the tasks' events"))
 }
 
 /// The WatchTasks filter for finished `sleep` tasks created at or after `since`.
@@ -360,15 +322,14 @@ pub fn finished_filter(since: chrono::DateTime<chrono::Utc>) -> String {
 /// # Errors
 /// A failed set-up step, the watch stream failing, tasks that do not complete, or an
 /// incomplete event trail.
-pub async fn run(target: &mut Target, args: E2eArgs) -> Result<Report, BenchError> {
+async fn run(target: &mut Target, args: E2eArgs) -> Result<Report, BenchError> {
     let pool = target.pool()?.clone();
     let client = target.client.clone();
     // Postgres's clock decides created_at, so it also dates the filter; a second of
     // margin, since nothing of ours was created before this run anyway.
-    let now: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
-        .fetch_one(&pool)
+    let now = inspect::clock(&pool)
         .await
-        .map_err(BenchError::db("read the database's clock"))?;
+        .map_err(BenchError::store("read the database's clock"))?;
     let since = now - chrono::Duration::seconds(1);
     let mut stream = client
         .grpc()
@@ -593,7 +554,11 @@ pub async fn run(target: &mut Target, args: E2eArgs) -> Result<Report, BenchErro
         .collect();
     let verdict = judge(&settled_trails(&pool, &ids).await?, &timed_ids);
     let timed_list: Vec<uuid::Uuid> = timed_ids.iter().copied().collect();
-    let steps = steps(&pool, &timed_list).await?;
+    // Where a task's time goes: for each version of the trail, the time from the event
+    // before it to it, p50 and p99 over the timed tasks.
+    let steps = inspect::steps(&pool, &timed_list)
+        .await
+        .map_err(BenchError::store("read the time between the tasks' events"))?;
 
     if !verdict.incomplete.is_empty() {
         return Err(BenchError::Failed(format!(
@@ -708,18 +673,19 @@ pub async fn run(target: &mut Target, args: E2eArgs) -> Result<Report, BenchErro
             Figure::millis("drain", "waiting for the last tasks to complete", drained),
         ]
         .into_iter()
-        .chain(steps.iter().flat_map(|(version, ty, p50, p99)| {
-            let us = |v: &i64| Duration::from_micros(u64::try_from(*v).unwrap_or(0));
+        .chain(steps.iter().flat_map(|step| {
+            let (version, ty) = (step.version, &step.event_type);
+            let us = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
             [
                 Figure::millis(
                     format!("step_{version}_{ty}_p50"),
                     format!("previous event -> v{version} {ty}, p50"),
-                    us(p50),
+                    us(step.p50_us),
                 ),
                 Figure::millis(
                     format!("step_{version}_{ty}_p99"),
                     format!("previous event -> v{version} {ty}, p99"),
-                    us(p99),
+                    us(step.p99_us),
                 ),
             ]
         }))

@@ -29,16 +29,8 @@ use super::load;
 use super::progress::{Progress, say};
 use super::report::{Figure, Latencies, Report, Unit, format_us};
 use super::timed::Stretch;
-use super::{BenchError, CommonArgs, Database, Needs, Workers};
-use crate::client::Client;
-
-pub const NEEDS: Needs = Needs {
-    dev_only: true,
-    database: Database::Optional,
-    workers: Workers::Default(1),
-    replicas: 2,
-    worker_env: &[],
-};
+use super::{BenchError, CommonArgs, Database, Needs, Scenario, Workers};
+use taskpod_client::client::Client;
 
 /// Updates in flight at once, across all tasks.
 pub const MAX_IN_FLIGHT: usize = 256;
@@ -63,11 +55,27 @@ pub struct WatchArgs {
     pub common: CommonArgs,
 }
 
-impl WatchArgs {
-    /// # Errors
-    /// Never yet; here for the scenarios' common shape.
-    pub fn check(&self) -> Result<(), String> {
-        Ok(())
+impl Scenario for WatchArgs {
+    fn name(&self) -> &'static str {
+        "watch"
+    }
+
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+
+    fn needs(&self) -> Needs {
+        Needs {
+            dev_only: true,
+            database: Database::Optional,
+            workers: Workers::Default(1),
+            replicas: 2,
+            worker_env: &[],
+        }
+    }
+
+    async fn run(self, target: &mut Target) -> Result<Report, BenchError> {
+        run(target, self).await
     }
 }
 
@@ -162,7 +170,7 @@ async fn to_development(client: &Client, ids: &[String]) -> Result<Vec<Slot>, Be
 ///
 /// # Errors
 /// A failed set-up step, the watch stream failing, or nothing measured.
-pub async fn run(target: &mut Target, args: WatchArgs) -> Result<Report, BenchError> {
+async fn run(target: &mut Target, args: WatchArgs) -> Result<Report, BenchError> {
     let (Some(a), Some(b)) = (target.replicas.first(), target.replicas.get(1)) else {
         return Err(BenchError::Failed("find two API replicas".into()));
     };

@@ -1,4 +1,5 @@
-//! A private PostgreSQL server run from the system's binaries, for `taskpod dev`.
+//! A private PostgreSQL server run from the system's binaries, for `taskpod dev` and
+//! `taskpod bench --dev`.
 //!
 //! Everything lives under `<data-dir>/pg`: the cluster in `data/`, the server log in
 //! `postgres.log` and the unix socket beside them. The socket sits there rather than in

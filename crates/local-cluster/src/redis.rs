@@ -1,5 +1,6 @@
-//! A private Redis for `taskpod dev`, run from the system's `redis-server` as a child
-//! process: no persistence (the bus carries hints, not data), loopback only, a free port.
+//! A private Redis for `taskpod dev` and `taskpod bench --dev`, run from the system's
+//! `redis-server` as a child process: no persistence (the bus carries hints, not data),
+//! loopback only, a free port.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -46,7 +47,7 @@ impl LocalRedis {
         std::fs::create_dir_all(dir).map_err(RedisError::Spawn)?;
         let log = dir.join("redis.log");
         let mut command = Command::new("redis-server");
-        // A `taskpod dev` killed with SIGKILL must not leave its Redis behind.
+        // A `taskpod` killed with SIGKILL must not leave its Redis behind.
         super::processes::die_with_parent(&mut command);
         let child = command
             .args([

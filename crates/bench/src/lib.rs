@@ -1,16 +1,23 @@
 //! `taskpod bench <scenario>`: the load generator behind BENCHMARKS.md.
 //!
+//! A library: the `taskpod` binary parses [`BenchArgs`] among its subcommands and calls
+//! [`run`]; everything else is here. It reaches the cluster as every client command
+//! does (`taskpod-client`) and builds `--dev` clusters from the parts `taskpod dev`
+//! uses (`taskpod-local-cluster`).
+//!
 //! Every scenario runs against a cluster that is already up (`--address`, as the other
 //! commands, plus `--database-url` where it reads Postgres directly) or, with `--dev`, a
 //! local one it starts first and tears down at the end ([`cluster`]): a private
 //! PostgreSQL with its durable defaults (fsync on: these are benchmarks), N workers
 //! and one API replica, in a temporary data folder. Each scenario prints one
-//! [`Report`](report::Report): latencies from HDR histograms (count, rate, p50, p90,
+//! [`Report`]: latencies from HDR histograms (count, rate, p50, p90,
 //! p99, p99.9, max), taken after a warm-up, and named figures; `--json` prints it as one
 //! JSON object. A progress line runs on stderr meanwhile.
 //!
-//! Scenarios (one module each, the same shape: arguments flattening [`CommonArgs`],
-//! [`Needs`] checked before anything starts, `run(&mut Target, args) -> Report`):
+//! Scenarios (one module each, the same shape: an arguments type flattening
+//! [`CommonArgs`] that implements [`Scenario`]: its name, the [`Needs`] and checks
+//! validated before anything starts, and `run(&mut Target) -> Report`; adding one is
+//! that impl and one line in the [`Scenarios`] list):
 //! - [`create`]: CreateTask (or CreateTasks of N) throughput and latency;
 //! - [`e2e`]: `sleep` tasks created with auto_start until completed: sustained
 //!   completed tasks/s, and every task's event trail checked in Postgres;
@@ -27,9 +34,21 @@
 //!   transactions shaped like ours, pipelined PUBLISH round trips), the yardstick the
 //!   other figures are divided by.
 //!
-//! [`seed`] fills a big table in bulk, in SQL, for `get` and `list` (`--seed N`).
+//! [`compare`] (`taskpod bench compare A.json B.json [--fail-below R]`) reads two
+//! reports of one scenario and shows B/A for every number, failing with exit code 14
+//! when B regressed past `--fail-below`.
+//!
+//! [`seed`] fills a big table in bulk for `get` and `list` (`--seed N`), with the
+//! store's own bulk writer (`store::seed`). What the scenarios read straight from the
+//! tables (trails, pods per node, locks) is the store's too (`store::inspect`), and
+//! `limit`'s pgbench scripts come from `store::shapes`: the bench writes no SQL
+//! against our tables, so the schema has one owner.
+
+// These docs are a map of the private modules (`cargo doc --document-private-items`).
+#![allow(rustdoc::private_intra_doc_links)]
 
 mod cluster;
+pub mod compare;
 mod create;
 mod e2e;
 mod failover;
@@ -51,13 +70,13 @@ use std::time::Duration;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use crate::config::GlobalArgs;
-use crate::dev::postgres::PostgresError;
-use crate::dev::processes::ProcessError;
-use crate::error::CliError;
-use crate::migrate::MigrateError;
 use cluster::Target;
 use report::Report;
+use taskpod_client::config::GlobalArgs;
+use taskpod_client::error::CliError;
+use taskpod_local_cluster::migrate::MigrateError;
+use taskpod_local_cluster::postgres::PostgresError;
+use taskpod_local_cluster::processes::ProcessError;
 
 /// Attributed on every event the bench writes, unless `--actor` names another actor.
 pub const ACTOR: &str = "taskpod-bench";
@@ -73,11 +92,73 @@ const WORKER_CAPACITY: u64 = 10_000;
 )]
 pub struct BenchArgs {
     #[command(subcommand)]
-    pub scenario: Scenario,
+    pub command: BenchCommand,
 }
 
+/// A scenario to run, or two reports to compare.
 #[derive(Debug, clap::Subcommand)]
-pub enum Scenario {
+pub enum BenchCommand {
+    #[command(flatten)]
+    Scenario(Scenarios),
+    /// Two reports of one scenario side by side, B/A for every figure; with
+    /// --fail-below R, exits 14 when B regressed
+    Compare(compare::CompareArgs),
+}
+
+/// One scenario, implemented by its arguments type (the subcommand's flags).
+pub trait Scenario: std::fmt::Debug {
+    /// The subcommand, and the report's `scenario`.
+    fn name(&self) -> &'static str;
+
+    /// The flags every scenario takes.
+    fn common(&self) -> &CommonArgs;
+
+    /// What it needs from the cluster, checked before anything starts.
+    fn needs(&self) -> Needs;
+
+    /// Its own checks of its flags, before anything starts.
+    ///
+    /// # Errors
+    /// A message for people, shown as a usage error.
+    fn check(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Runs it against `target`, which [`run`] prepared as [`Scenario::needs`] says. The
+    /// future is awaited where it is made, never spawned, so it need not be `Send`.
+    fn run(self, target: &mut Target) -> impl Future<Output = Result<Report, BenchError>>
+    where
+        Self: Sized;
+}
+
+/// Declares the scenarios: each line is a subcommand (its doc is its line in
+/// `taskpod bench --help`) and the arguments type implementing [`Scenario`].
+macro_rules! scenarios {
+    ($($(#[$doc:meta])* $variant:ident($args:ty),)+) => {
+        /// The scenario named on the command line.
+        #[derive(Debug, clap::Subcommand)]
+        pub enum Scenarios {
+            $($(#[$doc])* $variant($args),)+
+        }
+
+        impl Scenarios {
+            /// The chosen scenario, for what it says about itself.
+            pub fn scenario(&self) -> &dyn Scenario {
+                match self {
+                    $(Self::$variant(args) => args,)+
+                }
+            }
+
+            async fn run(self, target: &mut Target) -> Result<Report, BenchError> {
+                match self {
+                    $(Self::$variant(args) => args.run(target).await,)+
+                }
+            }
+        }
+    };
+}
+
+scenarios! {
     /// CreateTask throughput and latency (--batch N: CreateTasks of N)
     Create(create::CreateArgs),
     /// Sleep tasks with auto_start until completed: sustained tasks/s, event trails checked
@@ -223,6 +304,13 @@ pub enum BenchError {
         #[source]
         source: sqlx::Error,
     },
+    /// A read or write of the store's own (`store::inspect`, `store::seed`) failed.
+    #[error("database: could not {step}")]
+    Store {
+        step: &'static str,
+        #[source]
+        source: taskpod_core::Error,
+    },
     #[error("could not read {what} from /proc")]
     Proc {
         what: String,
@@ -253,64 +341,10 @@ impl BenchError {
     pub fn db(step: &'static str) -> impl FnOnce(sqlx::Error) -> Self {
         move |source| Self::Database { step, source }
     }
-}
 
-impl Scenario {
-    fn common(&self) -> &CommonArgs {
-        match self {
-            Scenario::Create(a) => &a.common,
-            Scenario::E2e(a) => &a.common,
-            Scenario::Limit(a) => &a.common,
-            Scenario::Get(a) => &a.common,
-            Scenario::List(a) => &a.common,
-            Scenario::Start(a) => &a.common,
-            Scenario::Watch(a) => &a.common,
-            Scenario::Failover(a) => &a.common,
-            Scenario::Pods(a) => &a.common,
-        }
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            Scenario::Create(_) => "create",
-            Scenario::E2e(_) => "e2e",
-            Scenario::Limit(_) => "limit",
-            Scenario::Get(_) => "get",
-            Scenario::List(_) => "list",
-            Scenario::Start(_) => "start",
-            Scenario::Watch(_) => "watch",
-            Scenario::Failover(_) => "failover",
-            Scenario::Pods(_) => "pods",
-        }
-    }
-
-    fn needs(&self) -> Needs {
-        match self {
-            Scenario::Create(_) => create::NEEDS,
-            Scenario::E2e(_) => e2e::NEEDS,
-            Scenario::Limit(_) => limit::NEEDS,
-            Scenario::Get(_) => get::NEEDS,
-            Scenario::List(_) => list::NEEDS,
-            Scenario::Start(_) => start::NEEDS,
-            Scenario::Watch(_) => watch::NEEDS,
-            Scenario::Failover(_) => failover::NEEDS,
-            Scenario::Pods(_) => pods::NEEDS,
-        }
-    }
-
-    /// The scenario's own argument checks.
-    fn check(&self) -> Result<(), String> {
-        match self {
-            Scenario::Create(a) => a.check(),
-            Scenario::E2e(a) => a.check(),
-            Scenario::Limit(a) => a.check(),
-            Scenario::Get(a) => a.check(),
-            Scenario::List(a) => a.check(),
-            Scenario::Start(a) => a.check(),
-            Scenario::Watch(a) => a.check(),
-            Scenario::Failover(a) => a.check(),
-            Scenario::Pods(a) => a.check(),
-        }
+    /// For `.map_err`: a failed store call in `step`.
+    pub fn store(step: &'static str) -> impl FnOnce(taskpod_core::Error) -> Self {
+        move |source| Self::Store { step, source }
     }
 }
 
@@ -319,7 +353,7 @@ impl Scenario {
 ///
 /// # Errors
 /// A message for people, shown as a usage error.
-pub fn validate(scenario: &Scenario, global: &GlobalArgs) -> Result<u16, String> {
+pub fn validate(scenario: &dyn Scenario, global: &GlobalArgs) -> Result<u16, String> {
     let name = scenario.name();
     let common = scenario.common();
     let needs = scenario.needs();
@@ -362,21 +396,28 @@ pub fn validate(scenario: &Scenario, global: &GlobalArgs) -> Result<u16, String>
     }
 }
 
-/// Runs a scenario and prints its report.
+/// Runs a scenario and prints its report, or compares two reports ([`compare`]).
 ///
 /// # Errors
 /// Usage errors first (nothing started), then the first step that failed. A dev
-/// cluster is torn down in every case.
+/// cluster is torn down in every case. A comparison fails as [`compare::run`] says.
 pub async fn run(args: BenchArgs, global: GlobalArgs) -> Result<(), BenchError> {
-    let workers = validate(&args.scenario, &global).map_err(BenchError::Usage)?;
-    let common = args.scenario.common().clone();
+    match args.command {
+        BenchCommand::Scenario(scenario) => run_scenario(scenario, global).await,
+        BenchCommand::Compare(args) => compare::run(&args, &global),
+    }
+}
+
+async fn run_scenario(scenario: Scenarios, global: GlobalArgs) -> Result<(), BenchError> {
+    let chosen = scenario.scenario();
+    let workers = validate(chosen, &global).map_err(BenchError::Usage)?;
+    let (common, needs) = (chosen.common().clone(), chosen.needs());
     let json = common.json || global.output.is_json();
     // Installed first: from here on Ctrl-C means "stop, tear down, exit".
     let mut signals = Signals::install().map_err(BenchError::Signals)?;
 
     let mut target = if common.dev {
         let mut dev = cluster::DevCluster::boot(&common.dev_options).await?;
-        let needs = args.scenario.needs();
         let started = tokio::select! {
             started = dev.start_servers(workers, needs.replicas, needs.worker_env) => started,
             signal = signals.recv() => Err(BenchError::Interrupted(signal)),
@@ -398,9 +439,8 @@ pub async fn run(args: BenchArgs, global: GlobalArgs) -> Result<(), BenchError> 
         Target::remote(&global, common.database_url.as_deref()).await?
     };
 
-    let scenario = args.scenario;
     let outcome = tokio::select! {
-        report = run_scenario(&mut target, scenario) => report,
+        report = scenario.run(&mut target) => report,
         signal = signals.recv() => Err(BenchError::Interrupted(signal)),
     };
     target.close(outcome.is_ok()).await;
@@ -410,22 +450,8 @@ pub async fn run(args: BenchArgs, global: GlobalArgs) -> Result<(), BenchError> 
     } else {
         report.to_text()
     };
-    crate::output::emit(&text)?;
+    taskpod_client::output::emit(&text)?;
     Ok(())
-}
-
-async fn run_scenario(target: &mut Target, scenario: Scenario) -> Result<Report, BenchError> {
-    match scenario {
-        Scenario::Create(args) => create::run(target, args).await,
-        Scenario::E2e(args) => e2e::run(target, args).await,
-        Scenario::Limit(args) => limit::run(target, args).await,
-        Scenario::Get(args) => get::run(target, args).await,
-        Scenario::List(args) => list::run(target, args).await,
-        Scenario::Start(args) => start::run(target, args).await,
-        Scenario::Watch(args) => watch::run(target, args).await,
-        Scenario::Failover(args) => failover::run(target, args).await,
-        Scenario::Pods(args) => pods::run(target, args).await,
-    }
 }
 
 /// SIGINT (Ctrl-C) and SIGTERM both mean "stop and tear down".
@@ -468,32 +494,52 @@ mod tests {
         Bench(BenchArgs),
     }
 
-    fn parse(args: &str) -> Result<(Scenario, GlobalArgs), clap::Error> {
+    fn parse(args: &str) -> Result<(Scenarios, GlobalArgs), clap::Error> {
         let cli = Cli::try_parse_from(
             ["taskpod", "bench"]
                 .into_iter()
                 .chain(args.split_whitespace()),
         )?;
         let Command::Bench(bench) = cli.command;
-        Ok((bench.scenario, cli.global))
+        match bench.command {
+            BenchCommand::Scenario(scenario) => Ok((scenario, cli.global)),
+            BenchCommand::Compare(_) => panic!("not a scenario: {args}"),
+        }
     }
 
     fn check(args: &str) -> Result<u16, String> {
         let (scenario, global) = parse(args).map_err(|e| e.to_string())?;
-        validate(&scenario, &global)
+        validate(scenario.scenario(), &global)
+    }
+
+    #[test]
+    fn every_subcommand_is_named_as_its_scenario() {
+        use clap::CommandFactory as _;
+        let cli = Cli::command();
+        let bench = cli.find_subcommand("bench").unwrap();
+        let names: Vec<&str> = bench
+            .get_subcommands()
+            .map(|c| c.get_name())
+            .filter(|name| *name != "compare")
+            .collect();
+        assert_eq!(names.len(), 9, "{names:?}");
+        for name in names {
+            let (scenario, _) = parse(name).unwrap();
+            assert_eq!(scenario.scenario().name(), name);
+        }
     }
 
     #[test]
     fn start_defaults_and_flags() {
         let (scenario, _) = parse("start").unwrap();
-        let Scenario::Start(a) = scenario else {
+        let Scenarios::Start(a) = scenario else {
             panic!("not start")
         };
         assert_eq!((a.tasks, a.concurrency, a.warmup), (2000, 8, 200));
         assert!(!a.common.dev && !a.common.json);
         let (scenario, global) =
             parse("start --tasks 50 --concurrency 4 --warmup 0 --json --address h:1").unwrap();
-        let Scenario::Start(a) = scenario else {
+        let Scenarios::Start(a) = scenario else {
             panic!("not start")
         };
         assert_eq!((a.tasks, a.concurrency, a.warmup), (50, 4, 0));
@@ -560,7 +606,7 @@ mod tests {
         let err = check("failover --dev --workers 3").unwrap_err();
         assert!(err.contains("exactly 2 worker(s), not 3"), "{err}");
         let (scenario, _) = parse("failover --dev").unwrap();
-        let Scenario::Failover(a) = scenario else {
+        let Scenarios::Failover(a) = scenario else {
             panic!("not failover")
         };
         assert_eq!(a.pods, 1000);
@@ -572,7 +618,7 @@ mod tests {
         assert_eq!(check("pods --dev"), Ok(1));
         assert!(check("pods --dev --workers 2").is_err());
         let (scenario, _) = parse("pods --dev").unwrap();
-        let Scenario::Pods(a) = scenario else {
+        let Scenarios::Pods(a) = scenario else {
             panic!("not pods")
         };
         assert_eq!(a.pods, 10_000);
@@ -595,7 +641,7 @@ mod tests {
         assert_eq!(check("get --dev"), Ok(1));
         assert_eq!(check("list --dev --workers 2"), Ok(2));
         let (scenario, _) = parse("get --active-pods 5 --concurrency 2").unwrap();
-        let Scenario::Get(a) = scenario else {
+        let Scenarios::Get(a) = scenario else {
             panic!("not get")
         };
         assert_eq!(
@@ -618,13 +664,13 @@ mod tests {
         assert!(check("watch").unwrap_err().contains("add --dev"));
         assert_eq!(check("watch --dev"), Ok(1));
         let (scenario, _) = parse("watch --dev").unwrap();
-        assert_eq!(scenario.needs().replicas, 2);
-        let Scenario::Watch(a) = scenario else {
+        assert_eq!(scenario.scenario().needs().replicas, 2);
+        let Scenarios::Watch(a) = scenario else {
             panic!("not watch")
         };
         assert_eq!((a.rate, a.tasks), (1000, 1000));
         let (scenario, _) = parse("start --dev").unwrap();
-        assert_eq!(scenario.needs().replicas, 1);
+        assert_eq!(scenario.scenario().needs().replicas, 1);
         assert!(parse("watch --dev --rate 0").is_err());
     }
 
@@ -633,7 +679,7 @@ mod tests {
         assert_eq!(check("create"), Ok(0));
         assert_eq!(check("create --dev"), Ok(1));
         let (scenario, _) = parse("create --batch 1000").unwrap();
-        let Scenario::Create(a) = scenario else {
+        let Scenarios::Create(a) = scenario else {
             panic!("not create")
         };
         assert_eq!((a.batch, a.concurrency), (Some(1000), 16));
@@ -652,11 +698,12 @@ mod tests {
         let (scenario, _) = parse("e2e --dev").unwrap();
         assert!(
             scenario
+                .scenario()
                 .needs()
                 .worker_env
                 .contains(&("TASKPOD_HANDLERS__SLEEP_PHASE_MS", "0"))
         );
-        let Scenario::E2e(a) = scenario else {
+        let Scenarios::E2e(a) = scenario else {
             panic!("not e2e")
         };
         assert_eq!((a.batch, a.concurrency, a.in_flight), (20, 4, 200));
@@ -668,7 +715,7 @@ mod tests {
     fn limit_runs_the_servers_alone() {
         assert_eq!(check("limit --dev"), Ok(0));
         let (scenario, _) = parse("limit --dev").unwrap();
-        assert_eq!(scenario.needs().replicas, 0);
+        assert_eq!(scenario.scenario().needs().replicas, 0);
         let err = check("limit --dev --workers 1").unwrap_err();
         assert!(err.contains("exactly 0 worker(s)"), "{err}");
         let err = check("limit --dev --redis-url redis://h:1").unwrap_err();
@@ -682,13 +729,13 @@ mod tests {
         assert!(err.contains("--seed writes into Postgres"), "{err}");
         assert_eq!(check("list --seed 1000 --dev"), Ok(1));
         let (scenario, _) = parse("get --seed 1000000 --active-pods 10 --dev").unwrap();
-        let Scenario::Get(a) = scenario else {
+        let Scenarios::Get(a) = scenario else {
             panic!("not get")
         };
         // With a seed, only the active pods go through the API unless --tasks says more.
         assert_eq!((a.table.seed, a.table.created()), (1_000_000, 10));
         let (scenario, _) = parse("get --seed 5 --tasks 7 --dev").unwrap();
-        let Scenario::Get(a) = scenario else {
+        let Scenarios::Get(a) = scenario else {
             panic!("not get")
         };
         assert_eq!(a.table.created(), 7);

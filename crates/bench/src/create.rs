@@ -16,16 +16,8 @@ use taskpod_proto::v1;
 use super::cluster::Target;
 use super::report::{Figure, Report};
 use super::timed::{self, Call, Stretch};
-use super::{BenchError, CommonArgs, Database, Needs, Workers};
-use crate::client::Client;
-
-pub const NEEDS: Needs = Needs {
-    dev_only: false,
-    database: Database::No,
-    workers: Workers::Default(1),
-    replicas: 1,
-    worker_env: &[],
-};
+use super::{BenchError, CommonArgs, Database, Needs, Scenario, Workers};
+use taskpod_client::client::Client;
 
 /// The seed of the callers' generators (titles only: every call creates new tasks).
 const SEED: u64 = 0x0063_7265_6174_6573;
@@ -46,11 +38,27 @@ pub struct CreateArgs {
     pub common: CommonArgs,
 }
 
-impl CreateArgs {
-    /// # Errors
-    /// Never yet; here for the scenarios' common shape.
-    pub fn check(&self) -> Result<(), String> {
-        Ok(())
+impl Scenario for CreateArgs {
+    fn name(&self) -> &'static str {
+        "create"
+    }
+
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+
+    fn needs(&self) -> Needs {
+        Needs {
+            dev_only: false,
+            database: Database::No,
+            workers: Workers::Default(1),
+            replicas: 1,
+            worker_env: &[],
+        }
+    }
+
+    async fn run(self, target: &mut Target) -> Result<Report, BenchError> {
+        run(target, self).await
     }
 }
 
@@ -106,7 +114,7 @@ pub async fn create_call(
 ///
 /// # Errors
 /// When every timed call failed.
-pub async fn run(target: &mut Target, args: CreateArgs) -> Result<Report, BenchError> {
+async fn run(target: &mut Target, args: CreateArgs) -> Result<Report, BenchError> {
     let (name, what, rpc) = match args.batch {
         None => (
             "create_task",
