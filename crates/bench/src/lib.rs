@@ -68,7 +68,7 @@ mod watch;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::signal::unix::{Signal, SignalKind, signal};
+use taskpod_local_cluster::signals::Signals;
 
 use cluster::Target;
 use report::Report;
@@ -452,28 +452,6 @@ async fn run_scenario(scenario: Scenarios, global: GlobalArgs) -> Result<(), Ben
     };
     taskpod_client::output::emit(&text)?;
     Ok(())
-}
-
-/// SIGINT (Ctrl-C) and SIGTERM both mean "stop and tear down".
-struct Signals {
-    interrupt: Signal,
-    terminate: Signal,
-}
-
-impl Signals {
-    fn install() -> std::io::Result<Self> {
-        Ok(Self {
-            interrupt: signal(SignalKind::interrupt())?,
-            terminate: signal(SignalKind::terminate())?,
-        })
-    }
-
-    async fn recv(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.interrupt.recv() => "SIGINT",
-            _ = self.terminate.recv() => "SIGTERM",
-        }
-    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 //! - [`processes`]: the `taskpod-worker` nodes and `taskpod-api` replicas, started on
 //!   free loopback ports and stopped with a drain;
 //! - [`migrate`]: brings a database to the schema this binary was built with (also
-//!   `taskpod migrate`, on any database).
+//!   `taskpod migrate`, on any database);
+//! - [`signals`]: SIGINT and SIGTERM, which stop a local cluster cleanly.
 //!
 //! How the parts are put together (how many of each, which settings, when to stop
 //! them) is the caller's.
@@ -16,3 +17,4 @@ pub mod migrate;
 pub mod postgres;
 pub mod processes;
 pub mod redis;
+pub mod signals;

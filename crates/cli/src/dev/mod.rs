@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions as _, Connection as _, PgConnection};
-use tokio::signal::unix::{Signal, SignalKind, signal};
+use taskpod_local_cluster::signals::Signals;
 
 use taskpod_client::error::CliError;
 use taskpod_local_cluster::migrate::{self, MigrateError};
@@ -351,29 +351,6 @@ async fn connect_when_ready(
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-        }
-    }
-}
-
-/// SIGINT (Ctrl-C) and SIGTERM (what service managers and `kill` send) both mean "stop
-/// cleanly".
-struct Signals {
-    interrupt: Signal,
-    terminate: Signal,
-}
-
-impl Signals {
-    fn install() -> std::io::Result<Self> {
-        Ok(Self {
-            interrupt: signal(SignalKind::interrupt())?,
-            terminate: signal(SignalKind::terminate())?,
-        })
-    }
-
-    async fn recv(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.interrupt.recv() => "SIGINT",
-            _ = self.terminate.recv() => "SIGTERM",
         }
     }
 }
