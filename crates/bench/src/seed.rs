@@ -11,8 +11,7 @@
 //! correlation id per chunk (as for one CreateTasks call), two chunks written at once
 //! (one per core), each its own transaction, progress on stderr, and the tables
 //! analysed at the end, as autovacuum would do a little later. As a superuser (`--dev`
-//! is one) the writer also skips triggers (any foreign key check) and compresses the
-//! WAL; see `store::seed`.
+//! is one) the writer also compresses the WAL; see `store::seed`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

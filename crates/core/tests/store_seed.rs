@@ -62,7 +62,10 @@ async fn seeded_tasks_read_like_created_ones(_: PgPoolOptions, opts: PgConnectOp
         .task_id()
         .unwrap();
     let seeder = Seeder::new(store.pool()).await.unwrap();
-    assert!(seeder.bulk_load(), "the test server's role is a superuser");
+    assert!(
+        seeder.bulk_load(),
+        "the test server's role is a superuser, and its Postgres has lz4"
+    );
     // Two chunks and a bit.
     let count = 2 * 1500 + 7;
     let ids = seed(&seeder, count, 1500).await;
