@@ -89,3 +89,16 @@ impl WorkerProcess {
         Ok(tokio::time::timeout(timeout, self.child.wait()).await??)
     }
 }
+
+/// How many partitions the node `node_id` (as a worker printed it) owns.
+///
+/// # Errors
+/// When the id is not a UUID or the store fails.
+pub async fn partitions_owned(pool: &sqlx::PgPool, node_id: &str) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM partitions WHERE owner_node = $1")
+            .bind(uuid::Uuid::parse_str(node_id)?)
+            .fetch_one(pool)
+            .await?,
+    )
+}

@@ -24,9 +24,7 @@ async fn scalar(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
 }
 
 async fn owned_by(pool: &sqlx::PgPool, node: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM partitions WHERE owner_node = $1")
-        .bind(uuid::Uuid::parse_str(node).unwrap())
-        .fetch_one(pool)
+    taskpod_e2e::worker::partitions_owned(pool, node)
         .await
         .unwrap()
 }

@@ -753,3 +753,63 @@ async fn regression_a_pod_whose_node_lost_its_lock_session_cannot_write(
         "nothing was written"
     );
 }
+
+/// A takeover claims a peer's partitions in one statement: each generation bumps once,
+/// a partition that does not exist is left out, and a node whose lock session is gone
+/// claims nothing.
+#[sqlx::test(migrations = "../../migrations")]
+async fn claiming_many_partitions_bumps_each_once_and_only_while_alive(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let store = store(opts).await;
+    let (old, mut new) = (live_node(&store).await, live_node(&store).await);
+    let before: Vec<i64> = generations_of(&store, &[3, 4, 5]).await;
+    let claimed = store
+        .claim_partitions(&[5, 3, 4, 100_000], old.id)
+        .await
+        .unwrap();
+    let mut claimed_sorted = claimed.clone();
+    claimed_sorted.sort_unstable();
+    assert_eq!(
+        claimed_sorted,
+        vec![(3, before[0] + 1), (4, before[1] + 1), (5, before[2] + 1)],
+        "each once, the missing one left out"
+    );
+    let owners: Vec<Option<uuid::Uuid>> =
+        sqlx::query_scalar("SELECT owner_node FROM partitions WHERE partition = ANY($1)")
+            .bind(vec![3, 4, 5])
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert!(owners.iter().all(|o| *o == Some(old.id.0)), "{owners:?}");
+    assert!(
+        store
+            .claim_partitions(&[], old.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    new.lose_lock(&store).await;
+    let err = store.claim_partitions(&[3, 4], new.id).await.unwrap_err();
+    assert!(
+        matches!(err, Error::NodeFenced(n) if n == new.id),
+        "{err:?}"
+    );
+    assert_eq!(
+        generations_of(&store, &[3, 4, 5]).await,
+        vec![before[0] + 1, before[1] + 1, before[2] + 1],
+        "a fenced claim bumps nothing"
+    );
+}
+
+async fn generations_of(store: &taskpod_core::store::Store, partitions: &[i32]) -> Vec<i64> {
+    sqlx::query_scalar(
+        "SELECT generation FROM partitions WHERE partition = ANY($1) ORDER BY partition",
+    )
+    .bind(partitions)
+    .fetch_all(store.pool())
+    .await
+    .unwrap()
+}

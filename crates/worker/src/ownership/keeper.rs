@@ -32,6 +32,7 @@ const QUEUE: usize = 64;
 
 enum Request {
     TryLock(Key, oneshot::Sender<Result<bool, LockError>>),
+    TryLockMany(Vec<Key>, oneshot::Sender<Result<Vec<Key>, LockError>>),
     Unlock(Key, oneshot::Sender<Result<(), LockError>>),
     HeldElsewhere(Key, oneshot::Sender<Result<bool, LockError>>),
 }
@@ -59,6 +60,15 @@ impl LockClient {
     /// When the session fails, or is already gone.
     pub async fn try_lock(&self, key: Key) -> Result<bool, LockError> {
         self.ask(|tx| Request::TryLock(key, tx)).await?
+    }
+
+    /// Takes every free key of `keys` in one round trip; answers the keys held
+    /// afterwards.
+    ///
+    /// # Errors
+    /// When the session fails, or is already gone.
+    pub async fn try_lock_many(&self, keys: Vec<Key>) -> Result<Vec<Key>, LockError> {
+        self.ask(|tx| Request::TryLockMany(keys, tx)).await?
     }
 
     /// Releases `key`.
@@ -223,6 +233,12 @@ async fn serve(session: &mut LockSession, request: Request) -> Result<(), LockEr
     match request {
         Request::TryLock(key, reply) => {
             let got = session.try_lock(key).await;
+            let failed = session_failed(&got);
+            let _ = reply.send(got);
+            failed
+        }
+        Request::TryLockMany(keys, reply) => {
+            let got = session.try_lock_many(&keys).await;
             let failed = session_failed(&got);
             let _ = reply.send(got);
             failed

@@ -217,16 +217,14 @@ impl Incarnation {
     }
 
     /// Claims every free partition (and re-claims those whose claim answer was lost),
-    /// if this node is eligible. Returns how many it claimed.
+    /// if this node is eligible. Returns how many it claimed. Two round trips whatever
+    /// the count: one locks every claimable partition it can, one records the claims.
     ///
     /// # Errors
     /// When the store or the lock session fails; what was claimed before stays owned.
     pub async fn claim(&mut self, store: &Store) -> Result<usize, WorkerError> {
-        let mut claimed = 0;
-        for p in std::mem::take(&mut self.unclaimed) {
-            self.claim_locked(store, p).await?;
-            claimed += 1;
-        }
+        let retry: Vec<i32> = std::mem::take(&mut self.unclaimed).into_iter().collect();
+        let mut claimed = self.claim_locked(store, &retry).await?;
         if !self.placement.eligible {
             return Ok(claimed);
         }
@@ -237,27 +235,58 @@ impl Incarnation {
             .map(|p| (p.partition, p.owner_node))
             .collect();
         let held: BTreeSet<i32> = self.owned.keys().copied().collect();
-        for p in membership::claimable(self.node, &rows, &held, &self.live) {
-            if self.lock.try_lock(partition_key(p)).await? {
-                self.claim_locked(store, p).await?;
-                claimed += 1;
-            }
+        let wanted = membership::claimable(self.node, &rows, &held, &self.live);
+        if wanted.is_empty() {
+            return Ok(claimed);
         }
+        let locked: BTreeSet<_> = self
+            .lock
+            .try_lock_many(wanted.iter().copied().map(partition_key).collect())
+            .await?
+            .into_iter()
+            .collect();
+        let got: Vec<i32> = wanted
+            .into_iter()
+            .filter(|p| locked.contains(&partition_key(*p)))
+            .collect();
+        claimed += self.claim_locked(store, &got).await?;
         Ok(claimed)
     }
 
-    /// Records the claim of a partition whose lock this session holds.
-    async fn claim_locked(&mut self, store: &Store, partition: i32) -> Result<(), WorkerError> {
-        match store.claim_partition(partition, self.node).await {
-            Ok(generation) => {
-                self.owned.insert(partition, generation);
-                tracing::debug!(partition, generation, "partition claimed");
-                Ok(())
+    /// Records the claims of partitions whose locks this session holds.
+    async fn claim_locked(
+        &mut self,
+        store: &Store,
+        partitions: &[i32],
+    ) -> Result<usize, WorkerError> {
+        if partitions.is_empty() {
+            return Ok(0);
+        }
+        match store.claim_partitions(partitions, self.node).await {
+            Ok(claims) => {
+                for &(partition, generation) in &claims {
+                    self.owned.insert(partition, generation);
+                    tracing::debug!(partition, generation, "partition claimed");
+                }
+                let missing: Vec<i32> = partitions
+                    .iter()
+                    .copied()
+                    .filter(|p| !self.owned.contains_key(p))
+                    .collect();
+                if missing.is_empty() {
+                    return Ok(claims.len());
+                }
+                // Partitions are never deleted; keep the locks and try again, as for a
+                // lost answer.
+                self.unclaimed.extend(missing.iter().copied());
+                Err(WorkerError::Store(taskpod_core::Error::Internal(format!(
+                    "claimed partitions {missing:?} have no row"
+                ))))
             }
             Err(e) => {
-                // It may have committed: keep the lock and claim again (a second bump
-                // is harmless while the lock is ours).
-                self.unclaimed.insert(partition);
+                // It may have committed: keep the locks and claim again (a second bump
+                // is harmless while the locks are ours).
+                self.unclaimed.extend(partitions.iter().copied());
                 Err(e.into())
             }
         }
