@@ -107,8 +107,9 @@ async fn regression_a_claim_whose_answer_was_lost_is_claimed_again_and_served() 
     cluster.wait_partitions_owned(WAIT).await.unwrap();
     cluster.worker_mut("w1").unwrap().kill().await.unwrap();
     let proxy = cluster.worker("w1").unwrap().proxy().unwrap();
-    // The first claim of the restarted worker (partition 0) commits; its answer is lost.
-    proxy.reset_once_on(b"SET generation = generation + 1", Delivery::DeliverNext);
+    // The first claim of the restarted worker (every partition, partition 0 among
+    // them, in one statement) commits; its answer is lost.
+    proxy.reset_once_on(b"SET generation = p.generation + 1", Delivery::DeliverNext);
     cluster.worker_mut("w1").unwrap().restart().await.unwrap();
     eventually("the claim was cut off", || async {
         cluster.worker("w1").unwrap().proxy().unwrap().resets() == 1
