@@ -282,15 +282,15 @@ impl Store {
 
     /// Active tasks of these partitions, every live pod on them whatever its task's
     /// status (a pod a lost node left behind on a task that ended meanwhile), and the
-    /// given tasks whatever their status: the full check `node` runs now and then (one
-    /// query; the live pods come from the small partial index of live pods).
+    /// given tasks whatever their status: the full check `node` runs now and then.
     ///
-    /// Sequential scans are off for the query: every row it wants is reached through a
-    /// small partial index or a primary key, and before `task_heads` is first analyzed
-    /// (a fresh deploy, a bulk load faster than autovacuum) the planner takes
-    /// `pod_state <> 'none'` for nearly every row and read both tables in full on every
-    /// check: 290 ms a check at 600k tasks, a quarter of Postgres's time in the batch
-    /// create bench.
+    /// Two lookups, each reached only through an index whatever the statistics say:
+    /// the live pods' ids from their partial index (sequential scans off), then the
+    /// candidate rows by primary key or the active tasks' partial index. Before
+    /// `task_heads` is first analyzed (a fresh deploy, a bulk load faster than
+    /// autovacuum's first pass) the planner took `pod_state <> 'none'` for nearly every
+    /// row, and one query joining the two tables read both in full on every check: 290
+    /// ms a check at 600k tasks, a quarter of Postgres's time in the batch-create bench.
     ///
     /// # Errors
     /// [`Error::StoreUnavailable`].
@@ -307,16 +307,20 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(from_sqlx)?;
+        let live: Vec<uuid::Uuid> =
+            sqlx::query_scalar("SELECT task_id FROM task_heads WHERE pod_state <> 'none'")
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(from_sqlx)?;
         let rows: Vec<CandidateRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {CANDIDATE_COLUMNS} FROM tasks t JOIN task_heads h ON h.task_id = t.task_id \
              WHERE (t.status = 'active' AND t.partition = ANY($2)) OR t.task_id = ANY($3) \
-             UNION \
-             SELECT {CANDIDATE_COLUMNS} FROM task_heads h JOIN tasks t ON t.task_id = h.task_id \
-             WHERE h.pod_state <> 'none' AND t.partition = ANY($2)"
+                OR (t.task_id = ANY($4) AND t.partition = ANY($2))"
         )))
         .bind(node.0)
         .bind(partitions)
         .bind(running)
+        .bind(live)
         .fetch_all(&mut *tx)
         .traced("SELECT tasks task_heads")
         .await
