@@ -297,12 +297,16 @@ impl Controller {
             }
             self.connect().await?;
         }
-        let claim_due = self
-            .last_claim
-            .is_none_or(|t| t.elapsed() >= self.settings.claim_interval());
-        if claim_due {
+        let now = Instant::now();
+        if claim_due(
+            self.last_claim,
+            now,
+            self.settings.claim_interval(),
+            self.settings.tick(),
+        ) {
+            // A failed round is tried again at the next tick.
             self.claim_round().await?;
-            self.last_claim = Some(Instant::now());
+            self.last_claim = Some(now);
         }
         let watermark = self.store.watermark().await?;
         let scope = self.checks.tick_scope(watermark);
@@ -493,4 +497,45 @@ fn consumed(update: &TaskUpdate) {
         update.traceparent.as_deref(),
     )
     .entered();
+}
+
+/// Whether a claim round is due at the tick `now`, the last one having started at
+/// `last`. Rounds run on ticks, so the interval is measured between ticks with half a
+/// tick's slack: measured from the end of the last round, or against a tick that fired
+/// a little early, 500 ms came out as three ticks of 250 ms, not two, and a dead peer's
+/// partitions waited 250 ms longer to be taken over.
+fn claim_due(last: Option<Instant>, now: Instant, interval: Duration, tick: Duration) -> bool {
+    last.is_none_or(|t| now.saturating_duration_since(t) + tick / 2 >= interval)
+}
+
+#[cfg(test)]
+mod claim_due_tests {
+    use super::claim_due;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    const TICK: Duration = Duration::from_millis(250);
+    const INTERVAL: Duration = Duration::from_millis(500);
+
+    #[test]
+    fn the_first_round_is_due_at_once() {
+        assert!(claim_due(None, Instant::now(), INTERVAL, TICK));
+    }
+
+    #[test]
+    fn a_round_is_due_every_interval_of_ticks_even_on_an_early_tick() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        assert!(!claim_due(Some(start), at(250), INTERVAL, TICK));
+        // Two ticks later, a few milliseconds short of the interval.
+        assert!(claim_due(Some(start), at(497), INTERVAL, TICK));
+        assert!(claim_due(Some(start), at(500), INTERVAL, TICK));
+    }
+
+    #[test]
+    fn a_tick_longer_than_the_interval_claims_every_tick() {
+        let start = Instant::now();
+        let tick = Duration::from_millis(1_000);
+        assert!(claim_due(Some(start), start + tick, INTERVAL, tick));
+    }
 }
