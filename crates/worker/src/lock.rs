@@ -89,28 +89,6 @@ impl LockSession {
         Ok(())
     }
 
-    /// Takes `key` if free. A key this session already holds answers true without
-    /// locking again.
-    ///
-    /// # Errors
-    /// When the session fails.
-    pub async fn try_lock(&mut self, key: Key) -> Result<bool, LockError> {
-        if self.held.contains(&key) {
-            return Ok(true);
-        }
-        let q = sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1, $2)")
-            .bind(key.0)
-            .bind(key.1);
-        let timeout = self.timeout;
-        let got = tokio::time::timeout(timeout, q.fetch_one(&mut self.conn))
-            .await
-            .map_err(|_| LockError::Timeout(timeout))??;
-        if got {
-            self.held.insert(key);
-        }
-        Ok(got)
-    }
-
     /// Takes every free key of `keys` in one statement, and answers the keys this
     /// session holds afterwards (those it already held included). A node taking over a
     /// dead peer's partitions tries dozens at once; one round trip each made a loaded

@@ -31,7 +31,6 @@ use crate::settings::LockSettings;
 const QUEUE: usize = 64;
 
 enum Request {
-    TryLock(Key, oneshot::Sender<Result<bool, LockError>>),
     TryLockMany(Vec<Key>, oneshot::Sender<Result<Vec<Key>, LockError>>),
     Unlock(Key, oneshot::Sender<Result<(), LockError>>),
     HeldElsewhere(Key, oneshot::Sender<Result<bool, LockError>>),
@@ -59,7 +58,7 @@ impl LockClient {
     /// # Errors
     /// When the session fails, or is already gone.
     pub async fn try_lock(&self, key: Key) -> Result<bool, LockError> {
-        self.ask(|tx| Request::TryLock(key, tx)).await?
+        Ok(self.try_lock_many(vec![key]).await?.contains(&key))
     }
 
     /// Takes every free key of `keys` in one round trip; answers the keys held
@@ -231,12 +230,6 @@ async fn run(
 /// refusal, such as an unlock of a key not held, is the caller's answer).
 async fn serve(session: &mut LockSession, request: Request) -> Result<(), LockError> {
     match request {
-        Request::TryLock(key, reply) => {
-            let got = session.try_lock(key).await;
-            let failed = session_failed(&got);
-            let _ = reply.send(got);
-            failed
-        }
         Request::TryLockMany(keys, reply) => {
             let got = session.try_lock_many(&keys).await;
             let failed = session_failed(&got);
