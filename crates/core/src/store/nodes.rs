@@ -310,6 +310,7 @@ impl Store {
         let live: Vec<uuid::Uuid> =
             sqlx::query_scalar("SELECT task_id FROM task_heads WHERE pod_state <> 'none'")
                 .fetch_all(&mut *tx)
+                .traced("SELECT task_heads")
                 .await
                 .map_err(from_sqlx)?;
         let rows: Vec<CandidateRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
