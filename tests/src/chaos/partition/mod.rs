@@ -19,6 +19,7 @@
 //! replica's store bound, serving again within 5 s of the heal. Figures are printed;
 //! only the bounds are asserted.
 
+pub mod diagnose;
 pub mod margin;
 pub mod monitor;
 pub mod probe;
@@ -189,6 +190,9 @@ pub struct PartitionOutcome {
     pub acked: usize,
     pub timings: Laps,
     pub report: Report,
+    /// Printed after the report when something failed: the server's sessions at the
+    /// failed waits, the members' logs ([`diagnose`]).
+    pub diagnostics: Vec<String>,
 }
 
 impl PartitionOutcome {
@@ -249,6 +253,10 @@ impl PartitionOutcome {
         let _ = writeln!(out, "client history: {}", self.history);
         let _ = writeln!(out, "timings: {}", self.timings.render());
         out.push_str(&self.report.render(5));
+        for section in &self.diagnostics {
+            out.push('\n');
+            out.push_str(section);
+        }
         out
     }
 }
@@ -345,6 +353,7 @@ pub async fn run(config: &PartitionConfig) -> anyhow::Result<PartitionOutcome> {
     cluster.cut(victim_name, config.kind).await?;
     let mut prober = Prober::default();
     let mut api = ApiFigures::default();
+    let mut diagnostics = Vec::new();
     let stop_probing = CancellationToken::new();
     match config.target {
         Target::Api => {
@@ -387,6 +396,11 @@ pub async fn run(config: &PartitionConfig) -> anyhow::Result<PartitionOutcome> {
                 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
+                if monitor.latest().is_none_or(|s| s.new_owned == 0) {
+                    diagnostics.push(
+                        diagnose::sessions(cluster.pool(), "when the rejoin wait ran out").await,
+                    );
+                }
             }
         }
     }
@@ -414,6 +428,10 @@ pub async fn run(config: &PartitionConfig) -> anyhow::Result<PartitionOutcome> {
     let caught_up = tokio::time::Instant::now() + Duration::from_secs(15);
     while all_tasks.progress() != versions && tokio::time::Instant::now() < caught_up {
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if all_tasks.progress() != versions {
+        diagnostics
+            .push(diagnose::sessions(cluster.pool(), "when WatchTasks had not caught up").await);
     }
     stop_watching.cancel();
     let all_tasks = all_tasks.finish().await;
@@ -586,6 +604,15 @@ pub async fn run(config: &PartitionConfig) -> anyhow::Result<PartitionOutcome> {
             }
         }
     };
+    if !report.is_clean() {
+        let mut members = vec![config.victim(), list_replica];
+        members.dedup();
+        for member in members {
+            if let Ok(m) = cluster.worker(member).or_else(|_| cluster.api(member)) {
+                diagnostics.push(diagnose::log_excerpt(member, m.process().log_path(), 60));
+            }
+        }
+    }
     timings.lap("check");
     drop(cluster);
     timings.lap("teardown");
@@ -597,6 +624,7 @@ pub async fn run(config: &PartitionConfig) -> anyhow::Result<PartitionOutcome> {
         acked,
         timings,
         report,
+        diagnostics,
     })
 }
 
