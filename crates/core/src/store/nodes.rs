@@ -302,9 +302,12 @@ impl Store {
         running: &[TaskId],
     ) -> Result<Vec<PodCandidate>, Error> {
         let running: Vec<uuid::Uuid> = running.iter().map(TaskId::as_uuid).collect();
-        let mut tx = self.pool.begin().await.map_err(from_sqlx)?;
+        // Every step bounded like any other statement: a worker cut from Postgres gives
+        // up on the check instead of waiting for TCP, and its connection is suspect.
+        let mut tx = self.pool.begin().traced("BEGIN").await.map_err(from_sqlx)?;
         sqlx::query("SET LOCAL enable_seqscan = off")
             .execute(&mut *tx)
+            .traced("SET LOCAL")
             .await
             .map_err(from_sqlx)?;
         let live: Vec<uuid::Uuid> =
@@ -327,7 +330,7 @@ impl Store {
         .await
         .map_err(from_sqlx)?;
         // Read-only: ending it either way only resets the setting.
-        tx.rollback().await.map_err(from_sqlx)?;
+        tx.rollback().traced("ROLLBACK").await.map_err(from_sqlx)?;
         rows.into_iter().map(candidate).collect()
     }
 
