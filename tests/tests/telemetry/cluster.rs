@@ -170,6 +170,50 @@ async fn completed(cluster: &Cluster, tasks: &[Started]) {
     }
 }
 
+/// Waits until the receiver holds every span `check` wants of the finished `tasks`,
+/// and of `held` (still running at `epoch`) its claim and the spans its events name.
+async fn exported_before_the_kill(
+    receiver: &Receiver,
+    client: &mut Client,
+    tasks: &[Started],
+    held: &Started,
+    epoch: i64,
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let spans = receiver.spans();
+        let mut problems = Vec::new();
+        for t in tasks {
+            let events = fetch_events(client, &t.task_id).await;
+            problems.extend(check(t, &events, &spans, None));
+        }
+        let events = fetch_events(client, &held.task_id).await;
+        problems.extend(stored_contexts_exported(&events, &spans));
+        let claimed = spans.iter().any(|s| {
+            s.service == WORKER
+                && s.span.name == "taskpod.pod.claim"
+                && s.attr("task_id").as_deref() == Some(held.task_id.as_str())
+                && s.attr("taskpod.epoch") == Some(epoch.to_string())
+        });
+        if !claimed {
+            problems.push(format!(
+                "no claim span of {} at epoch {epoch}",
+                held.task_id
+            ));
+        }
+        if problems.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "before the kill, {} problems:\n{}",
+            problems.len(),
+            problems.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn fetch_events(c: &mut Client, task: &str) -> Vec<v1::Event> {
     taskpod_e2e::api::task_events(c, task)
         .await
@@ -369,8 +413,11 @@ async fn every_task_path_is_one_trace_at_default_worker_settings() {
         .find(|w| w.node_id() == owner.as_deref())
         .map(|w| w.name().to_owned())
         .expect("a worker runs the held task");
-    // What it exported so far is what the trace keeps of it.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // What it exported so far is what the trace keeps of it: wait until that is every
+    // span of the finished tasks and, of the held one, its claim and the spans its
+    // events name. A fixed pause was not enough on two loaded cores (CI of
+    // 2026-12-07): the exporter trailed, and the SIGKILL lost what it still held.
+    exported_before_the_kill(&receiver, &mut clients[1], &tasks, &held, running.epoch).await;
     cluster.worker_mut(&victim).unwrap().kill().await.unwrap();
     wait_head(&cluster, &held.task_id, "adopted", |h| {
         h.epoch > running.epoch && h.pod_state == "running"
