@@ -170,6 +170,44 @@ async fn completed(cluster: &Cluster, tasks: &[Started]) {
     }
 }
 
+/// Asks `problems` every `every` until it finds none; past `within` the test fails
+/// with the last list, headed by `what`.
+async fn until_clean(
+    what: &str,
+    within: Duration,
+    every: Duration,
+    mut problems: impl AsyncFnMut() -> Vec<String>,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let found = problems().await;
+        if found.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}{} problems:\n{}",
+            found.len(),
+            found.join("\n")
+        );
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// What `check` finds wrong with each of the finished `tasks`.
+async fn finished_problems(
+    client: &mut Client,
+    tasks: &[Started],
+    spans: &[ReceivedSpan],
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for t in tasks {
+        let events = fetch_events(client, &t.task_id).await;
+        problems.extend(check(t, &events, spans, None));
+    }
+    problems
+}
+
 /// Waits until the receiver holds every span `check` wants of the finished `tasks`,
 /// and of `held` (still running at `epoch`) its claim and the spans its events name.
 async fn exported_before_the_kill(
@@ -179,39 +217,31 @@ async fn exported_before_the_kill(
     held: &Started,
     epoch: i64,
 ) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let spans = receiver.spans();
-        let mut problems = Vec::new();
-        for t in tasks {
-            let events = fetch_events(client, &t.task_id).await;
-            problems.extend(check(t, &events, &spans, None));
-        }
-        let events = fetch_events(client, &held.task_id).await;
-        problems.extend(stored_contexts_exported(&events, &spans));
-        let claimed = spans.iter().any(|s| {
-            s.service == WORKER
-                && s.span.name == "taskpod.pod.claim"
-                && s.attr("task_id").as_deref() == Some(held.task_id.as_str())
-                && s.attr("taskpod.epoch") == Some(epoch.to_string())
-        });
-        if !claimed {
-            problems.push(format!(
-                "no claim span of {} at epoch {epoch}",
-                held.task_id
-            ));
-        }
-        if problems.is_empty() {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "before the kill, {} problems:\n{}",
-            problems.len(),
-            problems.join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_clean(
+        "before the kill, ",
+        WAIT,
+        Duration::from_millis(100),
+        async || {
+            let spans = receiver.spans();
+            let mut problems = finished_problems(client, tasks, &spans).await;
+            let events = fetch_events(client, &held.task_id).await;
+            problems.extend(stored_contexts_exported(&events, &spans));
+            let claimed = spans.iter().any(|s| {
+                s.service == WORKER
+                    && s.span.name == "taskpod.pod.claim"
+                    && s.attr("task_id").as_deref() == Some(held.task_id.as_str())
+                    && s.attr("taskpod.epoch") == Some(epoch.to_string())
+            });
+            if !claimed {
+                problems.push(format!(
+                    "no claim span of {} at epoch {epoch}",
+                    held.task_id
+                ));
+            }
+            problems
+        },
+    )
+    .await;
 }
 
 async fn fetch_events(c: &mut Client, task: &str) -> Vec<v1::Event> {
@@ -427,25 +457,18 @@ async fn every_task_path_is_one_trace_at_default_worker_settings() {
     completed(&cluster, std::slice::from_ref(&held)).await;
 
     // What the receiver got (the exporters send every 100 ms).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let spans = receiver.spans();
-        let mut problems = Vec::new();
-        for t in &tasks {
-            let events = fetch_events(&mut clients[1], &t.task_id).await;
-            problems.extend(check(t, &events, &spans, None));
-        }
-        let events = fetch_events(&mut clients[1], &held.task_id).await;
-        problems.extend(check(&held, &events, &spans, Some(running.epoch)));
-        if problems.is_empty() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} problems:\n{}",
-            problems.len(),
-            problems.join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let client = &mut clients[1];
+    until_clean(
+        "",
+        Duration::from_secs(10),
+        Duration::from_millis(500),
+        async || {
+            let spans = receiver.spans();
+            let mut problems = finished_problems(client, &tasks, &spans).await;
+            let events = fetch_events(client, &held.task_id).await;
+            problems.extend(check(&held, &events, &spans, Some(running.epoch)));
+            problems
+        },
+    )
+    .await;
 }
