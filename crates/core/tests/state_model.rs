@@ -255,6 +255,11 @@ fn apply(state: &TaskState, step: &Step) -> Result<Outcome, TestCaseError> {
 
 /// What must hold of every state.
 fn check_state(s: &TaskState) -> Result<(), TestCaseError> {
+    prop_assert!(
+        s.status.holds_phase(s.phase),
+        "a phase its status cannot hold: {:?}",
+        s
+    );
     let terminal_phase = match s.status {
         Status::Completed => Some(Phase::Completed),
         Status::Cancelled => Some(Phase::Cancelled),

@@ -130,6 +130,16 @@ async fn every_filter_and_ordering_matches_the_model(_: PgPoolOptions, opts: PgC
             phases: vec![Phase::Planning],
             ..Default::default()
         },
+        // Pruned to the one status that holds the phase, and to none.
+        TaskFilter {
+            phases: vec![Phase::Cancelled],
+            ..Default::default()
+        },
+        TaskFilter {
+            statuses: vec![Status::Active],
+            phases: vec![Phase::Cancelled],
+            ..Default::default()
+        },
         TaskFilter {
             kinds: vec!["sleep".into()],
             ..Default::default()

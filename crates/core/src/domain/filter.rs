@@ -346,6 +346,53 @@ impl FilterExpr {
         }
     }
 
+    /// The expression's value for any task with this status and phase, when those two
+    /// decide it; `None` when it also depends on fields they do not fix. Three-valued
+    /// (Kleene) logic, so `Some` is exact: every task with this status and phase
+    /// [`matches`](Self::matches) exactly when the answer is `Some(true)`. A listing
+    /// uses it to leave out the statuses no matching task can have.
+    pub fn decided_by(&self, status: Status, phase: Phase) -> Option<bool> {
+        match self {
+            FilterExpr::And(items) => {
+                let mut all_true = true;
+                for item in items {
+                    match item.decided_by(status, phase) {
+                        Some(false) => return Some(false),
+                        Some(true) => {}
+                        None => all_true = false,
+                    }
+                }
+                all_true.then_some(true)
+            }
+            FilterExpr::Or(items) => {
+                let mut all_false = true;
+                for item in items {
+                    match item.decided_by(status, phase) {
+                        Some(true) => return Some(true),
+                        Some(false) => {}
+                        None => all_false = false,
+                    }
+                }
+                all_false.then_some(false)
+            }
+            FilterExpr::Not(inner) => inner.decided_by(status, phase).map(|b| !b),
+            FilterExpr::Compare { field, op, value } => {
+                if !field.allows(*op) || !field.accepts(value) {
+                    return Some(false);
+                }
+                match (field, value) {
+                    (FilterField::Status, FilterValue::Status(s)) => {
+                        Some(op.holds(eq_ordering(status == *s)))
+                    }
+                    (FilterField::Phase, FilterValue::Phase(p)) => {
+                        Some(op.holds(eq_ordering(phase == *p)))
+                    }
+                    _ => None,
+                }
+            }
+        }
+    }
+
     /// Whether any comparison in the expression names `field`.
     pub fn mentions(&self, field: FilterField) -> bool {
         match self {
@@ -1377,6 +1424,26 @@ mod tests {
     }
 
     #[test]
+    fn status_and_phase_decide_only_what_they_fix() {
+        let decided = |f: &str| p(f).decided_by(Status::Active, Phase::Review);
+        assert_eq!(decided("phase = review"), Some(true));
+        assert_eq!(decided("phase = completed"), Some(false));
+        assert_eq!(decided("status != active OR kind = x"), None);
+        assert_eq!(decided("status = completed kind = x"), Some(false));
+        assert_eq!(decided("NOT (status = active OR kind = x)"), Some(false));
+        assert_eq!(decided("kind = x OR NOT phase = planning"), Some(true));
+        assert_eq!(decided("priority > 1"), None);
+        assert_eq!(
+            And(vec![]).decided_by(Status::Active, Phase::Review),
+            Some(true)
+        );
+        assert_eq!(
+            Or(vec![]).decided_by(Status::Active, Phase::Review),
+            Some(false)
+        );
+    }
+
+    #[test]
     fn serde_round_trip() {
         let e = p("NOT (status = active OR created_at > '2024-05-01T00:00:00Z') priority >= 1");
         let json = serde_json::to_string(&e).unwrap();
@@ -1503,6 +1570,24 @@ mod tests {
             let text = e.to_string();
             prop_assume!(text.len() <= MAX_BYTES);
             prop_assert_eq!(parse(&text).unwrap(), Some(e), "canonical text {}", text);
+        }
+
+        #[test]
+        fn decided_by_status_and_phase_is_what_matches_says(
+            e in expr(),
+            status in prop::sample::select(Status::ALL),
+            phase in prop::sample::select(Phase::ALL),
+            kind in prop::sample::select(vec!["manual", "sleep", ""]),
+            priority in -3i32..3,
+        ) {
+            let mut t = task();
+            t.status = status;
+            t.phase = phase;
+            t.kind = kind.to_owned();
+            t.priority = priority;
+            if let Some(decided) = e.decided_by(status, phase) {
+                prop_assert_eq!(decided, e.matches(&t), "{}", e);
+            }
         }
 
         #[test]

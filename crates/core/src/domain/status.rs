@@ -74,6 +74,19 @@ impl Status {
     pub fn is_terminal(&self) -> bool {
         matches!(self, Status::Completed | Status::Cancelled | Status::Failed)
     }
+
+    /// Whether a task in this status can be in `phase`: a terminal status has the phase
+    /// of its name, a live one any working phase. The state table keeps this for every
+    /// task (`tests/state_model.rs`), and listings rely on it to skip the statuses a
+    /// phase filter rules out.
+    pub fn holds_phase(&self, phase: Phase) -> bool {
+        match self {
+            Status::Completed => phase == Phase::Completed,
+            Status::Cancelled => phase == Phase::Cancelled,
+            Status::Failed => phase == Phase::Failed,
+            Status::Inactive | Status::Active => !phase.is_terminal(),
+        }
+    }
 }
 
 string_enum! {
