@@ -207,6 +207,44 @@ async fn updates_reach_subscribers_of_every_channel_they_name() {
     stop(publisher, tracker, settings.timeout()).await;
 }
 
+/// Workers are the partition channels' only readers, and a task created inactive has
+/// nothing for them: its creation goes to its task's channel and `tasks` only.
+#[tokio::test]
+async fn an_inactive_creation_skips_the_partition_channel() {
+    let redis = Redis::start(free_port());
+    let settings = BusSettings::with_url(redis.url());
+    let mut both = tasks_channel();
+    both.insert(channels::partition(7));
+    let mut listener = Listener::start(&settings, both).await;
+    let (publisher, tracker) = publisher(&settings);
+    listener
+        .publish_until_received(&publisher, TaskId::new(), 0..50)
+        .await;
+    let (created, started) = (TaskId::new(), TaskId::new());
+    let creation = TaskUpdate {
+        status: Status::Inactive,
+        phase: Phase::SpecClarification,
+        event_type: "task_created".into(),
+        epoch: 0,
+        ..update(created, 1)
+    };
+    publisher.publish(&[creation, update(started, 3)]);
+    // In publish order: the creation on `tasks`, then the other on partition 7.
+    let mut seen = Vec::new();
+    loop {
+        let (channel, u) = next_message(&mut listener.rx).await;
+        if u.task_id == started && channel == channels::partition(7) {
+            break;
+        }
+        if u.task_id == created {
+            seen.push(channel);
+        }
+    }
+    assert_eq!(seen, [channels::TASKS.to_owned()]);
+    listener.stop().await;
+    stop(publisher, tracker, settings.timeout()).await;
+}
+
 #[tokio::test]
 async fn redis_going_away_costs_writers_nothing_and_subscribers_reconnect() {
     let port = free_port();

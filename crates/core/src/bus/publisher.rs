@@ -73,7 +73,8 @@ struct Shared {
 #[derive(Debug)]
 struct Queued {
     task_id: TaskId,
-    partition: i32,
+    /// The partition's channel, for an update a worker may act on.
+    partition: Option<i32>,
     payload: Vec<u8>,
     span: Span,
 }
@@ -136,7 +137,8 @@ impl Publisher {
             .map_or(0, |h| h.shared.dropped.load(Ordering::Relaxed))
     }
 
-    /// Queues each update for its task's channel, its partition's channel and `tasks`,
+    /// Queues each update for its task's channel, its partition's channel (unless no
+    /// worker can act on it: [`TaskUpdate::may_concern_a_worker`]) and `tasks`,
     /// inside a PRODUCER span (a child of the writer's span, ended once sent or
     /// dropped). Never waits and never fails: a lost update is repaired by the readers'
     /// paths to Postgres, and counted.
@@ -152,7 +154,7 @@ impl Publisher {
             .filter_map(|u| {
                 Some(Queued {
                     task_id: u.task_id,
-                    partition: u.partition,
+                    partition: u.may_concern_a_worker().then_some(u.partition),
                     payload: serde_json::to_vec(u).ok()?,
                     span: span.clone(),
                 })
@@ -306,8 +308,10 @@ impl Sender {
         let mut pipe = redis::pipe();
         for u in batch {
             pipe.publish(channels::task(u.task_id), &u.payload).ignore();
-            pipe.publish(channels::partition(u.partition), &u.payload)
-                .ignore();
+            if let Some(partition) = u.partition {
+                pipe.publish(channels::partition(partition), &u.payload)
+                    .ignore();
+            }
             pipe.publish(channels::TASKS, &u.payload).ignore();
         }
         db_call(
