@@ -40,6 +40,7 @@ pub const METHODS: &[&str] = &[
     "taskpod.v1.TaskService/StopPod",
     "taskpod.v1.TaskService/RestartPod",
     "taskpod.v1.TaskService/ListActivePods",
+    "taskpod.v1.TaskService/ListNodes",
     "taskpod.v1.TaskService/CompleteTask",
     "taskpod.v1.TaskService/CancelTask",
     "taskpod.v1.TaskService/TransitionPhase",

@@ -418,6 +418,26 @@ impl TaskService for TaskApi {
         }))
     }
 
+    async fn list_nodes(&self, _: Request<v1::ListNodesRequest>) -> Reply<v1::ListNodesResponse> {
+        let nodes = self.store.node_summaries().await.map_err(plain)?;
+        Ok(Response::new(v1::ListNodesResponse {
+            nodes: nodes
+                .into_iter()
+                .map(|n| v1::Node {
+                    node_id: n.node_id.to_string(),
+                    name: n.name,
+                    started_at: Some(convert::timestamp(n.started_at)),
+                    heartbeat_at: Some(convert::timestamp(n.heartbeat_at)),
+                    capacity: n.capacity,
+                    kinds: n.kinds,
+                    programs: n.programs,
+                    partitions: i32::try_from(n.partitions).unwrap_or(i32::MAX),
+                    pods: i32::try_from(n.pods).unwrap_or(i32::MAX),
+                })
+                .collect(),
+        }))
+    }
+
     async fn complete_task(
         &self,
         req: Request<v1::CompleteTaskRequest>,

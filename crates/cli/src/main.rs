@@ -31,6 +31,7 @@ use tracing_subscriber::EnvFilter;
 
 use commands::completions::CompletionsArgs;
 use commands::health::HealthArgs;
+use commands::node::NodeCommand;
 use commands::pod::PodCommand;
 use commands::task::TaskCommand;
 use taskpod_bench::BenchError;
@@ -64,6 +65,9 @@ enum Command {
     /// Starts, stops, restarts and lists pods (a task's live runtime on a worker)
     #[command(subcommand)]
     Pod(PodCommand),
+    /// Lists the workers: what each offers, owns and runs
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Asks a server's gRPC health service whether it serves (API or worker health
     /// port; no token needed); exits 0 only for SERVING
     Health(HealthArgs),
@@ -117,6 +121,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pod(command) => {
             let ctx = commands::Context::new(cli.global)?;
             commands::pod::run(&ctx, command).await?;
+        }
+        Command::Node(command) => {
+            let ctx = commands::Context::new(cli.global)?;
+            commands::node::run(&ctx, command).await?;
         }
         Command::Health(args) => commands::health::run(&cli.global, &args).await?,
         Command::Completions(args) => commands::completions::run(&args, Cli::command())?,

@@ -83,7 +83,7 @@ fn pod_state_name(raw: i32) -> String {
 }
 
 /// RFC 3339 in UTC with second precision, e.g. `2025-11-25T17:33:00Z`.
-fn time(t: Option<&prost_types::Timestamp>) -> Option<String> {
+pub fn time(t: Option<&prost_types::Timestamp>) -> Option<String> {
     let t = convert::from_timestamp("time", t?).ok()?;
     Some(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
 }

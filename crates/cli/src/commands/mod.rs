@@ -1,4 +1,5 @@
-//! The client commands, one module per noun (`taskpod task ...`, `taskpod pod ...`),
+//! The client commands, one module per noun (`taskpod task ...`, `taskpod pod ...`,
+//! `taskpod node ...`),
 //! shaped like kubectl's and temporal's: noun, verb, arguments; plus `health`, the
 //! probe containers and the Helm test run.
 //!
@@ -7,6 +8,7 @@
 
 pub mod completions;
 pub mod health;
+pub mod node;
 pub mod pod;
 pub mod task;
 

@@ -25,6 +25,22 @@ pub struct NodeInfo {
     pub heartbeat_at: DateTime<Utc>,
 }
 
+/// A registered node as ListNodes shows it: what it offers, owns and runs now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeSummary {
+    pub node_id: NodeId,
+    pub name: String,
+    pub started_at: DateTime<Utc>,
+    pub heartbeat_at: DateTime<Utc>,
+    pub capacity: i32,
+    pub kinds: Vec<String>,
+    pub programs: Vec<String>,
+    /// Partitions whose claim names it.
+    pub partitions: i64,
+    /// Live pods (minted, running or stopping) it owns.
+    pub pods: i64,
+}
+
 /// A partition row.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PartitionInfo {
@@ -218,6 +234,54 @@ impl Store {
                 kinds: r.4,
                 programs: r.5,
                 heartbeat_at: r.6,
+            })
+            .collect())
+    }
+
+    /// Every registered node with its partitions and live pods, by name. Each count is
+    /// one probe of an index per node (the partitions' rows are a few hundred; the pods
+    /// come from the live-pods partial index), so a listing costs the same whatever the
+    /// number of tasks.
+    ///
+    /// # Errors
+    /// [`Error::StoreUnavailable`].
+    #[instrument(skip_all)]
+    pub async fn node_summaries(&self) -> Result<Vec<NodeSummary>, Error> {
+        type Row = (
+            uuid::Uuid,
+            String,
+            DateTime<Utc>,
+            DateTime<Utc>,
+            i32,
+            Vec<String>,
+            Vec<String>,
+            i64,
+            i64,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT n.node_id, n.name, n.started_at, n.heartbeat_at, n.capacity, n.kinds, \
+                    n.programs, \
+                    (SELECT count(*) FROM partitions p WHERE p.owner_node = n.node_id), \
+                    (SELECT count(*) FROM task_heads h \
+                      WHERE h.owner_node = n.node_id AND h.pod_state <> 'none') \
+               FROM nodes n ORDER BY n.name, n.started_at, n.node_id",
+        )
+        .fetch_all(&self.pool)
+        .traced("SELECT nodes partitions task_heads")
+        .await
+        .map_err(from_sqlx)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| NodeSummary {
+                node_id: NodeId(r.0),
+                name: r.1,
+                started_at: r.2,
+                heartbeat_at: r.3,
+                capacity: r.4,
+                kinds: r.5,
+                programs: r.6,
+                partitions: r.7,
+                pods: r.8,
             })
             .collect())
     }
