@@ -342,7 +342,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(defined, 15);
+        assert_eq!(defined, 16);
         assert_eq!(
             method_of("/grpc.health.v1.Health/Check"),
             "grpc.health.v1.Health/Check"
