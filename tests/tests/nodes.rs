@@ -3,42 +3,40 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use taskpod_e2e::cli::Taskpod;
 use taskpod_e2e::cluster::{Cluster, ClusterSpec};
+use taskpod_e2e::eventually;
 use taskpod_proto::v1;
 
-const WAIT: Duration = Duration::from_secs(60);
 const PARTITIONS: i32 = 256;
 const PODS: usize = 6;
 
-/// The nodes by name once `settled` holds of them, or a failure naming the last answer.
+/// The nodes by name, as api1 lists them.
+async fn nodes(cluster: &Cluster) -> BTreeMap<String, v1::Node> {
+    let mut client = cluster.api("api1").unwrap().client().unwrap();
+    client
+        .list_nodes(v1::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes
+        .into_iter()
+        .map(|n| (n.name.clone(), n))
+        .collect()
+}
+
+/// The nodes once `settled` holds of them (the cluster is quiet by then, so the answer
+/// read after it still holds).
 async fn nodes_when(
     cluster: &Cluster,
-    settled: impl Fn(&BTreeMap<String, v1::Node>) -> bool,
+    what: &str,
+    settled: impl Fn(&BTreeMap<String, v1::Node>) -> bool + Copy,
 ) -> BTreeMap<String, v1::Node> {
-    let mut client = cluster.api("api1").unwrap().client().unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let nodes: BTreeMap<String, v1::Node> = client
-            .list_nodes(v1::ListNodesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .nodes
-            .into_iter()
-            .map(|n| (n.name.clone(), n))
-            .collect();
-        if settled(&nodes) {
-            return nodes;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "ListNodes never settled: {nodes:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(what, || async move { settled(&nodes(cluster).await) }).await;
+    let now = nodes(cluster).await;
+    assert!(settled(&now), "{what}, then not: {now:#?}");
+    now
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,12 +62,16 @@ async fn list_nodes_shows_each_worker_with_its_partitions_and_pods() {
             .await
             .unwrap();
     }
-    let both = nodes_when(&cluster, |nodes| {
-        nodes.len() == 2
-            && nodes.values().map(|n| n.partitions).sum::<i32>() == PARTITIONS
-            && nodes.values().all(|n| n.partitions > 0)
-            && nodes.values().map(|n| n.pods as usize).sum::<usize>() == PODS
-    })
+    let both = nodes_when(
+        &cluster,
+        "both workers own partitions and hold the pods",
+        |nodes| {
+            nodes.len() == 2
+                && nodes.values().map(|n| n.partitions).sum::<i32>() == PARTITIONS
+                && nodes.values().all(|n| n.partitions > 0)
+                && nodes.values().map(|n| n.pods as usize).sum::<usize>() == PODS
+        },
+    )
     .await;
     for name in ["w1", "w2"] {
         let node = &both[name];
@@ -108,12 +110,16 @@ async fn list_nodes_shows_each_worker_with_its_partitions_and_pods() {
     // A killed worker's pods are adopted: the survivor holds them all, and its peer's
     // incarnation leaves the listing with the partitions it owned.
     cluster.worker_mut("w2").unwrap().kill().await.unwrap();
-    let survivor = nodes_when(&cluster, |nodes| {
-        nodes.len() == 1
-            && nodes
-                .get("w1")
-                .is_some_and(|n| n.partitions == PARTITIONS && n.pods as usize == PODS)
-    })
+    let survivor = nodes_when(
+        &cluster,
+        "w1 alone holds every partition and pod",
+        |nodes| {
+            nodes.len() == 1
+                && nodes
+                    .get("w1")
+                    .is_some_and(|n| n.partitions == PARTITIONS && n.pods as usize == PODS)
+        },
+    )
     .await;
     assert_eq!(survivor["w1"].node_id, both["w1"].node_id);
 }

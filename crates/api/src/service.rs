@@ -424,13 +424,13 @@ impl TaskService for TaskApi {
             nodes: nodes
                 .into_iter()
                 .map(|n| v1::Node {
-                    node_id: n.node_id.to_string(),
-                    name: n.name,
+                    node_id: n.node.node_id.to_string(),
+                    name: n.node.name,
                     started_at: Some(convert::timestamp(n.started_at)),
-                    heartbeat_at: Some(convert::timestamp(n.heartbeat_at)),
-                    capacity: n.capacity,
-                    kinds: n.kinds,
-                    programs: n.programs,
+                    heartbeat_at: Some(convert::timestamp(n.node.heartbeat_at)),
+                    capacity: n.node.capacity,
+                    kinds: n.node.kinds,
+                    programs: n.node.programs,
                     partitions: i32::try_from(n.partitions).unwrap_or(i32::MAX),
                     pods: i32::try_from(n.pods).unwrap_or(i32::MAX),
                 })

@@ -353,28 +353,8 @@ impl FilterExpr {
     /// uses it to leave out the statuses no matching task can have.
     pub fn decided_by(&self, status: Status, phase: Phase) -> Option<bool> {
         match self {
-            FilterExpr::And(items) => {
-                let mut all_true = true;
-                for item in items {
-                    match item.decided_by(status, phase) {
-                        Some(false) => return Some(false),
-                        Some(true) => {}
-                        None => all_true = false,
-                    }
-                }
-                all_true.then_some(true)
-            }
-            FilterExpr::Or(items) => {
-                let mut all_false = true;
-                for item in items {
-                    match item.decided_by(status, phase) {
-                        Some(true) => return Some(true),
-                        Some(false) => {}
-                        None => all_false = false,
-                    }
-                }
-                all_false.then_some(false)
-            }
+            FilterExpr::And(items) => kleene(items, false, status, phase),
+            FilterExpr::Or(items) => kleene(items, true, status, phase),
             FilterExpr::Not(inner) => inner.decided_by(status, phase).map(|b| !b),
             FilterExpr::Compare { field, op, value } => {
                 if !field.allows(*op) || !field.accepts(value) {
@@ -420,6 +400,21 @@ fn compare(field: FilterField, op: CompareOp, value: &FilterValue, task: &Task) 
         _ => return false,
     };
     op.holds(ordering)
+}
+
+/// A junction in three-valued logic: `dominant` (false for AND, true for OR) as soon as
+/// one operand is decided so; the other value when every operand is decided; else
+/// unknown.
+fn kleene(items: &[FilterExpr], dominant: bool, status: Status, phase: Phase) -> Option<bool> {
+    let mut all_decided = true;
+    for item in items {
+        match item.decided_by(status, phase) {
+            Some(value) if value == dominant => return Some(dominant),
+            Some(_) => {}
+            None => all_decided = false,
+        }
+    }
+    all_decided.then_some(!dominant)
 }
 
 /// For fields compared only with `=` and `!=`: any non-equal ordering will do.

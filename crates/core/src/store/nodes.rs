@@ -28,17 +28,41 @@ pub struct NodeInfo {
 /// A registered node as ListNodes shows it: what it offers, owns and runs now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeSummary {
-    pub node_id: NodeId,
-    pub name: String,
+    pub node: NodeInfo,
     pub started_at: DateTime<Utc>,
-    pub heartbeat_at: DateTime<Utc>,
-    pub capacity: i32,
-    pub kinds: Vec<String>,
-    pub programs: Vec<String>,
     /// Partitions whose claim names it.
     pub partitions: i64,
     /// Live pods (minted, running or stopping) it owns.
     pub pods: i64,
+}
+
+/// A `nodes` row as [`NODE_COLUMNS`] reads it.
+type NodeRow = (
+    uuid::Uuid,
+    String,
+    i32,
+    i32,
+    Vec<String>,
+    Vec<String>,
+    DateTime<Utc>,
+);
+
+/// The columns of [`NodeInfo`], of `nodes n`.
+const NODE_COLUMNS: &str =
+    "n.node_id, n.name, n.lock_key, n.capacity, n.kinds, n.programs, n.heartbeat_at";
+
+impl From<NodeRow> for NodeInfo {
+    fn from(r: NodeRow) -> Self {
+        Self {
+            node_id: NodeId(r.0),
+            name: r.1,
+            lock_key: r.2,
+            capacity: r.3,
+            kinds: r.4,
+            programs: r.5,
+            heartbeat_at: r.6,
+        }
+    }
 }
 
 /// A partition row.
@@ -209,33 +233,14 @@ impl Store {
     /// # Errors
     /// [`Error::StoreUnavailable`].
     pub async fn nodes(&self) -> Result<Vec<NodeInfo>, Error> {
-        type Row = (
-            uuid::Uuid,
-            String,
-            i32,
-            i32,
-            Vec<String>,
-            Vec<String>,
-            DateTime<Utc>,
-        );
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT node_id, name, lock_key, capacity, kinds, programs, heartbeat_at FROM nodes ORDER BY node_id",
-        )
-        .fetch_all(&self.pool).traced("SELECT nodes")
+        let rows: Vec<NodeRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {NODE_COLUMNS} FROM nodes n ORDER BY n.node_id"
+        )))
+        .fetch_all(&self.pool)
+        .traced("SELECT nodes")
         .await
         .map_err(from_sqlx)?;
-        Ok(rows
-            .into_iter()
-            .map(|r| NodeInfo {
-                node_id: NodeId(r.0),
-                name: r.1,
-                lock_key: r.2,
-                capacity: r.3,
-                kinds: r.4,
-                programs: r.5,
-                heartbeat_at: r.6,
-            })
-            .collect())
+        Ok(rows.into_iter().map(NodeInfo::from).collect())
     }
 
     /// Every registered node with its partitions and live pods, by name. Each count is
@@ -250,22 +255,22 @@ impl Store {
         type Row = (
             uuid::Uuid,
             String,
-            DateTime<Utc>,
-            DateTime<Utc>,
+            i32,
             i32,
             Vec<String>,
             Vec<String>,
+            DateTime<Utc>,
+            DateTime<Utc>,
             i64,
             i64,
         );
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT n.node_id, n.name, n.started_at, n.heartbeat_at, n.capacity, n.kinds, \
-                    n.programs, \
+        let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {NODE_COLUMNS}, n.started_at, \
                     (SELECT count(*) FROM partitions p WHERE p.owner_node = n.node_id), \
                     (SELECT count(*) FROM task_heads h \
                       WHERE h.owner_node = n.node_id AND h.pod_state <> 'none') \
-               FROM nodes n ORDER BY n.name, n.started_at, n.node_id",
-        )
+               FROM nodes n ORDER BY n.name, n.started_at, n.node_id"
+        )))
         .fetch_all(&self.pool)
         .traced("SELECT nodes partitions task_heads")
         .await
@@ -273,15 +278,10 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(|r| NodeSummary {
-                node_id: NodeId(r.0),
-                name: r.1,
-                started_at: r.2,
-                heartbeat_at: r.3,
-                capacity: r.4,
-                kinds: r.5,
-                programs: r.6,
-                partitions: r.7,
-                pods: r.8,
+                node: NodeInfo::from((r.0, r.1, r.2, r.3, r.4, r.5, r.6)),
+                started_at: r.7,
+                partitions: r.8,
+                pods: r.9,
             })
             .collect())
     }

@@ -450,18 +450,10 @@ fn columns(view: View) -> &'static str {
 /// `SELECT` of a view's task columns from `tasks t JOIN task_heads h`, ready for
 /// ` AND ...` conditions.
 pub(super) fn select_tasks(view: View) -> QueryBuilder<Postgres> {
-    QueryBuilder::new(match view {
-        View::Full => concat!(
-            "SELECT ",
-            task_columns!(),
-            " FROM tasks t JOIN task_heads h ON h.task_id = t.task_id WHERE TRUE"
-        ),
-        View::Basic => concat!(
-            "SELECT ",
-            task_columns_basic!(),
-            " FROM tasks t JOIN task_heads h ON h.task_id = t.task_id WHERE TRUE"
-        ),
-    })
+    QueryBuilder::new(format!(
+        "SELECT {} FROM tasks t JOIN task_heads h ON h.task_id = t.task_id WHERE TRUE",
+        columns(view)
+    ))
 }
 
 pub(super) fn push_filter(qb: &mut QueryBuilder<Postgres>, f: &TaskFilter) {
